@@ -1,0 +1,496 @@
+"""Shared data code for GreenRFM: labels, manifests, CT/MRI loading, the cache and the dataset.
+
+  manifest.csv: id, image, report, split, [spacing, rescale_slope, rescale_intercept], label columns
+    -> load_table()         Table: ids, image paths, reports, splits, labels (N, C), nan = not mentioned
+    -> preprocess_volume()  NIfTI -> canonical (D, H, W) HU at the preset spacing, air-padded or
+                            center-cropped to the preset's stored size; cached as <cache>/<id>.npy
+    -> VolumeReportDataset  random (train) or center (eval) crop + intensity window -> {"image"
+                            (1, D, H, W), "report", "targets" (C,), "mask" (C,), "id", "index"}
+Orientation: nibabel's closest canonical orientation, RAS+ (array axis x points to the patient's
+Right, y Anterior, z Superior), then (x, y, z) -> (z, y, x): D runs inferior -> superior (the body's
+long axis), H posterior -> anterior, W left -> right, whatever affine the scanner wrote. Spacing is
+the header's (after reorientation) unless the manifest's `spacing` column ("x,y,z" mm) overrides it.
+Labels: 1 present, 0 absent, -1 uncertain, empty = not mentioned (uncertain/empty masked by default).
+
+CLI (bad input stops with one line naming the file and row, never a traceback):
+  python data.py demo --out data/demo                                   # synthetic demo set
+  python data.py preprocess --data data/demo --preset demo --workers 2  # fill the cache
+  python data.py ctrate --reports train_reports.csv --labels train_labels.csv \\
+      --volumes CT-RATE/dataset/train --metadata train_metadata.csv --out ctrate/manifest.csv
+"""
+import argparse, csv, json, os, re, sys  # noqa: E401
+from dataclasses import dataclass, replace
+from multiprocessing import Pool
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+class DataError(Exception):
+    """Bad input data; the message is one line naming the file and the row, ID or problem."""
+
+def require(ok, message):
+    """Raise DataError(message) unless ok: every check of user input reads as one line."""
+    if not ok:
+        raise DataError(message)
+
+def run_main(fn):
+    """Run a script's main(): DataError -> one line on stderr, exit 2 (no traceback); Ctrl-C -> 130."""
+    try:
+        return fn()
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+# ----------------------------------------------------------------------------- labels
+CHEST_CT_LABELS = [  # the 18 CT-RATE abnormalities, spelled and ordered as CT-RATE's CSV columns
+    "Medical material", "Arterial wall calcification", "Cardiomegaly", "Pericardial effusion",
+    "Coronary artery wall calcification", "Hiatal hernia", "Lymphadenopathy", "Emphysema",
+    "Atelectasis", "Lung nodule", "Lung opacity", "Pulmonary fibrotic sequela", "Pleural effusion",
+    "Mosaic attenuation pattern", "Peribronchial thickening", "Consolidation", "Bronchiectasis",
+    "Interlobular septal thickening"]
+ABDOMEN_CT_LABELS = [  # the 30 Merlin findings
+    "submucosal_edema", "renal_hypodensities", "aortic_valve_calcification", "coronary_calcification",
+    "thrombosis", "metastatic_disease", "pancreatic_atrophy", "renal_cyst", "osteopenia",
+    "surgically_absent_gallbladder", "atelectasis", "abdominal_aortic_aneurysm", "anasarca",
+    "hiatal_hernia", "lymphadenopathy", "prostatomegaly", "biliary_ductal_dilation", "cardiomegaly",
+    "splenomegaly", "hepatomegaly", "atherosclerosis", "ascites", "pleural_effusion",
+    "hepatic_steatosis", "appendicitis", "gallstones", "hydronephrosis", "bowel_obstruction",
+    "free_air", "fracture"]
+LABEL_SETS = {"chest_ct": CHEST_CT_LABELS, "abdomen_ct": ABDOMEN_CT_LABELS}
+ID_COLUMNS = ("id", "VolumeName", "AccessionNo", "NoteAcc_DEID")
+# Never label columns ("report_text" is how the CT-CLIP report files spell "report").
+NOT_LABELS = set(ID_COLUMNS) | {"image", "report", "report_text", "split", "spacing",
+                                "rescale_slope", "rescale_intercept"}
+
+def read_csv(path):
+    """-> (header, rows as dicts). Missing file, duplicate columns, ragged rows -> DataError."""
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            header, rows = list(reader.fieldnames or []), list(reader)
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise DataError(f"{path}: cannot read CSV ({e})") from None
+    require(header and len(set(header)) == len(header), f"{path}: no header row, or a repeated column name")
+    bad = next((r for r, row in enumerate(rows, 1) if None in row), 0)  # None: surplus cells
+    if bad:  # row 1 is the first row after the header
+        raise DataError(f"{path} row {bad}: more cells than header columns")
+    return header, rows
+
+def resolve_label_set(spec):
+    """"chest_ct" | "abdomen_ct" | labels.txt (one "name[: one-line definition]" a line, '#'
+    comments) | a .csv (its header minus id/meta columns) -> (names, {name: definition})."""
+    if spec in LABEL_SETS:
+        return list(LABEL_SETS[spec]), {}
+    path = Path(spec)
+    if path.suffix == ".csv":
+        return [c for c in read_csv(path)[0] if c not in NOT_LABELS], {}
+    require(path.suffix == ".txt" and path.is_file(),
+            f"label set {spec!r}: not one of {list(LABEL_SETS)}, nor a .txt or .csv file")
+    pairs = [line.split("#", 1)[0].partition(":")[::2] for line in path.read_text().splitlines()]
+    names = [n.strip() for n, _ in pairs if n.strip()]
+    require(names and len(set(names)) == len(names), f"{path}: no label names, or a name listed twice")
+    return names, {n.strip(): d.strip() for n, d in pairs if n.strip() and d.strip()}
+
+def parse_label(value, where):
+    """One label cell -> 1.0, 0.0, -1.0, or nan when empty (not mentioned); anything else: DataError."""
+    text = (value or "").strip()
+    if not text:
+        return float("nan")
+    require(text in ("1", "1.0", "0", "0.0", "-1", "-1.0"),
+            f"{where}: value {text!r} is not one of 1, 0, -1, empty")
+    return float(text)
+
+def targets_and_mask(values, uncertain="mask"):
+    """Labels (C,) or (N, C) -> (targets, mask) float32: 1 -> (1, 1); 0 -> (0, 1); nan -> (0, 0);
+    -1 -> (0, 0) with "mask" (default), (1, 1) "positive", (0, 1) "negative". (Feeding -1 itself
+    into BCE would make the loss unbounded below.)"""
+    v = np.asarray(values, dtype=np.float32)
+    targets, mask = (v == 1).astype(np.float32), (~np.isnan(v)).astype(np.float32)
+    if uncertain not in ("mask", "positive", "negative"):
+        raise ValueError(f"uncertain={uncertain!r}: use mask, positive or negative")
+    if uncertain == "mask":
+        mask[v == -1] = 0
+    targets[v == -1] = float(uncertain == "positive")
+    return targets, mask
+
+def read_labels(path, names=None):
+    """Label CSV -> (ids, names, values (N, C) float32, nan = empty). The id is the first of
+    ID_COLUMNS present; with `names` the label columns must be exactly those (returned in order)."""
+    header, rows = read_csv(path)
+    id_col = next((c for c in ID_COLUMNS if c in header), None)
+    columns = [c for c in header if c not in NOT_LABELS]
+    require(id_col, f"{path}: no id column (one of {', '.join(ID_COLUMNS)})")
+    if names is not None:
+        missing, unknown = [n for n in names if n not in header], [c for c in columns if c not in names]
+        require(not missing and not unknown, f"{path}: label columns: missing {missing}, unknown {unknown}")
+        columns = list(names)
+    seen, values = {}, np.full((len(rows), len(columns)), np.nan, np.float32)  # seen: id -> row
+    for r, row in enumerate(rows, 1):
+        rid = (row[id_col] or "").strip()
+        require(rid and rid not in seen, f"{path} row {r}: empty or duplicate id {rid!r}")
+        seen[rid] = r
+        values[r - 1] = [parse_label(row[c], f"{path} row {r} (id {rid}), column {c!r}") for c in columns]
+    return list(seen), columns, values
+
+# ----------------------------------------------------------------------------- manifests
+def volume_key(name):
+    """'train_1_a_1.nii.gz' -> 'train_1_a_1': ids match with or without a file extension."""
+    return re.sub(r"\.(nii\.gz|nii|npy)$", "", str(name).strip())
+
+def _floats(text, n, where, positive=False):
+    """"1.5,1.5,3" or "[0.68, 0.68]" -> a tuple of n finite (positive) floats."""
+    try:
+        out = tuple(float(x) for x in text.strip().strip("[]()").split(","))
+    except ValueError:
+        out = ()
+    require(len(out) == n and np.isfinite(out).all() and (min(out) > 0 or not positive),
+            f"{where}: {text!r} is not {n} {'positive ' if positive else ''}number(s)")
+    return out
+
+@dataclass
+class Table:
+    """A dataset in memory, one row per volume(-report) pair: N rows, C labels."""
+    ids: list           # str, unique
+    images: list        # str path (relative paths already resolved), or None for text-only rows
+    reports: list       # str, "" when absent
+    splits: list        # "train" | "valid" | "test" | ...
+    label_names: list   # C names
+    labels: np.ndarray  # (N, C) float32: 1, 0, -1, nan = not mentioned
+    meta: list          # per row {"spacing": (x, y, z) mm, "rescale": (slope, intercept)}, optional
+    source: str = ""    # the manifest's path, for messages
+
+    def __len__(self):
+        return len(self.ids)
+
+    def subset(self, split):
+        """The rows of one split (an empty Table if there are none)."""
+        idx = [i for i, s in enumerate(self.splits) if s == split]
+        pick = lambda xs: [xs[i] for i in idx]  # noqa: E731
+        return replace(self, ids=pick(self.ids), images=pick(self.images), reports=pick(self.reports),
+                       splits=pick(self.splits), labels=self.labels[idx], meta=pick(self.meta))
+
+    def with_labels(self, path):
+        """The labels replaced by a label CSV's, matched on id (with or without extension)."""
+        ids, names, values = read_labels(path)
+        row_of = {volume_key(i): r for r, i in enumerate(ids)}
+        missing = [i for i in self.ids if volume_key(i) not in row_of]
+        require(not missing, f"{path}: no row for {len(missing)} of the {len(self)} ids of {self.source}, "
+                             f"e.g. {', '.join(missing[:3])}")
+        if len(ids) > len(self):  # ids are unique on both sides and all of ours were found
+            print(f"{path}: ignoring {len(ids) - len(self)} rows whose ids are not in {self.source}")
+        return replace(self, label_names=names, labels=values[[row_of[volume_key(i)] for i in self.ids]])
+
+def manifest_path(path):
+    """A manifest CSV, or a folder holding manifest.csv -> the CSV's Path."""
+    return Path(path) / "manifest.csv" if Path(path).is_dir() else Path(path)
+
+def dataset_defaults(path):
+    """dataset.json beside the manifest (e.g. {"preset": "demo", "text_model": "scratch"}), or {}."""
+    f = manifest_path(path).parent / "dataset.json"
+    try:
+        return json.loads(f.read_text()) if f.is_file() else {}
+    except ValueError as e:
+        raise DataError(f"{f}: not valid JSON ({e})") from None
+
+def load_table(path):
+    """Manifest CSV (or a folder with manifest.csv) -> Table; image paths relative to its folder."""
+    csv_path = manifest_path(path)
+    header, rows = read_csv(csv_path)
+    id_col = next((c for c in ID_COLUMNS if c in header), None)
+    names = [c for c in header if c not in NOT_LABELS]
+    t = Table([], [], [], [], names, np.zeros((len(rows), len(names)), np.float32), [], str(csv_path))
+    seen = set()
+    for r, row in enumerate(rows, 1):
+        cell = {c: (v or "").strip() for c, v in row.items()}
+        image = cell.get("image") or None  # default id: the image's file name, else the row number
+        rid = cell.get(id_col) or (volume_key(Path(image).name) if image else str(r))
+        where, meta = f"{csv_path} row {r} (id {rid})", {}
+        require(rid not in seen, f"{where}: duplicate id")
+        seen.add(rid)
+        if cell.get("spacing"):  # overrides the NIfTI header (CT-RATE v1)
+            meta["spacing"] = _floats(cell["spacing"], 3, f"{where}, column 'spacing'", positive=True)
+        if cell.get("rescale_slope") or cell.get("rescale_intercept"):
+            meta["rescale"] = _floats(f"{cell.get('rescale_slope', '')},{cell.get('rescale_intercept', '')}",
+                                      2, f"{where}, columns 'rescale_slope', 'rescale_intercept'")
+        t.labels[r - 1] = [parse_label(cell[c], f"{where}, column {c!r}") for c in names]
+        t.ids.append(rid)
+        t.images.append(str(csv_path.parent / image) if image else None)  # absolute paths stay
+        t.reports.append(row.get("report") or row.get("report_text") or "")
+        t.splits.append(cell.get("split") or "train")
+        t.meta.append(meta)
+    return t
+
+# ----------------------------------------------------------------------------- volumes
+# spacing is (x, y, z) mm like the NIfTI header; size (as stored) and crop are (D, H, W) voxels.
+PRESETS = {
+    "chest": dict(spacing=(1.5, 1.5, 3.0), size=(120, 240, 240), crop=(96, 192, 192), intensity="chest"),
+    "abdomen": dict(spacing=(1.5, 1.5, 3.0), size=(180, 280, 280), crop=(144, 224, 224), intensity="abdomen"),
+    "mri": dict(spacing=(1.5, 1.5, 3.0), size=(120, 240, 240), crop=(96, 192, 192), intensity="mri"),
+    "demo": dict(spacing=(4.0, 4.0, 8.0), size=(28, 64, 64), crop=(24, 56, 56), intensity="chest"),
+}
+AIR_HU = -1024
+
+def get_preset(preset):
+    """A preset name, or a dict like PRESETS' values -> that dict."""
+    require(isinstance(preset, dict) or preset in PRESETS, f"unknown preset {preset!r} ({list(PRESETS)})")
+    return preset if isinstance(preset, dict) else PRESETS[preset]
+
+def is_fixed(path):
+    """CT-RATE v2 volumes are named *_fixed(.nii.gz) and already hold HU."""
+    return volume_key(Path(path).name).endswith("_fixed")
+
+def load_volume(path, spacing_out=(1.5, 1.5, 3.0), spacing_in=None, rescale=None):
+    """NIfTI -> float32 (D, H, W) in canonical orientation at spacing_out (x, y, z mm); HU for CT.
+    spacing_in (x, y, z) overrides the header; rescale (slope, intercept) turns raw CT-RATE v1
+    values into HU and is ignored for v2 *_fixed files (rescaling twice is a known peer bug)."""
+    require(os.path.isfile(path), f"{path}: file not found")
+    try:
+        img = nib.load(path)
+        shape = img.shape  # (x, y, z), or (x, y, z, 1): one channel
+        require(len(shape) >= 3 and min(shape[:3]) > 1 and all(s == 1 for s in shape[3:]),
+                f"{path}: expected a 3D volume with one channel, got shape {shape}")
+        img = nib.as_closest_canonical(img)  # RAS+; the header zooms are permuted with the axes
+        zooms = tuple(float(z) for z in img.header.get_zooms()[:3])
+        vol = img.get_fdata(dtype=np.float32).reshape(img.shape[:3])  # (x, y, z); applies scl_slope
+    except DataError:
+        raise
+    except Exception as e:  # truncated gzip, not a NIfTI, ...: nibabel raises many kinds
+        raise DataError(f"{path}: cannot read NIfTI ({type(e).__name__}: {str(e)[:200]!r})") from None
+    require(np.isfinite(vol).all(), f"{path}: volume contains NaN or infinite voxels")
+    if rescale is not None and not is_fixed(path):
+        vol = vol * np.float32(rescale[0]) + np.float32(rescale[1])
+    spacing_in = spacing_in or zooms
+    require(min(spacing_in) > 0, f"{path}: voxel spacing {spacing_in} is not positive")
+    # Trilinear resampling in torch (float32, multi-threaded: much faster than scipy's zoom).
+    size = [max(1, round(n * a / b)) for n, a, b in zip(vol.shape, spacing_in, spacing_out)]
+    t = torch.from_numpy(np.ascontiguousarray(vol))  # the reorientation may have flipped strides
+    if list(t.shape) != size:
+        t = F.interpolate(t[None, None], size=size, mode="trilinear", align_corners=False)[0, 0]
+    return t.permute(2, 1, 0).contiguous().numpy()  # (x, y, z) -> (z, y, x) = (D, H, W)
+
+def pad_or_crop(vol, size, fill=AIR_HU, start=None):
+    """vol (D, H, W) -> exactly `size`: center-pad short axes with `fill`, then crop at `start`
+    (offsets into the padded volume; default: the center)."""
+    pad = [(max(s - n, 0) // 2, max(s - n, 0) - max(s - n, 0) // 2) for n, s in zip(vol.shape, size)]
+    vol = np.pad(vol, pad, constant_values=fill) if any(sum(p) for p in pad) else vol
+    start = start or [(n - s) // 2 for n, s in zip(vol.shape, size)]
+    return vol[tuple(slice(a, a + s) for a, s in zip(start, size))]
+
+def normalize(vol, intensity):
+    """Intensity window -> float32. chest: HU clip [-1000, 200] -> [-1, 1]; abdomen: clip
+    [-1000, 1000] / 1000; mri: clip to the volume's 1st-99th percentiles, then z-score."""
+    vol = np.asarray(vol, dtype=np.float32)
+    if intensity == "chest":
+        return (np.clip(vol, -1000, 200) + 400) / 600
+    if intensity == "abdomen":
+        return np.clip(vol, -1000, 1000) / 1000
+    require(intensity == "mri", f"unknown intensity preset {intensity!r} (chest, abdomen, mri)")
+    vol = np.clip(vol, *np.percentile(vol, [1, 99]))
+    return ((vol - vol.mean()) / max(float(vol.std()), 1e-6)).astype(np.float32)
+
+def preprocess_volume(path, preset, meta=None):
+    """NIfTI -> the stored (D, H, W) volume at the preset's spacing and size: int16 HU padded with
+    air (-1024) for CT; float32 padded with 0 for MRI (its intensities have no fixed scale)."""
+    p, meta = get_preset(preset), meta or {}
+    vol = load_volume(path, p["spacing"], meta.get("spacing"), meta.get("rescale"))
+    if p["intensity"] == "mri":
+        return pad_or_crop(vol, p["size"], 0).astype(np.float32)
+    return np.clip(np.rint(pad_or_crop(vol, p["size"], AIR_HU)), -32768, 32767).astype(np.int16)
+
+# ----------------------------------------------------------------------------- cache
+def cache_file(cache_dir, rid):
+    return Path(cache_dir) / (rid.replace("/", "_").replace("\\", "_") + ".npy")
+
+def check_cache(cache_dir, preset, create=False):
+    """The cache's preprocess.json must hold the preset's parameters (written first when create)."""
+    p, f = get_preset(preset), Path(cache_dir) / "preprocess.json"
+    want = {"spacing": list(p["spacing"]), "size": list(p["size"]), "intensity": p["intensity"]}
+    if create and not f.is_file():
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_text(json.dumps(dict(want, preset=preset if isinstance(preset, str) else "custom")))
+    try:
+        have = json.loads(f.read_text())
+    except (OSError, ValueError) as e:
+        raise DataError(f"{f}: unreadable ({e}); make the cache with `python data.py preprocess`") from None
+    require({k: have.get(k) for k in want} == want, f"{f}: made with {have}, not {want}; use another cache")
+
+def _preprocess_one(job):
+    """Pool worker: one volume -> .npy, atomically (temp file + rename) -> (image, error or None)."""
+    image, meta, preset, out = job
+    tmp = f"{out}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            np.save(f, preprocess_volume(image, preset, meta))
+        os.replace(tmp, out)  # a killed run leaves a stray .tmp file, never a half-written .npy
+        return image, None
+    except Exception as e:  # report every failure and go on with the other volumes
+        Path(tmp).unlink(missing_ok=True)
+        return image, (str(e) if isinstance(e, DataError) else f"{image}: {type(e).__name__}: {e}")
+
+def preprocess_dataset(data, cache_dir=None, preset=None, workers=1):
+    """Cache every image of a manifest, skipping those already cached -> [(image, reason)] failed."""
+    preset = preset or dataset_defaults(data).get("preset", "chest")
+    table = load_table(data)
+    cache_dir = Path(cache_dir or Path(table.source).parent / f"cache-{preset}")
+    check_cache(cache_dir, preset, create=True)
+    for stray in cache_dir.glob("*.npy.tmp*"):  # left behind by a killed run
+        stray.unlink()
+    jobs = [(img, m, preset, str(cache_file(cache_dir, i)))
+            for i, img, m in zip(table.ids, table.images, table.meta) if img]
+    todo = [j for j in jobs if not os.path.exists(j[3])]
+    print(f"{table.source} -> {cache_dir} (preset {preset}): {len(jobs)} volumes, "
+          f"{len(jobs) - len(todo)} already cached, {len(table) - len(jobs)} rows without image")
+    if workers > 1 and len(todo) > 1:  # one torch thread per process: the processes share the cores
+        with Pool(workers, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+            results = list(tqdm(pool.imap_unordered(_preprocess_one, todo), total=len(todo)))
+    else:
+        results = [_preprocess_one(j) for j in tqdm(todo)]
+    failed = [(img, " ".join(err.split())) for img, err in results if err]  # one line each
+    if failed:
+        print(f"{len(failed)} of {len(todo)} volumes failed:", *(f"  {e}" for _, e in failed), sep="\n",
+              file=sys.stderr)
+    return failed
+
+# ----------------------------------------------------------------------------- dataset
+class VolumeReportDataset(torch.utils.data.Dataset):
+    """Table rows -> {"image" (1, D, H, W) float32 at the crop size (if images), "report",
+    "targets" (C,), "mask" (C,), "id", "index"}. Reads <cache_dir>/<id>.npy where it exists."""
+
+    def __init__(self, table, preset, train, cache_dir=None, images=True, seed=0, uncertain="mask"):
+        self.table, self.preset, self.train = table, get_preset(preset) if images else None, train
+        self.images, self.seed, self.epoch = images, seed, 0
+        self.cache_dir = Path(cache_dir) if cache_dir and Path(cache_dir).is_dir() else None
+        if self.cache_dir:
+            check_cache(self.cache_dir, preset)
+        require(not images or None not in table.images, f"{table.source}: a row has no image")
+        self.targets, self.mask = targets_and_mask(table.labels, uncertain)  # (N, C) each
+
+    def set_epoch(self, epoch):
+        """New random crops each epoch; a crop depends on (seed, epoch, index) only."""
+        self.epoch = epoch
+
+    def __len__(self):
+        return len(self.table)
+
+    def stored_volume(self, i):
+        """(D, H, W) at the preset's stored size: the cached .npy (memory-mapped) or a fresh preprocess."""
+        f = cache_file(self.cache_dir, self.table.ids[i]) if self.cache_dir else None
+        if f is not None and f.is_file():
+            return np.load(f, mmap_mode="r")
+        return preprocess_volume(self.table.images[i], self.preset, self.table.meta[i])
+
+    def __getitem__(self, i):
+        item = {"report": self.table.reports[i], "targets": torch.tensor(self.targets[i]),
+                "mask": torch.tensor(self.mask[i]), "id": self.table.ids[i], "index": i}
+        if self.images:
+            vol = normalize(self.stored_volume(i), self.preset["intensity"])  # stored size (D, H, W)
+            crop, start = self.preset["crop"], None  # start None = center crop (evaluation)
+            if self.train:  # seeded by (seed, epoch, index): the same with any number of loader workers
+                rng = np.random.default_rng([self.seed, self.epoch, i])
+                start = [int(rng.integers(0, max(n, s) - s + 1)) for n, s in zip(vol.shape, crop)]
+            # Always exactly the crop size (padding with air if needed), so any batch stacks.
+            vol = pad_or_crop(vol, crop, 0.0 if self.preset["intensity"] == "mri" else -1.0, start)
+            item["image"] = torch.from_numpy(np.ascontiguousarray(vol))[None]  # (1, D, H, W)
+        return item
+
+# ----------------------------------------------------------------------------- CT-RATE
+def ctrate_manifest(reports_csv, labels_csv, volumes_dir, out_csv, metadata_csv=None):
+    """CT-RATE reports + labels (+ metadata) -> a generic manifest of the volumes found under
+    volumes_dir (CT-RATE's train/train_1/train_1_a/ folders, or flat). v1 volumes get spacing and
+    rescale from the metadata; v2 *_fixed volumes never do (they already hold HU)."""
+    header, rows = read_csv(reports_csv)
+    require({"VolumeName", "Findings_EN", "Impressions_EN"} <= set(header),
+            f"{reports_csv}: needs columns VolumeName, Findings_EN, Impressions_EN")
+    text = {}  # volume name -> findings + "\n" + impression
+    for r, row in enumerate(rows, 1):
+        require(volume_key(row["VolumeName"]) not in text,
+                f"{reports_csv} row {r}: duplicate VolumeName")
+        parts = [(row[c] or "").strip() for c in ("Findings_EN", "Impressions_EN")]
+        text[volume_key(row["VolumeName"])] = "\n".join(p for p in parts if p)
+    ids, names, values = read_labels(labels_csv)
+    labels = {volume_key(i): v for i, v in zip(ids, values)}
+    for a, b, f in ((text, labels, labels_csv), (labels, text, reports_csv)):
+        lost = [k for k in a if k not in b]
+        require(not lost, f"{f}: no row for volume {''.join(lost[:1])} ({len(lost)} ids differ between "
+                          f"{reports_csv} and {labels_csv})")
+    meta = {volume_key(row.get("VolumeName") or ""): (r, row)
+            for r, row in enumerate(read_csv(metadata_csv)[1] if metadata_csv else [], 1)}
+    require(Path(volumes_dir).is_dir(), f"{volumes_dir}: not a folder")
+    files = {volume_key(f): os.path.join(d, f) for d, _, fs in os.walk(volumes_dir)
+             for f in fs if f.endswith((".nii.gz", ".nii"))}  # name -> path, whatever the layout
+    out = []
+    for key, report in text.items():
+        path = files.get(key) or files.get(key + "_fixed")
+        if path is None:
+            continue
+        spacing = slope = intercept = ""
+        if not is_fixed(path) and key in meta:  # v1: header spacing and raw values need the metadata
+            r, m = meta[key]
+            where = f"{metadata_csv} row {r} (id {key}), column"
+            xyz = _floats(m.get("XYSpacing") or "", 2, f"{where} 'XYSpacing'", True) + \
+                _floats(m.get("ZSpacing") or "", 1, f"{where} 'ZSpacing'", True)
+            spacing = ",".join(str(s) for s in xyz)  # full precision
+            slope, intercept = ((m.get(c) or "").strip() for c in ("RescaleSlope", "RescaleIntercept"))
+        split = key.split("_")[0] if key.split("_")[0] in ("train", "valid") else "train"
+        out.append([key, os.path.relpath(path, Path(out_csv).parent), report, split, spacing, slope,
+                    intercept] + ["" if np.isnan(v) else str(int(v)) for v in labels[key]])
+    require(out, f"{volumes_dir}: none of the {len(text)} volumes of {reports_csv} is there")
+    Path(out_csv).parent.mkdir(parents=True, exist_ok=True)
+    with open(out_csv, "w", newline="", encoding="utf-8") as f:
+        csv.writer(f).writerows([["id", "image", "report", "split", "spacing", "rescale_slope",
+                                  "rescale_intercept"] + names] + out)
+    print(f"wrote {out_csv}: {len(out)} volumes ({sum(is_fixed(r[1]) for r in out)} v2 *_fixed, "
+          f"already HU); {len(text) - len(out)} reports without a volume file skipped")
+
+# ----------------------------------------------------------------------------- CLI
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="command", required=True)
+    d = sub.add_parser("demo", help="write the synthetic demo set (volumes, manifest, dataset.json)")
+    d.add_argument("--out", default="data/demo", help="output folder")
+    d.add_argument("--seed", type=int, default=0, help="random seed of the generator")
+    for split, n in (("train", 200), ("valid", 50), ("test", 50)):
+        d.add_argument(f"--n-{split}", type=int, default=n, help=f"{split} volumes")
+    p = sub.add_parser("preprocess", help="resample and pad every volume of a manifest into a .npy cache")
+    p.add_argument("--data", required=True, help="manifest CSV, or a folder holding manifest.csv")
+    p.add_argument("--cache", help="cache folder (default: <manifest folder>/cache-<preset>)")
+    p.add_argument("--preset", choices=list(PRESETS), help="default: dataset.json's preset, else chest")
+    p.add_argument("--workers", type=int, default=1, help="parallel processes")
+    c = sub.add_parser("ctrate", help="turn CT-RATE's CSVs into a generic manifest")
+    c.add_argument("--reports", required=True, help="CT-RATE reports CSV (VolumeName, Findings_EN, ...)")
+    c.add_argument("--labels", required=True, help="CT-RATE multi-abnormality labels CSV")
+    c.add_argument("--volumes", required=True, help="folder holding the downloaded .nii.gz volumes")
+    c.add_argument("--metadata", help="CT-RATE metadata CSV (spacing and rescale of v1 volumes)")
+    c.add_argument("--out", required=True, help="manifest CSV to write")
+    args = ap.parse_args(argv)
+    if args.command == "demo":
+        make_demo(args.out, args.n_train, args.n_valid, args.n_test, seed=args.seed)
+    elif args.command == "preprocess":  # exit 1 when a volume failed (they are listed above)
+        sys.exit(1 if preprocess_dataset(args.data, args.cache, args.preset, args.workers) else 0)
+    else:
+        ctrate_manifest(args.reports, args.labels, args.volumes, args.out, args.metadata)
+
+# ----------------------------------------------------------------------------- demo set
+DEMO_DIR = "data/demo"  # where every stage looks for (and builds) the demo set by default
+DISTILL_LABELS = "out/distill/labels.csv"  # where distill.py writes labels, read by later stages by default
+
+def make_demo(out_dir, n_train=200, n_valid=50, n_test=50, seed=0):
+    """The synthetic demo set (demo.py holds the generator: it is not part of the recipe)."""
+    from demo import make_demo as build
+    return build(out_dir, n_train=n_train, n_valid=n_valid, n_test=n_test, seed=seed)
+
+def ensure_demo(path):
+    """Build the demo set at `path` unless its manifest.csv exists; -> path."""
+    if not (Path(path) / "manifest.csv").is_file():
+        print(f"building the synthetic demo set in {path} (once)")
+        make_demo(path)
+    return path
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,236 @@
+"""
+The synthetic chest-CT demo set: what every stage, test and first-time user runs on.
+
+`python data.py demo --out data/demo` calls make_demo() below. It is kept out of data.py because it
+is a data generator, not part of the recipe: a fork for a new modality can ignore this file.
+
+Each volume is a phantom built in millimetres (body, two lungs near -850 HU, heart, aorta, spine)
+with up to 13 of the 18 CT-RATE findings drawn as 3D structures, stored as int16 HU NIfTI with a real
+affine (half RAS, half LPS as DICOM-derived files are) at slightly varying spacings, so the loader's
+reorientation and resampling are exercised. Each comes with a radiologist-style report (positive,
+negated, uncertain and irrelevant sentences in varied phrasing) and ground-truth labels in the manifest.
+"""
+import csv
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from data import CHEST_CT_LABELS
+
+# A phantom is built in mm around the volume centre: r = towards the patient's right (RAS +x), a = anterior,
+# z = superior. Everything fits the demo crop (224 mm in-plane, 192 mm along z) after resampling to 4x4x8 mm.
+# Drawn findings are the 13 labels below; the other 5 appear only in text (negated or not mentioned).
+# Ground truth: 1 = drawn at full size and stated; -1 = drawn at half size and reported as uncertain (an
+# equivocal finding looks equivocal); 0 = not drawn and negated; "" = not drawn and not mentioned.
+DEMO_DRAWN = [k for k in CHEST_CT_LABELS if k not in ("Pulmonary fibrotic sequela", "Mosaic attenuation pattern",
+              "Peribronchial thickening", "Bronchiectasis", "Interlobular septal thickening")]
+# The label's own words come first so a rule-based labeler (and the evaluation prompts) find them.
+DEMO_ALT = dict(zip(CHEST_CT_LABELS, [
+    "medical material", "atherosclerotic arterial wall calcification", "enlargement of the heart", "pericardial fluid",
+    "coronary artery calcification", "hiatus hernia", "mediastinal lymphadenopathy", "centrilobular emphysema",
+    "subsegmental atelectasis", "pulmonary nodule", "ground-glass opacity", "fibrotic sequela", "pleural fluid",
+    "mosaic attenuation", "peribronchial wall thickening", "airspace consolidation", "bronchiectasis",
+    "septal thickening"]))
+DEMO_POS = ["There is {x}{d}.", "{X} is present{d}.", "{X} is noted{d}.", "{X} is seen{d}.",
+            "Findings are compatible with {x}{d}."]
+DEMO_NEG = ["No {x}.", "There is no {x}.", "{X} is not seen.", "Without evidence of {x}.", "No evidence of {x}.",
+            "{X} is not present.", "Findings are not compatible with {x}."]
+DEMO_UNC = ["{X} cannot be excluded.", "Possible {x}{d}.", "Questionable {x}{d}.", "Findings suspicious for {x}{d}.",
+            "Cannot exclude {x}{d}."]
+DEMO_OTHER = ["Trachea and both main bronchi are patent.", "Thyroid gland is unremarkable.",
+              "The study was performed with intravenous contrast.", "Mediastinal structures are midline.",
+              "Mild degenerative changes of the thoracic spine.", "Visualized upper abdominal organs are unremarkable.",
+              "The esophagus is of normal caliber.", "Pulmonary arteries are of normal caliber.",
+              "Both adrenal glands are normal.", "Axillary regions are unremarkable.", "Comparison: none.",
+              "Bone structures show no acute fracture."]
+# Lung ellipsoids (centre, semi-axes) in mm: right lung first.
+DEMO_LUNGS = (((48, -5, 0), (38, 58, 85)), ((-50, -5, -5), (35, 56, 80)))
+
+
+def _box(g, lo, hi):
+    """Index slices of the voxels whose centres lie within [lo, hi] mm, so small shapes cost little."""
+    return tuple(slice(*np.searchsorted(x, [l, h])) for x, l, h in zip(g["axes"], lo, hi))
+
+
+def _ell(g, c, s):
+    """Mask of an axis-aligned ellipsoid (centre c, semi-axes s in mm; s may be inf for a cylinder)."""
+    m, sl = np.zeros(g["shape"], bool), _box(g, np.subtract(c, s), np.add(c, s))
+    r, a, z = g["r"][sl[0]], g["a"][:, sl[1]], g["z"][..., sl[2]]
+    m[sl] = ((r - c[0]) / s[0]) ** 2 + ((a - c[1]) / s[1]) ** 2 + ((z - c[2]) / s[2]) ** 2 <= 1
+    return m
+
+
+def _tube(g, pts, rad):
+    """Mask of a tube of radius rad (mm) along the polyline pts: a union of capsules, one per segment."""
+    m = np.zeros(g["shape"], bool)
+    for p, q in zip(pts[:-1], pts[1:]):
+        p, d = np.asarray(p, float), np.subtract(q, p, dtype=float)
+        sl = _box(g, np.minimum(p, q) - rad, np.maximum(p, q) + rad)
+        x = [g["r"][sl[0]] - p[0], g["a"][:, sl[1]] - p[1], g["z"][..., sl[2]] - p[2]]
+        t = np.clip((x[0] * d[0] + x[1] * d[1] + x[2] * d[2]) / (d @ d), 0, 1)
+        m[sl] |= (x[0] - t * d[0]) ** 2 + (x[1] - t * d[1]) ** 2 + (x[2] - t * d[2]) ** 2 <= rad * rad
+    return m
+
+
+def _phantom(g, rng, f):
+    """HU volume (X,Y,Z) float32 in RAS order; f maps drawn labels to size 1 (positive) or 0.5 (uncertain).
+    Returns the volume and a location phrase per drawn finding for the report."""
+    U, det, v = rng.uniform, {}, np.full(g["shape"], -1000.0, np.float32)
+    lobe = lambda side, z: f" in the {('right', 'left')[side]} {'upper' if z > 0 else 'lower'} lobe"  # noqa: E731
+    bw, bh = U(102, 112), U(80, 88)  # body half-width (r) and half-depth (a)
+    v[_ell(g, (0, 0, 0), (bw, bh, np.inf))] = -100  # subcutaneous fat, then muscle and organs inside it
+    v[_ell(g, (0, 0, 0), (bw - 12, bh - 10, np.inf))] = 40
+    v[(np.abs(g["r"] + 5) < 45) & (g["a"] > -45) & (g["a"] < bh - 14) & (g["z"] > -95)] = -90  # mediastinal fat
+    if "Lymphadenopathy" in f:  # enlarged nodes in the mediastinal fat (paratracheal, subcarinal, AP window)
+        sites, rad = [(15, 10, 65), (0, -5, 42), (-15, 8, 52), (10, -10, 30)], U(8, 13, 4) * f["Lymphadenopathy"]
+        for i in rng.permutation(4)[:rng.integers(2, 5)]:
+            v[_ell(g, sites[i], (rad[i], rad[i], 1.4 * rad[i]))] = 45
+        det["Lymphadenopathy"] = f" with nodes up to {round(2 * rad.max())} mm"
+    # Heart (optionally enlarged, optionally with fluid around it) and aorta are carved out of the lungs,
+    # so nothing drawn in the lungs is painted over later.
+    hc, hs = (-12, 22, -42), np.array([42, 35, 38]) * U(0.95, 1.05) * (1 + 0.35 * f.get("Cardiomegaly", 0))
+    t = U(10, 15) * f.get("Pericardial effusion", 0)
+    aorta_path = np.array([(10, 25, -15), (10, 25, 45), (0, 8, 68), (-22, -20, 60), (-25, -28, 30), (-25, -28, -110)])
+    aorta, k = _tube(g, aorta_path, 13), U(0.95, 1.03)
+    free = ~(_ell(g, hc, hs + t) | aorta)
+    lungs = [_ell(g, c, np.multiply(s, k)) & free for c, s in DEMO_LUNGS]
+    near = _ell(g, hc, hs + t + 15) | _tube(g, aorta_path, 28)
+    core = [_ell(g, c, np.multiply(s, 0.75 * k)) & ~near for c, s in DEMO_LUNGS]  # where lesions are centred
+    lung = lungs[0] | lungs[1]
+    v[lung] = -850
+    v[_tube(g, [(0, 10, 55), (0, 12, 200)], 9)] = -1000  # trachea down to the carina
+
+    def blobs(name, hu, n, rmin, rmax, zone=True):  # n balls centred in one lung's core, clipped to that lung
+        for _ in range(n):
+            side, rad = int(rng.integers(2)), U(rmin, rmax) * f[name]
+            i = np.unravel_index(rng.choice(np.flatnonzero(core[side] & zone)), g["shape"])  # a random core voxel
+            p = np.array([ax[j] for ax, j in zip(g["axes"], i)])
+            v[_ell(g, p, (rad,) * 3) & lungs[side]] = hu
+        det[name] = lobe(side, p[2])
+        return rad
+    if "Emphysema" in f:  # bullous low-density regions, upper lobes
+        blobs("Emphysema", -985, int(rng.integers(3, 7)), 10, 18, g["z"] > 15)
+        det["Emphysema"] = " predominantly in the upper lobes"
+    if "Lung opacity" in f:  # ground-glass patch
+        blobs("Lung opacity", -500, int(rng.integers(1, 3)), 20, 30)
+    if "Consolidation" in f:  # dense airspace region in the lateral mid/upper lung
+        blobs("Consolidation", 35, 1, 28, 36, (np.abs(g["r"]) > 45) & (g["z"] > 0) & (g["z"] < 45) & (g["a"] > -30))
+    if "Lung nodule" in f:
+        n = int(rng.integers(1, 4))
+        rad = blobs("Lung nodule", 30, n, 5, 10)
+        det["Lung nodule"] = (f" measuring {round(2 * rad)} mm" if n == 1 else f" ({n} nodules, up to {round(2 * rad)} mm)"
+                              ) + det["Lung nodule"]
+    if "Atelectasis" in f:  # plate-like band above the diaphragm; collapsed lung enhances (~70 HU)
+        side = int(rng.integers(2))
+        (c, s), sign, m = DEMO_LUNGS[side], (1, -1)[side], f["Atelectasis"]
+        v[_ell(g, (c[0] + sign * 0.25 * s[0], c[1], c[2] - 0.62 * s[2]), (0.6 * s[0] * m, 0.5 * s[1] * m, 8))
+          & lungs[side]] = 70
+        det["Atelectasis"] = lobe(side, -1)
+    if "Pleural effusion" in f:  # dependent (posterior) fluid, thickest at the base, tapering upwards
+        sides = [[0], [1], [0, 1]][rng.integers(3)]
+        depth = U(25, 40) * f["Pleural effusion"] * np.clip((20 - g["z"]) / 70, 0, 1)
+        for side in sides:
+            v[lungs[side] & (g["a"] < -63 + depth)] = 10
+        det["Pleural effusion"] = " bilaterally" if len(sides) == 2 else (" on the right", " on the left")[sides[0]]
+    if t:
+        v[_ell(g, hc, hs + t)] = 10
+        det["Pericardial effusion"] = f" measuring up to {round(t)} mm"
+    v[_ell(g, hc, hs)] = 50  # myocardium, then the contrast-filled blood pool
+    v[_ell(g, hc, hs - 8)] = 170
+    v[aorta] = 200  # ascending aorta, arch, descending aorta left of the spine; contrast-enhanced
+    if "Arterial wall calcification" in f:  # plaques on the wall of the arch and descending aorta
+        for _ in range(int(rng.integers(4, 9) * f["Arterial wall calcification"] + 0.5)):
+            i = int(rng.integers(2, 5))
+            p, d = aorta_path[i] + U() * (aorta_path[i + 1] - aorta_path[i]), aorta_path[i + 1] - aorta_path[i]
+            u = rng.normal(size=3); u -= (u @ d) / (d @ d) * d; u /= np.linalg.norm(u)
+            v[_ell(g, p + 13 * u, (U(2.5, 3.5),) * 3)] = U(600, 1000)
+        det["Arterial wall calcification"] = " of the aortic arch and descending aorta"
+    if "Coronary artery wall calcification" in f:  # bright spots on the anterior heart surface
+        for _ in range(int(rng.integers(2, 6) * f["Coronary artery wall calcification"] + 0.5)):
+            u = rng.normal(size=3); u[1] = abs(u[1]); u /= np.linalg.norm(u)
+            v[_ell(g, hc + hs * u, (3.5,) * 3)] = U(500, 900)
+        det["Coronary artery wall calcification"] = " in the left anterior descending artery"
+    if "Hiatal hernia" in f:  # stomach above the diaphragm behind the heart: wall, fluid, air-fluid level
+        c, s = np.array([-5, -15, -78]), np.array([25, 22, 20]) * f["Hiatal hernia"]
+        v[_ell(g, c, s)] = 40
+        v[_ell(g, c, s - 5)] = 10
+        v[_ell(g, c, s - 5) & (g["z"] > c[2] - 2)] = -1000
+    v[_ell(g, (0, -62, 0), (15, 15, np.inf))] = 700  # vertebral column
+    if "Medical material" in f:  # right chest port (+ its catheter into the superior vena cava when certain)
+        port = (55, bh - 16, 55)
+        v[_ell(g, port, (12, 5, 12))] = 2500
+        if f["Medical material"] == 1:
+            v[_tube(g, [port, (35, bh - 22, 75), (28, 15, 75), (28, 15, 5), (22, 15, -15)], 2.5)] = 2500
+        det["Medical material"] = " (central venous port and catheter)"
+    # Quantum noise everywhere, plus parenchymal texture in the lungs.
+    v += rng.standard_normal(v.shape, dtype=np.float32) * np.where(lung, 25, 12).astype(np.float32)
+    return v, det
+
+
+def _report(labels, det, rng):
+    """Radiology-style free text: one sentence per mentioned label in varied phrasing, normal filler, shuffled."""
+    sents, imp = [], []
+    for name, y in labels.items():
+        if y == "":
+            continue
+        x = [name.lower(), DEMO_ALT[name]][rng.integers(2)]
+        X, d = x[0].upper() + x[1:], det.get(name, "")
+        sents.append(str(rng.choice({1: DEMO_POS, 0: DEMO_NEG, -1: DEMO_UNC}[y])).format(x=x, X=X, d=d))
+        if y == 1:
+            imp.append(f"{name}{d}.")
+        elif y == -1:
+            imp.append(f"{name} cannot be excluded.")
+    sents += [DEMO_OTHER[i] for i in rng.choice(len(DEMO_OTHER), int(rng.integers(3, 6)), replace=False)]
+    sents = [sents[i] for i in rng.permutation(len(sents))]
+    return "Findings: " + " ".join(sents) + "\nImpression: " + (" ".join(imp) or "No acute cardiopulmonary abnormality.")
+
+
+def _demo_case(rng, lps):
+    """One volume: labels, report and a NIfTI image with realistic spacing, orientation and position."""
+    labels = {}
+    for name in CHEST_CT_LABELS:  # drawn: 35% 1, 5% -1, 15% "", 45% 0; text-only: never 1
+        u = rng.random()
+        labels[name] = ((1 if u < .35 else -1 if u < .40 else "" if u < .55 else 0) if name in DEMO_DRAWN
+                        else (-1 if u < .03 else 0 if u < .30 else ""))
+    sp = np.array([rng.uniform(2.5, 3.5)] * 2 + [rng.uniform(5, 7)]).round(3)
+    n = np.round(np.array([240, 240, 224]) / sp).astype(int)
+    # Open grids of voxel centres in mm relative to the volume centre (canonical RAS order).
+    r, a, z = axes = [((np.arange(k) - (k - 1) / 2) * s).astype(np.float32) for k, s in zip(n, sp)]
+    g = {"shape": tuple(n), "axes": axes, "r": r[:, None, None], "a": a[None, :, None], "z": z[None, None, :]}
+    f = {k: 1.0 if y == 1 else 0.5 for k, y in labels.items() if k in DEMO_DRAWN and y in (1, -1)}
+    vol, det = _phantom(g, rng, f)
+    data = np.clip(np.rint(vol), -1024, 3071).astype(np.int16)
+    # Scanner position of the volume centre (table height, couch position); the content never moves.
+    origin = np.array([rng.uniform(-20, 20), rng.uniform(-200, -150), rng.uniform(-400, -100)]) - (n - 1) / 2 * sp
+    aff = np.diag(np.append(sp, 1.0))
+    aff[:3, 3] = origin
+    if lps:  # DICOM-derived files store x and y reversed: flip the data and describe it in the affine
+        data = np.ascontiguousarray(data[::-1, ::-1])
+        aff[:2, 3] += (n[:2] - 1) * sp[:2]
+        aff[0, 0], aff[1, 1] = -sp[0], -sp[1]
+    img = nib.Nifti1Image(data, aff)
+    img.header.set_xyzt_units("mm")
+    return labels, _report(labels, det, rng), img
+
+
+def make_demo(out_dir, n_train=200, n_valid=50, n_test=50, seed=0):
+    """Write out_dir/volumes/*.nii.gz, manifest.csv (id,image,report,split + 18 labels) and dataset.json."""
+    out = Path(out_dir)
+    (out / "volumes").mkdir(parents=True, exist_ok=True)
+    cases = [(sp, j) for sp, n in (("train", n_train), ("valid", n_valid), ("test", n_test)) for j in range(1, n + 1)]
+    rows = []
+    # One child generator per volume: each case is reproducible on its own.
+    for i, ((split, j), child) in enumerate(zip(cases, np.random.SeedSequence(seed).spawn(len(cases)))):
+        vid = f"demo_{split}_{j:04d}"
+        labels, report, img = _demo_case(np.random.default_rng(child), lps=i % 2 == 1)
+        nib.save(img, out / "volumes" / f"{vid}.nii.gz")
+        rows.append([vid, f"volumes/{vid}.nii.gz", report, split] + [str(labels[k]) for k in CHEST_CT_LABELS])
+    with open(out / "manifest.csv", "w", newline="") as fh:
+        w = csv.writer(fh, lineterminator="\n")
+        w.writerow(["id", "image", "report", "split"] + CHEST_CT_LABELS)
+        w.writerows(rows)
+    (out / "dataset.json").write_text(json.dumps({"preset": "demo", "text_model": "scratch", "n": len(rows),
+                                                  "seed": seed}, indent=1) + "\n")
+    return out

@@ -1,0 +1,451 @@
+"""Shared model code for GreenRFM: encoders, the stage-1 and aligned models, losses, checkpoints.
+
+Everything the stage scripts share about *models* lives here (data handling lives in data.py):
+
+    ResNet3D            3D ResNet-18 vision encoder, (B, C, D, H, W) -> (B, 512)
+    TextEncoder         BERT trunk, [CLS] embedding, (B, L) token ids -> (B, H)
+    build_text          a text encoder + tokenizer + a plain-dict description (text_cfg)
+    Stage1Model         encoder + linear head to the labels (stages 2a and 2b)
+    GreenRFM            both encoders, projections to a shared 768-d space, shared classifier (stage 3)
+    build_model         any of the above from a plain dict (model_config), so checkpoints rebuild themselves
+    masked_bce, clip_loss, align_loss
+    save_checkpoint, load_checkpoint, model_from_checkpoint, load_encoder_from_stage1
+
+Shapes: B batch, C channels (or labels for logits), D/H/W volume axes, L tokens, H text hidden size.
+"""
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from data import DataError
+
+STAGES = ("vision", "text", "align")
+CKPT_KEYS = ("stage", "model", "model_config", "args", "label_names", "optimizer", "step", "epoch", "best_metric")
+SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Vision encoder: 3D ResNet-18 with a patchify stem
+
+class BasicBlock(nn.Module):
+    """Two 3x3x3 convs with a residual connection; (B, C_in, D, H, W) -> (B, C_out, D/s, H/s, W/s)."""
+
+    def __init__(self, c_in, c_out, stride=1):
+        super().__init__()
+        self.conv1 = nn.Conv3d(c_in, c_out, 3, stride=stride, padding=1, bias=False)  # BN follows: no bias
+        self.bn1 = nn.BatchNorm3d(c_out)
+        self.conv2 = nn.Conv3d(c_out, c_out, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm3d(c_out)
+        # When the shape changes, a 1x1x1 strided conv makes the identity path match.
+        self.shortcut = nn.Identity()
+        if stride != 1 or c_in != c_out:
+            self.shortcut = nn.Sequential(nn.Conv3d(c_in, c_out, 1, stride=stride, bias=False), nn.BatchNorm3d(c_out))
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x))
+
+
+class ResNet3D(nn.Module):
+    """3D ResNet-18: (B, in_channels, D, H, W) -> (B, 512), about 33 M parameters.
+
+    stem=2 is the standard model, stem=4 the lite one (16x fewer voxels after the stem; the only
+    architectural difference). grad_ckpt=True recomputes each stage in the backward pass to save
+    activation memory. Caveat: the recomputation runs BatchNorm in training mode a second time, so its
+    running statistics are updated twice per step (momentum effectively applied twice). Training
+    outputs and gradients are unchanged; only the eval-time statistics drift a little faster.
+    """
+
+    def __init__(self, in_channels=1, stem=2, widths=(64, 128, 256, 512), grad_ckpt=False):
+        super().__init__()
+        self.grad_ckpt = grad_ckpt
+        self.out_dim = widths[-1]
+        # Patchify stem: non-overlapping stem^3 patches, (B, in, D, H, W) -> (B, 64, D/stem, H/stem, W/stem).
+        self.stem = nn.Sequential(nn.Conv3d(in_channels, widths[0], stem, stride=stem, bias=False),
+                                  nn.BatchNorm3d(widths[0]), nn.ReLU(inplace=True))
+        # Four stages of two blocks; stages 2-4 halve every axis: the standard model on a 96x192x192
+        # crop goes 48x96x96 -> 24x48x48 -> 12x24x24 -> 6x12x12.
+        stages, c_in = [], widths[0]
+        for i, c_out in enumerate(widths):
+            stages.append(nn.Sequential(BasicBlock(c_in, c_out, stride=1 if i == 0 else 2), BasicBlock(c_out, c_out)))
+            c_in = c_out
+        self.stages = nn.ModuleList(stages)
+        # Kaiming init for convs (BN starts at gamma 1, beta 0), except: zero the last BN gamma of every
+        # block, so each block starts as the identity and the deep net trained from scratch starts as a
+        # shallow one (Goyal et al. 2017), which stabilises the first steps.
+        for m in self.modules():
+            if isinstance(m, nn.Conv3d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, BasicBlock):
+                nn.init.zeros_(m.bn2.weight)
+
+    def forward(self, x):
+        x = self.stem(x)
+        for stage in self.stages:
+            if self.grad_ckpt and self.training and torch.is_grad_enabled():
+                x = checkpoint(stage, x, use_reentrant=False)
+            else:
+                x = stage(x)
+        return x.mean(dim=(2, 3, 4))  # global average pooling: (B, 512, d, h, w) -> (B, 512)
+
+
+# ----------------------------------------------------------------------------------------------
+# Text encoder: a BERT trunk and its WordPiece tokenizer, both rebuildable from a plain dict
+
+# The BertConfig fields that define the architecture; everything else in a config is bookkeeping.
+BERT_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "hidden_act",
+             "hidden_dropout_prob", "attention_probs_dropout_prob", "max_position_embeddings", "type_vocab_size",
+             "initializer_range", "layer_norm_eps", "pad_token_id")
+
+
+class TextEncoder(nn.Module):
+    """BERT trunk (no pooler): input_ids (B, L), attention_mask (B, L) -> [CLS] last hidden state (B, H)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        from transformers import BertConfig, BertModel
+        self.bert = BertModel(BertConfig(**cfg["bert"]), add_pooling_layer=False)
+        self.out_dim = self.bert.config.hidden_size
+
+    def gradient_checkpointing_enable(self):
+        """Recompute each BERT layer in the backward pass (no BatchNorm here, so no side effects)."""
+        kw = {"use_reentrant": False}
+        if hasattr(self.bert, "activation_checkpointing_enable"):  # the newer name in transformers 5.x
+            self.bert.activation_checkpointing_enable(kw)
+        else:
+            self.bert.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
+        self.bert.config.use_cache = False  # BERT keeps no cache anyway; silences a warning
+
+    def forward(self, input_ids, attention_mask):
+        hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, L, H)
+        return hidden[:, 0]  # position 0 is [CLS]
+
+
+def tokenizer_from_cfg(text_cfg):
+    """A fast BERT tokenizer rebuilt offline from text_cfg's vocabulary (no files, no hub)."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+    vocab = {tok: i for i, tok in enumerate(text_cfg["vocab"])}
+    tok = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=text_cfg["lowercase"])
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()  # split on whitespace and punctuation
+    tok.post_processor = processors.BertProcessing(("[SEP]", vocab["[SEP]"]), ("[CLS]", vocab["[CLS]"]))
+    tok.decoder = decoders.WordPiece()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
+                                   sep_token="[SEP]", mask_token="[MASK]", model_max_length=text_cfg["max_len"])
+
+
+def build_text(source, reports=None, max_len=512, vocab_size=4000):
+    """-> (TextEncoder, tokenizer, text_cfg). Never runs a repository's own code (no trust_remote_code).
+
+    source "scratch": a small BERT (2 layers, 128-d) and a WordPiece vocabulary trained on `reports`
+    in about a second; for the demo and for tests. Anything else: a Hugging Face model name or local
+    folder (e.g. microsoft/BiomedVLP-CXR-BERT-specialized), loaded as a plain BERT with its weights.
+    text_cfg is a plain dict from which TextEncoder and tokenizer_from_cfg rebuild both offline.
+    """
+    if source == "scratch":
+        from collections import Counter
+        from tokenizers import normalizers, pre_tokenizers
+        if not reports:
+            raise ValueError("build_text('scratch') needs reports to train a WordPiece vocabulary on")
+        # A deterministic in-domain vocabulary: the most frequent whole words (so "bronchiectasis" stays one
+        # token) plus every character and its "##" continuation as a fallback for unseen words. (The
+        # `tokenizers` WordPiece trainer breaks ties in hash order: its vocabulary changes between runs.)
+        norm, pre = normalizers.BertNormalizer(lowercase=True), pre_tokenizers.BertPreTokenizer()
+        counts = Counter(w for r in reports for w, _ in pre.pre_tokenize_str(norm.normalize_str(r)))
+        chars = sorted({c for w in counts for c in w})
+        words = sorted(counts, key=lambda w: (-counts[w], w))[:vocab_size]
+        vocab = SPECIAL_TOKENS + chars + ["##" + c for c in chars] + sorted(set(words) - set(chars))
+        bert = dict(vocab_size=len(vocab), hidden_size=128, num_hidden_layers=2, num_attention_heads=2,
+                    intermediate_size=512, max_position_embeddings=max(512, max_len), pad_token_id=0)
+        text_cfg = {"bert": bert, "vocab": vocab, "lowercase": True, "max_len": max_len, "source": source}
+        return TextEncoder(text_cfg), tokenizer_from_cfg(text_cfg), text_cfg
+
+    # BertTokenizer rather than AutoTokenizer: a BERT trunk always uses WordPiece, and repositories
+    # with custom code (CXR-BERT's auto_map) would make AutoTokenizer ask for trust_remote_code.
+    from transformers import BertModel, BertTokenizer
+    hf_tok = BertTokenizer.from_pretrained(source)
+    pretrained = BertModel.from_pretrained(source, add_pooling_layer=False)
+    items = sorted(hf_tok.get_vocab().items(), key=lambda kv: kv[1])
+    if [i for _, i in items] != list(range(len(items))):
+        raise ValueError(f"{source}: tokenizer vocabulary ids are not 0..N-1; cannot store it as a list")
+    bert = {k: v for k, v in pretrained.config.to_dict().items() if k in BERT_KEYS}
+    if max_len > bert["max_position_embeddings"]:
+        raise ValueError(f"{source}: max_len {max_len} exceeds its {bert['max_position_embeddings']} positions")
+    text_cfg = {"bert": bert, "vocab": [t for t, _ in items], "lowercase": bool(getattr(hf_tok, "do_lower_case", True)),
+                "max_len": max_len, "source": source}
+    # Rebuild from text_cfg and copy the weights in strictly: proves that a checkpoint's text_cfg alone
+    # reproduces this architecture, and casts half-precision hub weights to float32.
+    encoder = TextEncoder(text_cfg)
+    encoder.bert.load_state_dict(pretrained.state_dict(), strict=True)
+    return encoder, tokenizer_from_cfg(text_cfg), text_cfg
+
+
+def tokenize(tokenizer, texts, max_len):
+    """-> input_ids (B, L), attention_mask (B, L), n_truncated; L = longest in the batch, at most max_len."""
+    texts = list(texts)
+    lengths = [len(ids) for ids in tokenizer(texts, verbose=False)["input_ids"]]  # untruncated, with [CLS]/[SEP]
+    enc = tokenizer(texts, padding=True, truncation=True, max_length=max_len, return_tensors="pt")
+    return enc["input_ids"], enc["attention_mask"], sum(n > max_len for n in lengths)
+
+
+# ----------------------------------------------------------------------------------------------
+# Models: stage 1 (one encoder + linear head) and stage 3 (GreenRFM)
+
+class Stage1Model(nn.Module):
+    """Encoder + Linear(out_dim, C): forward(*inputs) -> logits (B, C). Inputs: a volume, or (ids, mask)."""
+
+    def __init__(self, encoder, num_labels):
+        super().__init__()
+        self.encoder = encoder
+        self.head = nn.Linear(encoder.out_dim, num_labels)
+
+    def forward(self, *inputs):
+        return self.head(self.encoder(*inputs))
+
+
+class GreenRFM(nn.Module):
+    """Both encoders projected to a shared space, one classifier for both latents. No L2 normalisation:
+    the paper found that keeping feature magnitudes helps, so latents and dot products stay raw."""
+
+    def __init__(self, vision, text, num_labels, embed_dim=768):
+        super().__init__()
+        self.vision, self.text = vision, text
+        self.img_proj = nn.Linear(vision.out_dim, embed_dim, bias=False)
+        self.txt_proj = nn.Linear(text.out_dim, embed_dim, bias=False)
+        self.classifier = nn.Linear(embed_dim, num_labels)  # shared: same label semantics in both modalities
+
+    def encode_image(self, x):
+        return self.img_proj(self.vision(x))  # (B, 1, D, H, W) -> (B, 512) -> (B, 768)
+
+    def encode_text(self, input_ids, attention_mask):
+        return self.txt_proj(self.text(input_ids, attention_mask))  # (B, L) -> (B, H) -> (B, 768)
+
+    def forward(self, x, input_ids, attention_mask):
+        """-> (img, txt, img_logits, txt_logits), the first four arguments of align_loss.
+        One forward call for both towers keeps DistributedDataParallel's gradient hooks simple."""
+        img, txt = self.encode_image(x), self.encode_text(input_ids, attention_mask)
+        return img, txt, self.classifier(img), self.classifier(txt)
+
+
+def build_model(model_config):
+    """Build a model from its plain-dict description (what every checkpoint stores as "model_config")."""
+    kind, num_labels = model_config["kind"], model_config["num_labels"]
+    if kind == "vision":
+        return Stage1Model(ResNet3D(**model_config["vision"]), num_labels)
+    if kind == "text":
+        return Stage1Model(TextEncoder(model_config["text"]), num_labels)
+    if kind == "align":
+        return GreenRFM(ResNet3D(**model_config["vision"]), TextEncoder(model_config["text"]), num_labels,
+                        model_config.get("embed_dim", 768))
+    raise ValueError(f"unknown model kind {kind!r}; expected one of {STAGES}")
+
+
+def n_params(module):
+    return sum(p.numel() for p in module.parameters())
+
+
+# ----------------------------------------------------------------------------------------------
+# Losses
+
+def masked_bce(logits, targets, mask):
+    """Mean BCE-with-logits over the entries where mask is 1; logits, targets, mask all (B, C).
+
+    Masked entries (uncertain -1 or not mentioned NaN) are replaced by 0 before the BCE, so whatever
+    they hold cannot change the loss or any gradient (NaN * 0 would still be NaN)."""
+    targets = torch.where(mask > 0, targets, torch.zeros_like(targets))
+    bce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
+    return (bce * mask).sum() / mask.sum().clamp(min=1)
+
+
+def clip_loss(img, txt):
+    """Symmetric InfoNCE on raw dot products, temperature 1: img, txt (B, E); pair i matches pair i."""
+    # Unnormalised 768-d latents give large dot products: compute them in float32 even under autocast.
+    with torch.autocast(device_type=img.device.type, enabled=False):
+        sim = img.float() @ txt.float().T  # (B, B): row i = image i against every report
+        labels = torch.arange(sim.shape[0], device=sim.device)
+        return (F.cross_entropy(sim, labels) + F.cross_entropy(sim.T, labels)) / 2
+
+
+def align_loss(img, txt, img_logits, txt_logits, targets, mask):
+    """Stage-3 loss: clip + (masked BCE of the image logits + of the text logits) / 2.
+    -> (total, {"clip", "bce_img", "bce_txt"}); the parts are detached, for logging."""
+    parts = {"clip": clip_loss(img, txt), "bce_img": masked_bce(img_logits, targets, mask),
+             "bce_txt": masked_bce(txt_logits, targets, mask)}
+    total = parts["clip"] + (parts["bce_img"] + parts["bce_txt"]) / 2
+    return total, {k: v.detach() for k, v in parts.items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints: self-describing, plain values only (torch.load(weights_only=True) reads them), atomic
+
+def _plain(x):
+    """Convert args / configs / metrics to types weights_only unpickling accepts (Path -> str, ...)."""
+    if isinstance(x, torch.Tensor) or x is None or isinstance(x, (bool, int, float, str)):
+        return x
+    if isinstance(x, os.PathLike):
+        return str(x)
+    if isinstance(x, dict):
+        return {str(k): _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    if hasattr(x, "tolist"):  # numpy arrays and scalars
+        return x.tolist()
+    if hasattr(x, "__dict__"):  # argparse.Namespace
+        return _plain(vars(x))
+    return str(x)
+
+
+def unwrap(model):
+    """The plain module inside DistributedDataParallel (.module) and/or torch.compile (._orig_mod)."""
+    while True:
+        if hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif isinstance(getattr(model, "module", None), nn.Module):
+            model = model.module
+        else:
+            return model
+
+
+def save_checkpoint(path, *, stage, model, model_config, args, label_names, optimizer=None, step=0, epoch=0,
+                    best_metric=None, extra=None):
+    """Write a checkpoint atomically: a temporary file in the same folder, fsync, then os.replace.
+    A crash mid-save leaves the previous checkpoint intact (os.replace is atomic on one filesystem)."""
+    if stage not in STAGES:
+        raise ValueError(f"stage {stage!r} is not one of {STAGES}")
+    ckpt = {"stage": stage, "model": unwrap(model).state_dict(), "model_config": _plain(model_config),
+            "args": _plain(args), "label_names": [str(n) for n in label_names],
+            "optimizer": optimizer.state_dict() if optimizer is not None else None, "step": int(step),
+            "epoch": int(epoch), "best_metric": None if best_metric is None else float(best_metric)}
+    if extra is not None:
+        ckpt["extra"] = _plain(extra)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(ckpt, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)  # only still there if something failed
+    return path
+
+
+def load_checkpoint(path, stage=None, label_names=None):
+    """Read a checkpoint on the CPU and check it is what the caller expects; DataError (one line) if not."""
+    path = Path(path)
+    want = f"a {stage!r} checkpoint" if stage else "a checkpoint"
+    if not path.is_file():
+        raise DataError(f"{path}: no such file (expected {want})")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip, pickle of something else, a text file, ...
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise DataError(f"{path}: not a readable checkpoint (expected {want}; {type(e).__name__}: {first})") from None
+    missing = [k for k in CKPT_KEYS if k not in ckpt] if isinstance(ckpt, dict) else list(CKPT_KEYS)
+    if missing:
+        raise DataError(f"{path}: not a GreenRFM checkpoint (expected {want}; missing keys {missing})")
+    if stage is not None and ckpt["stage"] != stage:
+        raise DataError(f"{path}: expected a {stage!r} checkpoint, found a {ckpt['stage']!r} checkpoint")
+    if label_names is not None and list(label_names) != ckpt["label_names"]:
+        want_l, got = list(label_names), ckpt["label_names"]
+        diff = sorted(set(want_l) ^ set(got))[:3] or "same names, other order"
+        raise DataError(f"{path}: label set differs (expected {len(want_l)} labels, found {len(got)}; e.g. {diff})")
+    return ckpt
+
+
+def _load_strict(module, state, where):
+    try:
+        module.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        raise DataError(f"{where}: weights do not fit the model ({' '.join(lines[1:3])[:300]})") from None
+
+
+def model_from_checkpoint(path, stage=None, label_names=None):
+    """Rebuild the model from the file alone (model_config) and load its weights strictly -> (model, ckpt)."""
+    ckpt = load_checkpoint(path, stage, label_names)
+    try:
+        model = build_model(ckpt["model_config"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise DataError(f"{path}: cannot rebuild the model from its model_config ({type(e).__name__}: {e})") from None
+    _load_strict(model, ckpt["model"], path)
+    return model, ckpt
+
+
+def load_encoder_from_stage1(model, ckpt, part=None, where=None):
+    """Copy a stage-1 encoder (ckpt["model"]["encoder.*"]) into GreenRFM's .vision or .text, strictly.
+    part ("vision" | "text") defaults to the checkpoint's stage; `where` (the file) names it in errors.
+    The stage-1 head is dropped: stage 3 has its own shared classifier."""
+    part = part or ckpt["stage"]
+    where = where or f"stage-1 {part} checkpoint"
+    if part not in ("vision", "text") or ckpt["stage"] != part:
+        raise DataError(f"{where}: expected a {part!r} stage-1 checkpoint, found a {ckpt['stage']!r} checkpoint")
+    state = {k[len("encoder."):]: v for k, v in ckpt["model"].items() if k.startswith("encoder.")}
+    _load_strict(getattr(unwrap(model), part), state, where)
+    return part
+
+
+# -----------------------------------------------------------------------------
+# Zero-shot pieces (shared by align.py's validation and evaluate.py)
+# Needs `import numpy as np` and `import torch` at the top of model.py; sklearn is imported lazily.
+
+# Prompt pairs (positive, negative) per template; "{x}" is the label name, lowercased, "_" -> " ".
+# "there_is" is the default; "present" is the CT-CLIP protocol.
+PROMPT_TEMPLATES = {
+    "not": ("{x}.", "not {x}."),
+    "empty": ("{x}.", ""),
+    "there_is": ("There is {x}.", "There is no {x}."),
+    "present": ("{x} is present.", "{x} is not present."),
+    "compatible": ("Findings are compatible with {x}.", "Findings are not compatible with {x}."),
+}
+
+
+def per_label_auc(y, scores):
+    """ROC AUC per label and their mean. y (N, C): 1/0 reference, nan or -1 = no reference
+    (those rows are ignored for that label); scores (N, C). A label with one class (or none)
+    has no AUC: None, left out of the macro mean (never 0.5). Returns (aucs, macro or None)."""
+    from sklearn.metrics import roc_auc_score  # lazy: training scripts need no sklearn import
+
+    y, scores = np.asarray(y, dtype=np.float64), np.asarray(scores, dtype=np.float64)
+    aucs = []
+    for c in range(y.shape[1]):
+        keep = (y[:, c] == 0) | (y[:, c] == 1)  # nan compares False, so it drops out too
+        yc = y[keep, c]
+        if yc.size == 0 or yc.min() == yc.max():
+            aucs.append(None)
+            continue
+        aucs.append(float(roc_auc_score(yc, scores[keep, c])))
+    defined = [a for a in aucs if a is not None]
+    return aucs, (float(np.mean(defined)) if defined else None)
+
+
+@torch.no_grad()
+def prompt_latents(model, tokenizer, label_names, template, max_len, device):
+    """Text latents of each label's positive and negative prompt -> (C, 2, 768).
+    Computed once for all prompts (not per volume); template is a PROMPT_TEMPLATES key
+    or a (positive, negative) pair. Eval mode so dropout does not perturb the latents."""
+    pos, neg = PROMPT_TEMPLATES[template] if isinstance(template, str) else template
+    # "Pleural effusion" -> "There is pleural effusion."; "renal_cyst" -> "There is renal cyst."
+    texts = [t.format(x=n.lower().replace("_", " ")) for n in label_names for t in (pos, neg)]  # 2C prompts
+    batch = tokenizer(texts, padding=True, truncation=True, max_length=max_len, return_tensors="pt")
+    was_training = model.training
+    model.eval()
+    lat = model.encode_text(batch["input_ids"].to(device), batch["attention_mask"].to(device))
+    model.train(was_training)
+    return lat.float().view(len(label_names), 2, -1)  # (C, 2, 768): [:, 0] positive, [:, 1] negative
+
+
+def zero_shot_scores(img_lat, prompt_lat):
+    """Positive probability per label -> (N, C): softmax over the pair of raw dot products
+    [img . pos, img . neg] (= sigmoid of their difference). No L2 normalisation, as in training."""
+    logits = torch.einsum("nd,cpd->ncp", img_lat.float(), prompt_lat.float())  # (N, C, 2)
+    return logits.softmax(dim=-1)[..., 0]
