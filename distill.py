@@ -1,0 +1,422 @@
+"""
+Stage 1, distill: turn free-text radiology reports into structured labels.
+
+Reads reports: the demo set (default, built if missing), a generic manifest (SPEC: id, report, labels), a CT-RATE
+reports CSV (VolumeName, Findings_EN, Impressions_EN; text = findings + impression) or any CSV with an id and a text
+column (auto-detected, or --id-column / --text-column). Writes, under --out (default out/distill):
+  labels.csv      id + one column per label: 1 present, 0 absent, -1 uncertain, empty = not mentioned
+  failures.csv    id, reason for every report that has no labels (never dropped, never filled with a default)
+  cache.jsonl     every LLM answer, appended the moment it arrives; a rerun asks only for what is missing
+  agreement.csv / agreement.json   per-label accuracy, F1, kappa, 3x3 confusion vs --reference (if any)
+
+Backends: "llm" asks any OpenAI-compatible chat-completions server for JSON (vLLM, Ollama, OpenAI, llama.cpp);
+"rules" is an offline NegEx-style labeler: the yardstick for LLM labels, and the way to run the demo without a server.
+The API key is read from OPENAI_API_KEY only and is redacted from everything printed or written.
+
+Label files (--labels my_labels.txt), one label per line, '#' starts a comment:
+  Lung nodule: a focal rounded opacity up to 3 cm | nodule*, micronodule*
+i.e. "name: definition | synonym, synonym" (definition and synonyms optional; "name: | syn" gives synonyms only).
+In a synonym, "word*" matches any ending and "..." up to twelve words in between. Non-UTF-8 bytes in a reports CSV are
+replaced (U+FFFD) with a warning naming the rows, so one bad byte does not stop a 50,000-report job.
+
+Examples:
+  python distill.py --backend rules                        # demo set, offline, compares with its ground truth
+  python distill.py --reports ../shared/greenrfm-sample-data/reports/ctrate_ctclip_manual_labels_train.csv \\
+      --backend rules --reference ../shared/greenrfm-sample-data/reports/ctrate_ctclip_manual_labels_train.csv
+  OPENAI_API_KEY=... python distill.py --api-base http://localhost:8000/v1 --model Qwen/Qwen2.5-7B-Instruct \\
+      --reports ct_rate_reports.csv --concurrency 32
+"""
+import argparse, csv, hashlib, io, json, os, random, re, sys, threading, time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from pathlib import Path
+
+import numpy as np
+import requests
+from sklearn.metrics import cohen_kappa_score
+from tqdm import tqdm
+
+from data import DataError, resolve_label_set, load_table, ensure_demo, read_labels, run_main, CHEST_CT_LABELS
+
+# -----------------------------------------------------------------------------
+# config
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("data")
+    g.add_argument("--reports", default="data/demo", help="demo/manifest folder, manifest CSV, CT-RATE reports CSV or any id+text CSV")
+    g.add_argument("--id-column", default=None, help="id column of a plain CSV (default: first of id, VolumeName, AccessionNo, NoteAcc_DEID)")
+    g.add_argument("--text-column", default=None, help="text column of a plain CSV (default: report, report_text, text, or Findings_EN + Impressions_EN)")
+    g.add_argument("--labels", default="chest_ct", help="chest_ct, abdomen_ct, a label .txt file (see docstring) or a label CSV")
+    g.add_argument("--limit", type=int, default=None, help="label only the first N reports")
+    g.add_argument("--reference", default=None, help="reference label CSV for agreement (default: the manifest's own labels, if any)")
+    g.add_argument("--out", default="out/distill", help="output folder")
+    g = p.add_argument_group("backend")
+    g.add_argument("--backend", choices=["llm", "rules"], default="llm", help="llm: OpenAI-compatible server; rules: offline NegEx-style")
+    g.add_argument("--api-base", default=os.environ.get("OPENAI_BASE_URL"), help="server base URL, e.g. http://localhost:8000/v1 (default $OPENAI_BASE_URL)")
+    g.add_argument("--model", default=os.environ.get("OPENAI_MODEL"), help="model name the server knows (default $OPENAI_MODEL)")
+    g.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (0: reproducible labels)")
+    g.add_argument("--max-tokens", type=int, default=1024, help="answer length cap")
+    g.add_argument("--dry-run", action="store_true", help="print the exact request for the first report and send nothing")
+    g = p.add_argument_group("throughput and retries")
+    g.add_argument("--concurrency", type=int, default=8, help="requests in flight at once")
+    g.add_argument("--timeout", type=float, default=120.0, help="seconds per HTTP request")
+    g.add_argument("--max-retries", type=int, default=5, help="retries on 429 / 5xx / connection error / timeout")
+    g.add_argument("--backoff", type=float, default=1.0, help="first backoff in seconds; doubles per retry, with jitter")
+    g.add_argument("--max-fixes", type=int, default=2, help="re-asks when an answer fails validation (error fed back)")
+    return p.parse_args(argv)
+
+# -----------------------------------------------------------------------------
+# the answer format: one of four strings per label, mapped to the stored coding
+
+VALUES = {"present": 1, "absent": 0, "uncertain": -1, "not mentioned": None}
+CODE = {1: "1", 0: "0", -1: "-1", None: ""}
+PROMPT_VERSION = "v1"  # bump by hand on a wording change; the text hash below catches forgotten bumps
+
+def system_prompt(names, defs):
+    # Definitions and synonyms help the model map a report's wording onto the label (e.g. "ACBG wires" = material).
+    lines = [f'- "{n}"' + (f": {defs[n][0]}" if defs[n][0] else "") + (f" (also written: {', '.join(defs[n][1]).replace('*', '')})" if defs[n][1] else "")
+             for n in names]
+    return ("You are a radiologist extracting findings from a CT report. For each finding below answer exactly one of:\n"
+            '"present" - the report states the finding is there;\n'
+            '"absent" - the report states it is not there (e.g. "no pleural effusion");\n'
+            '"uncertain" - the report raises it only as a possibility (possible, probable, cannot be excluded, suspicious for);\n'
+            '"not mentioned" - the report says nothing about it. Do not confuse "uncertain" with "not mentioned".\n'
+            "Findings:\n" + "\n".join(lines) +
+            "\nAnswer with one JSON object whose keys are the finding names exactly as written above, and nothing else.")
+
+def response_schema(names):
+    # Servers that support structured output (vLLM, llama.cpp, OpenAI) then cannot emit an invalid answer.
+    prop = {"type": "string", "enum": list(VALUES)}
+    schema = {"type": "object", "properties": {n: prop for n in names}, "required": names, "additionalProperties": False}
+    return {"type": "json_schema", "json_schema": {"name": "labels", "strict": True, "schema": schema}}
+
+def parse_answer(text, names):
+    """Labels from an answer: the first JSON object anywhere in it (code fences, prose around). ValueError says why not."""
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError("the answer is empty")
+    obj, dec = None, json.JSONDecoder()
+    for m in re.finditer(r"\{", text):  # a server that ignores response_format may wrap the JSON in prose or fences
+        try:
+            obj = dec.raw_decode(text, m.start())[0]
+            break
+        except json.JSONDecodeError:
+            continue
+    if not isinstance(obj, dict):
+        raise ValueError("no JSON object found in the answer")
+    missing = [n for n in names if n not in obj]
+    bad = [f"{n!r}: {obj[n]!r}" for n in names if n in obj and not (isinstance(obj[n], str) and obj[n].strip().lower() in VALUES)]
+    if missing or bad:
+        raise ValueError(f"missing findings: {missing}; values not allowed: {bad} (each value must be one of {list(VALUES)})")
+    return {n: VALUES[obj[n].strip().lower()] for n in names}
+
+# -----------------------------------------------------------------------------
+# the rules backend: label names + synonyms found sentence by sentence, NegEx-style cues around each mention
+
+SYNONYMS = {  # chest_ct; phrases are plain words, "word*" = any ending, "..." = up to twelve words between
+    "Medical material": ["medical material", "catheter*", "port", "stent*", "pacemaker*", "sternotomy", "sternal wire*", "suture*",
+                         "surgical clip*", "surgical material*", "prosthe*", "breast implant*", "cardiac device*", "cabg", "acbg",
+                         "endotracheal tube*", "chest tube*", "nasogastric tube*", "tracheostomy", "drain", "metallic density"],
+    "Arterial wall calcification": ["aortic calcification*", "atherosclero*", "atheroma*", "calcified plaque*", "calcific ... plaque*",
+                                    "vascular calcification*", "arterial calcification*", "arterial wall calcification*", "calcif* ... aort*",
+                                    "aort* ... calcif*"],
+    "Cardiomegaly": ["cardiomegaly", "enlarged heart", "enlargement of the heart", "heart is enlarged", "cardiac enlargement", "heart size increased", "heart is larger",
+                     "heart size is increased", "increased heart size", "cardiothoracic ... increase*", "increase* ... cardiothoracic",
+                     "ctr increase*"],
+    "Pericardial effusion": ["pericardial effusion*", "pericardial fluid", "effusion ... pericardi*", "fluid ... pericardi*"],
+    "Coronary artery wall calcification": ["coronary ... calcif*", "coronary ... atheroma*", "coronary ... plaque*", "calcif* ... coronary",
+                                           "atheroma* ... coronary", "atherosclero* ... coronary", "plaque* ... coronary"],
+    "Hiatal hernia": ["hiatal hernia*", "hiatus hernia*"],
+    "Lymphadenopathy": ["lymphadenopath*", "enlarged ... lymph node*", "lymph node* ... enlarged", "pathological ... lymph node*",
+                        "lymph node enlargement*", "conglomerate* ... lymph node*"],
+    "Emphysema": ["emphysema*", "bulla*", "bullous", "bleb*"],
+    "Atelectasis": ["atelecta*", "fibroatelecta*"],
+    "Lung nodule": ["nodule*", "micronodule*", "nodular lesion*", "nodular opacit*", "nodular densit*"],
+    "Lung opacity": ["opacit*", "ground glass", "density increase*", "increased density", "infiltrat*"],
+    "Pulmonary fibrotic sequela": ["fibro*", "sequela*", "scar*", "parenchymal band*"],
+    "Pleural effusion": ["pleural effusion*", "pleural fluid", "effusion in the pleural*"],
+    "Mosaic attenuation pattern": ["mosaic*", "air trapping"],
+    "Peribronchial thickening": ["peribronchial ... thick*", "bronchial wall* ... thick*", "peribronchovascular ... thick*",
+                                 "thick* ... peribronchial", "thick* ... bronchial wall*"],
+    "Consolidation": ["consolidat*"],
+    "Bronchiectasis": ["bronchiecta*"],
+    "Interlobular septal thickening": ["septal thick*", "interlobular sept* ... thick*", "thick* ... interlobular sept*", "crazy paving"],
+}
+assert set(SYNONYMS) == set(CHEST_CT_LABELS)  # spelled exactly as data.py spells the label set
+# NegEx-style cues (Chapman et al. 2001): a pre-cue within a few words before the mention, a post-cue a few words after.
+PRE_NEG = re.compile(r"\b(no|not|without|absence of|negative for|free of|neither|nor|rule out|ruled out)\b")
+POST_NEG = re.compile(r"\b((is|are|was|were|has been|have been)\s+not\s+(seen|observed|detected|identified|noted|present|visualized)"
+                      r"|not (seen|observed|detected|identified)|(is|are|was|were) absent)\b")
+UNCERTAIN = re.compile(r"\b(possible|possibly|(can ?not|could not|not) be excluded|(can ?not|could not) exclude|questionable|suspicious for|suspicion of|suspected"
+                       r"|may represent|may be|likely|probable|probably|suggestive of|differential diagnosis)\b")
+SCOPE_END = re.compile(r"\b(?:but|however|although|though|except|apart from|whereas|while)\b|[;:]")  # cues do not cross these
+WINDOW = 8  # words on each side of a mention that a cue may reach
+
+def phrase_regex(phrase):
+    words, parts, gap = phrase.lower().replace("-", " ").split(), [], False
+    for w in words:
+        if w == "...":
+            gap = True
+            continue
+        if parts:  # words separated by spaces/hyphens; a "..." gap allows up to twelve more words
+            parts.append(r"[\s-]+(?:[\w,/()-]+\s+){0,12}?" if gap else r"[\s-]+")
+        parts.append(re.escape(w.rstrip("*")) + (r"\w*" if w.endswith("*") else r"(?:e?s)?"))
+        gap = False
+    return re.compile(r"\b" + "".join(parts) + r"\b")
+
+def rules_label(text, patterns):
+    """{label: 1/0/-1/None} for one report; per label, a positive mention beats an uncertain one beats a negative one."""
+    out = {n: None for n in patterns}
+    rank = {None: 0, 0: 1, -1: 2, 1: 3}
+    for sentence in re.split(r"(?<=[.!?])\s+|\n+|\"", text.lower()):
+        for clause in SCOPE_END.split(sentence):
+            for name, regexes in patterns.items():
+                for rx in regexes:
+                    for m in rx.finditer(clause):
+                        before = " ".join(clause[:m.start()].split()[-WINDOW:])
+                        after = " ".join(clause[m.end():].split()[:WINDOW])
+                        # uncertainty first: "cannot be excluded" contains a negation word but is not a negation
+                        v = -1 if UNCERTAIN.search(before) or UNCERTAIN.search(after) else \
+                            0 if PRE_NEG.search(before) or POST_NEG.search(after) else 1
+                        out[name] = v if rank[v] > rank[out[name]] else out[name]
+    return out
+
+# -----------------------------------------------------------------------------
+# the llm backend: one chat request per report, retried on overload, re-asked on an invalid answer
+
+class Failed(Exception):
+    """A report that could not be labelled; the message is the reason written to failures.csv."""
+
+API_KEY = os.environ.get("OPENAI_API_KEY", "")
+redact = lambda s: s.replace(API_KEY, "[REDACTED]") if API_KEY else s  # servers may echo headers in error text
+local = threading.local()  # one requests.Session (keep-alive pool) per worker thread
+
+def post(url, headers, body, args):
+    """POST with exponential backoff + jitter on 429, 5xx, connection errors and timeouts; honours Retry-After."""
+    for attempt in range(args.max_retries + 1):
+        wait = None
+        try:
+            local.session = getattr(local, "session", None) or requests.Session()
+            r = local.session.post(url, headers=headers, json=body, timeout=args.timeout)
+            if r.status_code == 200:
+                return r.json()  # a body that is not JSON fails this report, with the decoder's message as reason
+            err = f"HTTP {r.status_code}: {r.text[:200]!r}"
+            if r.status_code != 429 and r.status_code < 500:
+                raise Failed(err)  # 400/401/404: retrying cannot help
+            wait = float(r.headers["Retry-After"]) if r.headers.get("Retry-After", "").replace(".", "").isdigit() else None
+        except (requests.ConnectionError, requests.Timeout) as e:
+            err = f"{type(e).__name__}"
+        if attempt == args.max_retries:
+            raise Failed(f"{err} (gave up after {attempt + 1} tries)")
+        time.sleep(wait if wait is not None else min(args.backoff * 2 ** attempt, 60.0) * random.uniform(0.5, 1.5))
+
+# -----------------------------------------------------------------------------
+# data: reports (+ reference labels from a manifest) in, CSVs out
+
+def write_atomic(path, text):
+    """Temp file + os.replace: a reader sees the old file or the new one, never half of one."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+def write_csv(path, header, rows):
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator="\n").writerows([header] + rows)
+    write_atomic(path, buf.getvalue())
+
+def read_reports(args):
+    """(ids, texts, manifest Table or None). Manifests go through data.load_table; other CSVs are read here."""
+    path = Path(args.reports)
+    if args.reports == "data/demo":
+        ensure_demo(path)
+    if not path.exists():
+        raise DataError(f"{path}: no such file or folder")
+    if path.is_dir():
+        table = load_table(path)
+        return list(table.ids), list(table.reports), table
+    raw = path.read_bytes().decode("utf-8-sig", errors="replace")
+    header, *rows = list(csv.reader(io.StringIO(raw, newline=""))) or [[]]
+    if "report" in header and not (args.text_column or args.id_column):
+        table = load_table(path)  # the generic manifest: its labels are the default reference
+        return list(table.ids), list(table.reports), table
+    bad = [i for i, r in enumerate(rows, 1) if "\ufffd" in "".join(r)]  # row 1 = first row after the header, as in data.py
+    if bad:
+        print(f"warning: {path}: bytes that are not UTF-8 replaced by U+FFFD in rows {bad[:10]}{' ...' if len(bad) > 10 else ''}")
+    idc = args.id_column or next((c for c in ("id", "VolumeName", "AccessionNo", "NoteAcc_DEID") if c in header), None)
+    ctrate = not args.text_column and {"Findings_EN", "Impressions_EN"} <= set(header)
+    txc = args.text_column or next((c for c in ("report_text", "text", "Findings_EN") if c in header), None)
+    if not set(filter(None, [idc, txc])) <= set(header) or txc is None:
+        raise DataError(f"{path}: no id/text column found in {header[:6]} (use --id-column / --text-column)")
+    col = lambda c: [r[header.index(c)] if header.index(c) < len(r) else "" for r in rows]
+    ids = [i.strip() for i in col(idc)] if idc else [str(i) for i in range(1, len(rows) + 1)]
+    # CT-RATE reports: the text a radiologist reads is findings + impression
+    texts = [f"{f}\n{i}" for f, i in zip(col("Findings_EN"), col("Impressions_EN"))] if ctrate else col(txc)
+    dup = next((i for i, k in Counter(ids).items() if k > 1 or not i), None)
+    if dup is not None:
+        raise DataError(f"{path}: duplicate or empty id {dup!r}")
+    return ids, texts, None
+
+def main():
+    args = get_args()
+    t0 = time.time()
+    out = Path(args.out)
+    names, raw_defs = resolve_label_set(args.labels)
+    # "definition | syn, syn" in a label file: split once here, used by both the prompt and the rules.
+    defs = {n: (raw_defs.get(n, "").split("|")[0].strip(),
+                [s.strip() for s in raw_defs.get(n, "").partition("|")[2].split(",") if s.strip()]) for n in names}
+    ids, texts, table = read_reports(args)
+    if args.limit:
+        ids, texts = ids[:args.limit], texts[:args.limit]
+    print(f"reports: {len(ids)} from {args.reports} | labels: {len(names)} ({args.labels}) | backend: {args.backend}")
+
+    # -----------------------------------------------------------------------------
+    # label every report: rules at once, llm through the cache and a thread pool
+
+    # An empty report has nothing to label: sending it would only buy a hallucination.
+    results, failures = {}, {rid: "empty report" for rid, text in zip(ids, texts) if not text.strip()}
+    todo = [(rid, text) for rid, text in zip(ids, texts) if rid not in failures]
+    if args.backend == "rules":
+        patterns = {n: [phrase_regex(s) for s in [n] + SYNONYMS.get(n, []) + defs[n][1]] for n in names}
+        for rid, text in tqdm(todo, desc="rules", unit="report", disable=len(todo) < 1000):
+            results[rid] = rules_label(text, patterns)
+    else:
+        if not args.api_base or not args.model:
+            raise DataError("the llm backend needs --api-base and --model (or OPENAI_BASE_URL / OPENAI_MODEL); "
+                            "--backend rules labels offline")
+        url = args.api_base.rstrip("/") + "/chat/completions"
+        headers = {"Content-Type": "application/json"} | ({"Authorization": f"Bearer {API_KEY}"} if API_KEY else {})
+        system = system_prompt(names, defs)
+        version = f"{PROMPT_VERSION}-{hashlib.sha256(system.encode()).hexdigest()[:8]}"
+        body = lambda messages: {"model": args.model, "messages": messages, "temperature": args.temperature,
+                                 "max_tokens": args.max_tokens, "response_format": response_schema(names)}
+        if args.dry_run:
+            if not todo:
+                raise DataError("no non-empty report to show a request for")
+            shown = {k: ("Bearer [REDACTED]" if k == "Authorization" else v) for k, v in headers.items()}
+            print(f"POST {url}\nheaders: {json.dumps(shown)}\n"
+                  + redact(json.dumps(body([{"role": "system", "content": system}, {"role": "user", "content": todo[0][1]}]), indent=2)))
+            return
+        # The cache: one JSON line per answer. A rerun reuses answers for the same text, model and prompt version.
+        out.mkdir(parents=True, exist_ok=True)
+        cache_path, cached, torn = out / "cache.jsonl", {}, 0
+        lines = cache_path.read_text(encoding="utf-8", errors="replace") if cache_path.exists() else ""
+        for line in lines.splitlines():
+            try:
+                rec = json.loads(line)
+                cached[(rec["id"], rec["sha256"], rec["model"], rec["prompt_version"])] = rec["labels"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                torn += 1  # a line cut short when a run was killed mid-write: that report is simply asked again
+        sha = {rid: hashlib.sha256(text.encode()).hexdigest() for rid, text in todo}
+        results |= {rid: cached[key] for rid, _ in todo if (key := (rid, sha[rid], args.model, version)) in cached}
+        todo = [(rid, text) for rid, text in todo if rid not in results]
+        print(f"cache: {len(results)} answered before ({cache_path}{f', {torn} unreadable lines skipped' if torn else ''}); "
+              f"{len(todo)} to ask {args.model} at {args.api_base} (prompt {version})")
+        lock, tokens = threading.Lock(), [0]
+        cache_file = open(cache_path, "a", encoding="utf-8")
+        cache_file.write("\n" if lines and not lines.endswith("\n") else "")  # after a torn last line, never glued onto it
+
+        def label_one(rid, text):
+            messages = [{"role": "system", "content": system}, {"role": "user", "content": text}]
+            for fix in range(args.max_fixes + 1):
+                resp = post(url, headers, body(messages), args)
+                with lock:
+                    tokens[0] += int((resp.get("usage") or {}).get("total_tokens") or 0)
+                try:
+                    content = resp["choices"][0]["message"]["content"]
+                except (KeyError, IndexError, TypeError):
+                    raise Failed(f"malformed response (no choices[0].message.content): {str(resp)[:200]!r}")
+                try:
+                    labels = parse_answer(content, names)
+                except ValueError as e:  # show the model its mistake and ask again, a bounded number of times
+                    error = str(e)
+                    messages += [{"role": "assistant", "content": content or ""},
+                                 {"role": "user", "content": f"That answer is invalid: {error}. Answer again with only the JSON object."}]
+                    continue
+                rec = {"id": rid, "sha256": sha[rid], "model": args.model, "prompt_version": version, "labels": labels,
+                       "raw": content, "usage": resp.get("usage"), "tries": fix + 1, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+                with lock:  # one whole line per answer, on disk before we count it as done
+                    cache_file.write(redact(json.dumps(rec)) + "\n")
+                    cache_file.flush()
+                    os.fsync(cache_file.fileno())
+                return labels
+            raise Failed(f"invalid answer after {args.max_fixes + 1} tries: {error}")
+
+        t_llm = time.time()
+        pool = ThreadPoolExecutor(args.concurrency)
+        try:
+            with tqdm(total=len(todo), desc="llm", unit="report") as bar:
+                futures = {pool.submit(label_one, rid, text): rid for rid, text in todo}
+                for fut in as_completed(futures):
+                    rid = futures[fut]
+                    try:
+                        results[rid] = fut.result()
+                    except Exception as e:  # Failed, or anything unexpected: recorded with its reason, never dropped
+                        failures[rid] = redact(str(e) if isinstance(e, Failed) else f"{type(e).__name__}: {e}")
+                    bar.update(1)
+                    bar.set_postfix(failed=len(failures), tokens=tokens[0], refresh=False)
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)  # on Ctrl-C: finish (and cache) what is in flight
+            cache_file.close()
+        print(f"llm: {len(todo)} reports in {time.time() - t_llm:.2f} s, {tokens[0]} tokens")
+
+    # -----------------------------------------------------------------------------
+    # write labels.csv and failures.csv atomically (a half-written labels file would poison every later stage)
+
+    out.mkdir(parents=True, exist_ok=True)
+    write_csv(out / "labels.csv", ["id"] + names, [[rid] + [CODE[results[rid][n]] for n in names] for rid in ids if rid in results])
+    write_csv(out / "failures.csv", ["id", "reason"], [[rid, failures[rid]] for rid in ids if rid in failures])
+
+    # -----------------------------------------------------------------------------
+    # agreement with reference labels: present vs rest (accuracy, F1, kappa) and a 3x3 confusion matrix per label
+
+    ref = None
+    if args.reference:  # any label CSV holding (at least) our label columns
+        ref_ids, ref_names, ref_vals = read_labels(args.reference)
+        if set(names) - set(ref_names):
+            raise DataError(f"{args.reference}: no column for label(s) {sorted(set(names) - set(ref_names))[:5]}")
+        ref = dict(zip(ref_ids, ref_vals[:, [ref_names.index(n) for n in names]]))
+    elif table is not None and set(names) <= set(table.label_names) and not np.isnan(table.labels).all():
+        cols = [table.label_names.index(n) for n in names]
+        ref = {rid: table.labels[i, cols] for i, rid in enumerate(table.ids)}
+    common = [rid for rid in ids if rid in results and ref is not None and rid in ref]
+    if common:
+        # classes 0 present, 1 absent, 2 uncertain or not mentioned (the paper's Figure S1 groups them so)
+        to3 = lambda v: np.where(v == 1, 0, np.where(v == 0, 1, 2))
+        pred = np.array([[np.nan if results[r][n] is None else results[r][n] for n in names] for r in common], dtype=float)
+        gold = np.array([ref[r] for r in common], dtype=float)
+        rows, report = [], {"n": len(common), "labels": {}}
+        print(f"agreement with {args.reference or 'the manifest labels'} on {len(common)} reports "
+              "(confusion: rows reference, columns prediction; present / absent / uncertain-or-missing)")
+        print(f"{'label':36s} {'acc':>6s} {'F1':>6s} {'kappa':>6s}  confusion")
+        for c, name in enumerate(names):
+            p3, g3 = to3(pred[:, c]), to3(gold[:, c])
+            yp, yg = p3 == 0, g3 == 0
+            tp, fp, fn = int((yp & yg).sum()), int((yp & ~yg).sum()), int((~yp & yg).sum())
+            f1 = 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else float("nan")  # undefined without any positive, not 0
+            kappa = float(cohen_kappa_score(yg, yp)) if len(set(yg) | set(yp)) > 1 else float("nan")
+            cm = [[int(((g3 == i) & (p3 == j)).sum()) for j in range(3)] for i in range(3)]
+            m = {"accuracy": float((yp == yg).mean()), "f1": f1, "kappa": kappa, "confusion": cm}
+            report["labels"][name] = m
+            rows.append([name, len(common), int(yg.sum()), int(yp.sum()), *(f"{m[k]:.4f}" for k in ("accuracy", "f1", "kappa"))]
+                        + sum(cm, []))
+            print(f"{name:36s} {m['accuracy']:6.3f} {f1:6.3f} {kappa:6.3f}  {cm}")
+        for k in ("accuracy", "f1", "kappa"):
+            report[f"macro_{k}"] = float(np.nanmean([m[k] for m in report["labels"].values()]))
+        print(f"{'macro mean':36s} {report['macro_accuracy']:6.3f} {report['macro_f1']:6.3f} {report['macro_kappa']:6.3f}")
+        kinds = ["present", "absent", "other"]
+        write_csv(out / "agreement.csv", ["label", "n", "ref_present", "pred_present", "accuracy", "f1", "kappa"]
+                  + [f"ref_{a}_pred_{b}" for a in kinds for b in kinds], rows)
+        plain = lambda o: {k: plain(v) for k, v in o.items()} if isinstance(o, dict) else None if o != o else o
+        write_atomic(out / "agreement.json", json.dumps(plain(report), indent=2))  # undefined F1 / kappa -> null
+
+    # -----------------------------------------------------------------------------
+    # final summary
+
+    print(f"labelled {len(results)}/{len(ids)} reports -> {out / 'labels.csv'} | failures: {len(failures)} -> {out / 'failures.csv'}"
+          f" | {time.time() - t0:.1f} s")
+    print("".join(f"  failed {rid}: {failures[rid]}\n" for rid in list(failures)[:5]), end="")
+    if failures:
+        sys.exit(1)  # a partial label set must not pass silently in a pipeline; rerun to retry only these
+
+if __name__ == "__main__":
+    run_main(main)

