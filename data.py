@@ -483,7 +483,17 @@ DISTILL_LABELS = "out/distill/labels.csv"  # where distill.py writes labels, rea
 def make_demo(out_dir, n_train=200, n_valid=50, n_test=50, seed=0):
     """The synthetic demo set (demo.py holds the generator: it is not part of the recipe)."""
     from demo import make_demo as build
-    return build(out_dir, n_train=n_train, n_valid=n_valid, n_test=n_test, seed=seed)
+    build(out_dir, n_train=n_train, n_valid=n_valid, n_test=n_test, seed=seed)
+    preprocess_dataset(out_dir)  # the cache takes seconds here and makes every epoch much faster
+    return out_dir
+
+def training_defaults(path, stage):
+    """Training flags a data set recommends for a stage: dataset.json's {"train": {stage: {flag: value}}}
+    (the demo set's even before it is built). The scripts apply them under the command line and print them."""
+    if manifest_path(path).is_file():
+        return dataset_defaults(path).get("train", {}).get(stage, {})
+    from demo import DEMO_TRAIN
+    return DEMO_TRAIN.get(stage, {}) if str(path) == DEMO_DIR else {}
 
 def ensure_demo(path):
     """Build the demo set at `path` unless its manifest.csv exists; -> path."""

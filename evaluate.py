@@ -1,0 +1,387 @@
+"""
+Stage 4: zero-shot diagnosis with an aligned GreenRFM checkpoint, scored by ROC AUC.
+
+Reads:  an aligned checkpoint (--ckpt, default out/align/best.pt or out/align-lite/best.pt, from
+        align.py), a manifest with volumes and reports (--data, default the demo set) and optionally a
+        reference label CSV that replaces the manifest's labels (--labels, matched on id).
+Writes: --out (default out/eval): per_label.csv, summary.json (checkpoint, protocol, all metrics,
+        retrieval), roc.png when matplotlib is installed.
+
+Each label gets a positive and a negative prompt ("There is X." / "There is no X."); a volume's score
+is the softmax over the pair of raw dot products between its image latent and the two prompt latents.
+Protocol choices (DESIGN.md section 2), all stated in the output:
+- AUC per label with a 95% bootstrap interval (units resampled with replacement, percentile interval).
+  A label with one class has no AUC: undefined (never 0.5) and left out of every macro mean.
+- F1 / accuracy / precision: sklearn's support-weighted F1 and precision over each label's two classes
+  (as CT-CLIP reports them), at the threshold maximising Youden's J (tpr - fpr) on the ROC curve, picked
+  (a) on the evaluated set itself, as CT-CLIP does (optimistic), and (b) on --threshold-split.
+- Units: CT-RATE `valid_53_a_1` = patient 53, scan a, reconstruction 1. A unit's score is the mean of
+  its volumes' scores, its reference the max over its volumes (identical within a CT-RATE scan).
+- Retrieval: report -> volume Recall@K over all units of the split (latents averaged per unit, raw dot
+  products); a K larger than the number of units is undefined (null), not clipped.
+
+Examples:
+    # demo set on the CPU (built if missing), checkpoint from `python align.py`
+    python evaluate.py
+    # CT-RATE validation on one GPU, per scan, 18 classes, thresholds picked on train
+    python evaluate.py --device cuda --data data/ctrate --split valid --unit scan --protocol ctrate18 --threshold-split train
+    # external RAD-ChestCT, the 15 classes it can express
+    python evaluate.py --device cuda --data data/radchestct --labels rad_chestct_labels.csv --protocol radchestct15
+"""
+import argparse
+import csv
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy.stats import rankdata
+from sklearn.metrics import accuracy_score, f1_score, precision_score, roc_curve
+
+import data as D
+import model as M
+
+# -----------------------------------------------------------------------------
+# protocols and metrics: plain functions on arrays (the tests call them directly)
+
+PROTOCOLS = {  # label sets of published protocols, spelled like CT-RATE's CSV columns
+    "ctrate18": list(D.CHEST_CT_LABELS),
+    "ctrate16": [n for n in D.CHEST_CT_LABELS if n not in ("Medical material", "Lymphadenopathy")],
+    "radchestct15": [n for n in D.CHEST_CT_LABELS
+                     if n not in ("Medical material", "Lymphadenopathy", "Mosaic attenuation pattern")],
+}
+# split_patient_scan_reconstruction, optionally `_fixed` (CT-RATE v2) and .nii / .nii.gz
+CTRATE_NAME = re.compile(r"^([A-Za-z]+_\d+)_([A-Za-z]+)_\d+(?:_fixed)?(?:\.nii(?:\.gz)?)?$")
+KS = (1, 5, 10, 50, 100)
+
+
+def unit_keys(ids, unit):
+    """Grouping key of each volume: `valid_53_a_1` -> scan `valid_53_a`, patient `valid_53`."""
+    if unit == "volume":
+        return list(ids)
+    matches = [CTRATE_NAME.match(Path(i).name) for i in ids]
+    if not all(matches):
+        bad = next(i for i, m in zip(ids, matches) if not m)
+        print(f"note: id '{bad}' is not a CT-RATE name: --unit {unit} falls back to one unit per volume")
+        return list(ids)
+    return [f"{m[1]}_{m[2]}" if unit == "scan" else m[1] for m in matches]
+
+
+def unit_mean(inv, x):
+    """Average the rows of x (N, K) per unit; inv (N,) is each row's unit index -> (U, K)."""
+    out = np.zeros((inv.max() + 1, x.shape[1]))
+    np.add.at(out, inv, x)
+    return out / np.bincount(inv)[:, None]
+
+
+def unit_max(inv, y):
+    """Reference of a unit = max over its volumes, nan (no reference) ignored -> (U, C)."""
+    out = np.full((inv.max() + 1, y.shape[1]), np.nan)
+    np.fmax.at(out, inv, y)  # fmax skips nan, so a unit is nan only when all its volumes are
+    return out
+
+
+def _ci(values):
+    """95% percentile interval of the finite values; (nan, nan) if there are none."""
+    v = np.asarray(values, dtype=float)
+    v = v[np.isfinite(v)]
+    return tuple(np.percentile(v, [2.5, 97.5])) if v.size else (np.nan, np.nan)
+
+
+def fast_auc(y, scores):
+    """Per-label AUC by the Mann-Whitney rank sum -> (C,), nan where undefined. Ties get average ranks,
+    so it equals sklearn's AUC (per_label_auc), ~50x faster for all labels at once: what makes 1000
+    bootstrap resamples take seconds instead of minutes."""
+    ref = (y == 0) | (y == 1)  # (N, C) rows with a reference, per label
+    ranks = rankdata(np.where(ref, scores, np.nan), axis=0, nan_policy="omit")  # ranks among those rows
+    npos, nneg = (ref & (y == 1)).sum(0), (ref & (y == 0)).sum(0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        auc = (np.where(ref & (y == 1), ranks, 0).sum(0) - npos * (npos + 1) / 2) / (npos * nneg)
+    return np.where((npos > 0) & (nneg > 0), auc, np.nan)
+
+
+def bootstrap_auc(y, scores, n_boot=1000, seed=0):
+    """95% intervals of per-label and macro AUC over n_boot resamples of the units (with replacement).
+    A resample where a label has one class is skipped for that label; the macro interval comes from
+    the macro (mean over its defined labels) of each resample. -> (per-label [(lo, hi)], macro (lo, hi))"""
+    rng = np.random.default_rng(seed)
+    per = np.full((n_boot, y.shape[1]), np.nan)
+    for b in range(n_boot):
+        idx = rng.integers(0, len(y), len(y))  # N draws with replacement
+        per[b] = fast_auc(y[idx], scores[idx])
+    defined = np.isfinite(per).any(1)  # resamples with at least one defined label
+    macro = np.full(n_boot, np.nan)
+    macro[defined] = np.nanmean(per[defined], axis=1)
+    return [_ci(per[:, c]) for c in range(y.shape[1])], _ci(macro)
+
+
+def _has_ref(y, c):
+    return (y[:, c] == 0) | (y[:, c] == 1)  # -1 (uncertain) and nan carry no reference
+
+
+def youden_thresholds(y, scores):
+    """Per label, the threshold maximising Youden's J = tpr - fpr on the ROC curve; nan if undefined.
+    Predictions are score >= threshold (roc_curve's convention)."""
+    t = np.full(y.shape[1], np.nan)
+    for c in range(y.shape[1]):
+        keep = _has_ref(y, c)
+        if len(np.unique(y[keep, c])) == 2:
+            fpr, tpr, thr = roc_curve(y[keep, c], scores[keep, c])
+            t[c] = thr[np.argmax(tpr - fpr)]
+    return t
+
+
+def threshold_metrics(y, scores, thresholds):
+    """Per label {f1, acc, precision} of (score >= threshold) on the rows with a reference; None for a
+    label with one class in y or no threshold. F1 and precision are weighted over the two classes."""
+    rows = []
+    for c in range(y.shape[1]):
+        keep = _has_ref(y, c)
+        yc = y[keep, c]
+        if len(np.unique(yc)) < 2 or np.isnan(thresholds[c]):
+            rows.append(None)
+            continue
+        pred = (scores[keep, c] >= thresholds[c]).astype(float)
+        rows.append({"f1": f1_score(yc, pred, average="weighted", zero_division=0),
+                     "acc": accuracy_score(yc, pred),
+                     "precision": precision_score(yc, pred, average="weighted", zero_division=0)})
+    return rows
+
+
+def macro_of(rows, key):
+    """Mean of rows[i][key] over the defined labels; None if none is defined."""
+    vals = [r[key] for r in rows if r is not None]
+    return float(np.mean(vals)) if vals else None
+
+
+def recall_at_k(sim, ks=KS):
+    """sim (N, N): query i's match is candidate i. Recall@K = share of queries whose match is in the
+    top K (ties counted in the query's favour); K > N is undefined (None), not clipped to N."""
+    sim = np.asarray(sim)
+    rank = (sim > np.diag(sim)[:, None]).sum(1)  # (N,) candidates scoring above the true match
+    return {k: (float((rank < k).mean()) if k <= len(sim) else None) for k in ks}
+
+
+@torch.no_grad()
+def encode_split(model, tokenizer, loader, max_len, device):
+    """Image and report latents of every volume -> ids, img (N, 768), txt (N, 768). fp32 throughout:
+    evaluation is cheap next to training, and exact numbers are worth more here."""
+    ids, img, txt = [], [], []
+    for batch in loader:
+        tok = tokenizer(list(batch["report"]), padding=True, truncation=True, max_length=max_len,
+                        return_tensors="pt")
+        img.append(model.encode_image(batch["image"].to(device)).float().cpu())  # (B, 768)
+        txt.append(model.encode_text(tok["input_ids"].to(device),
+                                     tok["attention_mask"].to(device)).float().cpu())  # (B, 768)
+        ids += list(batch["id"])
+    return ids, torch.cat(img), torch.cat(txt)
+
+
+def _plain(x):
+    """JSON-safe copy: numpy scalars to float, nan/inf to null."""
+    if isinstance(x, dict):
+        return {str(k): _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    if isinstance(x, (float, np.floating)):
+        return float(x) if np.isfinite(x) else None
+    return x.item() if isinstance(x, np.generic) else x
+
+
+def _fmt(x, nd=3):
+    return "  -  " if x is None or not np.isfinite(x) else f"{x:.{nd}f}"
+
+
+def main():
+    # -----------------------------------------------------------------------------
+    # config
+    default_ckpt = "out/align/best.pt"
+    if not Path(default_ckpt).exists() and Path("out/align-lite/best.pt").exists():
+        default_ckpt = "out/align-lite/best.pt"
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("inputs")
+    g.add_argument("--ckpt", default=default_ckpt, help="aligned checkpoint (stage 'align'), loaded strictly")
+    g.add_argument("--data", default="data/demo", help="manifest CSV or folder with manifest.csv (demo built if missing)")
+    g.add_argument("--split", default=None, help="split to evaluate (default: 'test' if present, else 'valid')")
+    g.add_argument("--threshold-split", default="valid", help="split on which the second threshold set is picked ('none' to skip)")
+    g.add_argument("--labels", default=None, help="reference label CSV replacing the manifest's labels, matched on id")
+    g.add_argument("--preset", default=None, help="preprocessing preset (default: dataset.json's, else chest)")
+    g.add_argument("--cache", default=None, help="preprocessed cache folder (default <manifest folder>/cache-<preset>)")
+    g = p.add_argument_group("protocol")
+    g.add_argument("--protocol", default="all", choices=["all", *PROTOCOLS], help="label set: all labels of the checkpoint or a published one")
+    g.add_argument("--unit", default="volume", choices=["volume", "scan", "patient"], help="unit scored and counted (CT-RATE names)")
+    g.add_argument("--template", default="there_is", choices=list(M.PROMPT_TEMPLATES), help="prompt pair of the main table")
+    g.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% intervals (0 = none)")
+    g.add_argument("--seed", type=int, default=0, help="seed of the bootstrap")
+    g = p.add_argument_group("runtime")
+    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda, cuda:1, ...")
+    g.add_argument("--batch-size", type=int, default=8, help="volumes per forward pass")
+    g.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
+    g.add_argument("--max-len", type=int, default=None, help="token cap for reports and prompts (default: the checkpoint's)")
+    g.add_argument("--out", default="out/eval", help="output folder")
+    args = p.parse_args()
+
+    # -----------------------------------------------------------------------------
+    # setup: device, output folder (evaluation runs in one process, in fp32)
+    device = torch.device(args.device)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    # -----------------------------------------------------------------------------
+    # data: the evaluated split, its reference labels, the preset and cache
+    if args.data == "data/demo":
+        D.ensure_demo(args.data)
+    table = D.load_table(args.data)
+    preset = args.preset or D.dataset_defaults(args.data).get("preset") or "chest"  # dataset.json
+    cache = Path(args.cache or Path(table.source).parent / f"cache-{preset}")  # used where it exists
+    split = args.split or ("test" if "test" in table.splits else "valid")
+    thr_split = None if args.threshold_split in ("none", "", split) else args.threshold_split
+    if thr_split not in table.splits:
+        print(f"note: no second threshold split (--threshold-split {args.threshold_split}: "
+              f"{'the evaluated split itself' if args.threshold_split == split else 'absent or none'})")
+        thr_split = None
+    print(f"data {table.source}: split {split}, preset {preset}, unit {args.unit}, "
+          f"cache {cache if cache.is_dir() else 'none (volumes preprocessed on the fly)'}")
+
+    # -----------------------------------------------------------------------------
+    # model: strict load of an aligned checkpoint (anything else is one clear error line), prompts
+    model, ckpt = M.model_from_checkpoint(args.ckpt, stage="align")
+    model.to(device).eval()
+    text_cfg = ckpt["model_config"]["text"]
+    tokenizer = M.tokenizer_from_cfg(text_cfg)
+    max_len = args.max_len or text_cfg["max_len"]
+    ck_names = list(ckpt["label_names"])
+    names = ck_names if args.protocol == "all" else PROTOCOLS[args.protocol]
+    for n in names:
+        if n not in ck_names:
+            raise D.DataError(f"{args.ckpt}: label '{n}' of --protocol {args.protocol} is not among the checkpoint's labels")
+    ck_cols = [ck_names.index(n) for n in names]  # classifier outputs of the protocol's labels
+    print(f"checkpoint {args.ckpt}: stage {ckpt['stage']}, step {ckpt.get('step')}, "
+          f"{len(ck_names)} labels; protocol {args.protocol}: {len(names)} labels")
+
+    # every template's prompt latents are computed once, (C, 2, 768) each, not once per volume
+    prompts = {k: M.prompt_latents(model, tokenizer, names, k, max_len, device).cpu() for k in M.PROMPT_TEMPLATES}
+
+    # -----------------------------------------------------------------------------
+    # evaluation: zero-shot scores per unit, AUC + bootstrap, thresholds, retrieval
+    def split_scores(name, labels_required):
+        """Latents, zero-shot scores and references of one split, averaged per unit."""
+        t = table.subset(name)
+        if len(t) == 0:
+            raise D.DataError(f"{table.source}: no volumes in split '{name}' (splits: {sorted(set(table.splits))})")
+        if args.labels:
+            try:
+                t = t.with_labels(args.labels)
+            except D.DataError:
+                if labels_required:
+                    raise
+                print(f"note: {args.labels} does not cover split '{name}': its manifest labels are used")
+        for n in names:
+            if n not in t.label_names:
+                raise D.DataError(f"{args.labels or table.source}: no reference column '{n}' (try another --protocol)")
+        y = t.labels[:, [t.label_names.index(n) for n in names]]  # (N, C) 1/0/-1/nan
+        ds = D.VolumeReportDataset(t, preset, train=False, cache_dir=cache)  # eval = center crop
+        loader = torch.utils.data.DataLoader(ds, batch_size=args.batch_size, num_workers=args.workers)
+        ids, img, txt = encode_split(model, tokenizer, loader, max_len, device)
+        with torch.no_grad():  # the shared classifier read directly: sigmoid(W img + b), (N, C)
+            clf = torch.sigmoid(model.classifier(img.to(device))).cpu()[:, ck_cols].numpy()
+        scores = {k: M.zero_shot_scores(img, P).numpy() for k, P in prompts.items()}  # (N, C) each
+        scores["ensemble"] = np.mean([scores[k] for k in M.PROMPT_TEMPLATES], axis=0)
+        scores["classifier"] = clf
+        units, inv = np.unique(unit_keys(ids, args.unit), return_inverse=True)
+        return {"n_volumes": len(ids), "units": list(units), "y": unit_max(inv, y),
+                "scores": {k: unit_mean(inv, s) for k, s in scores.items()},
+                "img": unit_mean(inv, img.numpy()), "txt": unit_mean(inv, txt.numpy())}
+
+    ev = split_scores(split, labels_required=True)
+    y, s = ev["y"], ev["scores"][args.template]  # (U, C) each
+    aucs, macro = M.per_label_auc(y, s)
+    ci, macro_ci = bootstrap_auc(y, s, args.bootstrap, args.seed) if args.bootstrap else (
+        [(np.nan, np.nan)] * len(names), (np.nan, np.nan))
+    thr_self = youden_thresholds(y, s)  # CT-CLIP: picked on the evaluated set itself
+    m_self = threshold_metrics(y, s, thr_self)
+    thr_other = np.full(len(names), np.nan)
+    if thr_split:  # the same rule on another split, then applied to the evaluated one
+        tv = split_scores(thr_split, labels_required=False)
+        thr_other = youden_thresholds(tv["y"], tv["scores"][args.template])
+    m_other = threshold_metrics(y, s, thr_other)
+    by_score = {k: M.per_label_auc(y, v) for k, v in ev["scores"].items()}  # k -> (aucs, macro)
+    retrieval = recall_at_k(ev["txt"] @ ev["img"].T)  # (U, U): report latent vs every image latent
+
+    # -----------------------------------------------------------------------------
+    # summary: the table, per_label.csv, summary.json, roc.png
+    rows = []  # one dict per label: the table's row, per_label.csv's row and summary.json's entry
+    for c, n in enumerate(names):
+        keep = _has_ref(y, c)
+        r = {"label": n, "n_pos": int((y[keep, c] == 1).sum()), "n_neg": int((y[keep, c] == 0).sum()),
+             "auc": aucs[c], "auc_lo": ci[c][0], "auc_hi": ci[c][1]}
+        for tag, thr, m in (("self", thr_self, m_self), ("split", thr_other, m_other)):
+            r[f"threshold_{tag}"] = thr[c]
+            r.update({f"{k}_{tag}": (m[c] or {}).get(k) for k in ("f1", "acc", "precision")})
+        r.update({f"auc_{k}": by_score[k][0][c] for k in ("ensemble", "classifier")})
+        rows.append(r)
+    # macro row: each metric averaged over the labels where it is defined (never a 0.5 stand-in)
+    mac = {"auc": macro, "auc_lo": macro_ci[0], "auc_hi": macro_ci[1],
+           **{f"{k}_{tag}": macro_of(m, k) for tag, m in (("self", m_self), ("split", m_other))
+              for k in ("f1", "acc", "precision")},
+           **{f"auc_{k}": by_score[k][1] for k in ("ensemble", "classifier")}}
+    print(f"\n{len(ev['units'])} {args.unit}s ({ev['n_volumes']} volumes) of split '{split}', template "
+          f"{args.template}; thresholds: Youden's J on '{split}' itself (CT-CLIP, optimistic) | on '{thr_split}'")
+    print(f"{'label':34s} {'n+':>5s} {'n-':>5s}  {'AUC [95% CI]':21s} {'F1/acc/prec (self)':20s} "
+          f"{'F1/acc/prec (split)':20s} {'ens':>5s} {'clf':>5s}")
+    for r in rows + [{"label": "macro (defined labels)", "n_pos": None, "n_neg": None, **mac}]:
+        trip = ["/".join(_fmt(r[f"{k}_{t}"], 2) for k in ("f1", "acc", "precision")) for t in ("self", "split")]
+        npos, nneg = ("", "") if r["n_pos"] is None else (r["n_pos"], r["n_neg"])
+        print(f"{r['label'][:34]:34s} {npos:>5} {nneg:>5}  {_fmt(r['auc'])} [{_fmt(r['auc_lo'])}, "
+              f"{_fmt(r['auc_hi'])}]  {trip[0]:20s} {trip[1]:20s} {_fmt(r['auc_ensemble'])} {_fmt(r['auc_classifier'])}")
+    undefined = [n for n, a in zip(names, aucs) if a is None]
+    if undefined:
+        print(f"undefined (one class in '{split}', left out of every macro): {', '.join(undefined)}")
+    print("macro AUC per template: " + ", ".join(f"{k} {_fmt(by_score[k][1])}" for k in by_score))
+    print("report->volume recall@K (" + f"{len(ev['units'])} {args.unit}s, K > N undefined): "
+          + ", ".join(f"R@{k} {_fmt(v)}" for k, v in retrieval.items()))
+
+    with open(out / "per_label.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        for r in rows + [{"label": "macro", **mac}]:
+            w.writerow({k: "" if v is None or (isinstance(v, float) and not np.isfinite(v)) else v
+                        for k, v in r.items() if k in rows[0]})
+    # summary.json: enough to quote a number honestly (which checkpoint, labels, unit, template, rules)
+    summary = {
+        "checkpoint": {"path": str(args.ckpt), **{k: ckpt.get(k) for k in ("stage", "step", "epoch", "best_metric", "args")}},
+        "data": table.source, "split": split, "threshold_split": thr_split, "preset": preset,
+        "labels_csv": args.labels, "protocol": args.protocol, "labels": names, "unit": args.unit,
+        "template": args.template, "n_volumes": ev["n_volumes"], "n_units": len(ev["units"]),
+        "threshold_rule": "max Youden's J (tpr - fpr) on the ROC curve, predict score >= threshold; *_self: "
+                          "picked on the evaluated split itself (CT-CLIP protocol, optimistic); *_split: on threshold_split",
+        "f1_precision": "sklearn weighted average over each label's two classes",
+        "bootstrap": {"n": args.bootstrap, "seed": args.seed, "interval": "95% percentile"},
+        "macro": mac, "per_label": rows, "undefined_labels": undefined,
+        "macro_auc_by_score": {k: v[1] for k, v in by_score.items()},
+        "retrieval": {"direction": "report->volume", "n": len(ev["units"]), "unit": args.unit,
+                      "k_larger_than_n": "undefined (null)", **{f"recall@{k}": v for k, v in retrieval.items()}},
+    }
+    (out / "summary.json").write_text(json.dumps(_plain(summary), indent=2))
+    try:  # optional dependency: the numbers above never depend on it
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        fig, ax = plt.subplots(figsize=(6, 6))
+        for c, n in enumerate(names):
+            if aucs[c] is not None:
+                keep = _has_ref(y, c)
+                fpr, tpr, _ = roc_curve(y[keep, c], s[keep, c])
+                ax.plot(fpr, tpr, lw=1, label=f"{n} ({aucs[c]:.2f})")
+        ax.plot([0, 1], [0, 1], "k--", lw=0.5)
+        ax.set(xlabel="false positive rate", ylabel="true positive rate", title=f"zero-shot ROC ({args.template})")
+        ax.legend(fontsize=5)
+        fig.savefig(out / "roc.png", dpi=150)
+    except ImportError:
+        print("note: matplotlib is not installed: roc.png skipped")
+    print(f"wrote {out / 'per_label.csv'} and {out / 'summary.json'}")
+
+
+if __name__ == "__main__":
+    D.run_main(main)

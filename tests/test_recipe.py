@@ -1,0 +1,68 @@
+"""The whole recipe through subprocess at toy size, in a fresh working folder, each stage finding the
+previous stage's files at their default paths: demo -> distill (rules) -> pretrain_vision --lite ->
+pretrain_text -> align --lite -> evaluate."""
+import json
+import os
+import subprocess
+import sys
+
+import torch
+
+from conftest import ROOT
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+TOY = ["--epochs", "1", "--batch-size", "5", "--workers", "0"]
+
+
+def run(cwd, script, *args, ok=True):
+    r = subprocess.run([sys.executable, str(ROOT / script), *args], cwd=cwd, env=ENV, capture_output=True, text=True, timeout=900)
+    if ok:
+        assert r.returncode == 0, f"{script} {args}:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+    assert "Traceback" not in r.stderr, r.stderr[-3000:]
+    return r
+
+
+def test_whole_recipe_at_toy_size(tmp_path):
+    run(tmp_path, "data.py", "demo", "--out", "data/demo", "--n-train", "20", "--n-valid", "10", "--n-test", "10")
+
+    r = run(tmp_path, "distill.py", "--backend", "rules")
+    assert (tmp_path / "out/distill/labels.csv").is_file() and "agreement" in r.stdout
+
+    r = run(tmp_path, "pretrain_vision.py", "--lite", *TOY)
+    assert "labels: out/distill/labels.csv" in r.stdout  # stage 1 reads the distilled labels by default
+    r = run(tmp_path, "pretrain_text.py", "--max-len", "256", *TOY)
+    assert "labels: out/distill/labels.csv" in r.stdout
+
+    # align finds both stage-1 checkpoints at their default paths and copies them in.
+    r = run(tmp_path, "align.py", "--lite", *TOY)
+    assert "loaded vision encoder: out/vision-lite/best.pt" in r.stdout
+    assert "loaded text encoder: out/text/best.pt" in r.stdout
+    assert "WARNING" not in r.stdout
+    assert "zero-shot AUC, validation split" in r.stdout
+    aligned = torch.load(tmp_path / "out/align-lite/best.pt", weights_only=True)
+    vision = torch.load(tmp_path / "out/vision-lite/best.pt", weights_only=True)
+    assert aligned["stage"] == "align" and aligned["model_config"]["vision"]["stem"] == 4
+    # The aligned model started from the stage-1 weights: the stem moved only a little at lr 1e-5.
+    delta = (aligned["model"]["vision.stem.0.weight"] - vision["model"]["encoder.stem.0.weight"]).abs().max()
+    assert delta < 1e-2
+
+    r = run(tmp_path, "evaluate.py", "--bootstrap", "50")
+    summary = json.loads((tmp_path / "out/eval/summary.json").read_text())
+    assert "align-lite" in json.dumps(summary)  # it evaluated the checkpoint align.py just wrote
+    assert (tmp_path / "out/eval/per_label.csv").is_file()
+
+
+def test_align_without_stage1_warns_and_trains(tmp_path):
+    run(tmp_path, "data.py", "demo", "--out", "data/demo", "--n-train", "10", "--n-valid", "5", "--n-test", "5")
+    r = run(tmp_path, "align.py", "--lite", *TOY)
+    assert "WARNING: no vision checkpoint at out/vision-lite/best.pt" in r.stdout
+    assert "WARNING: no text checkpoint at out/text/best.pt" in r.stdout
+    assert (tmp_path / "out/align-lite/best.pt").is_file()
+
+
+def test_align_refuses_a_checkpoint_of_another_stage(tmp_path):
+    run(tmp_path, "data.py", "demo", "--out", "data/demo", "--n-train", "10", "--n-valid", "5", "--n-test", "5")
+    run(tmp_path, "pretrain_text.py", "--max-len", "128", *TOY)
+    r = run(tmp_path, "align.py", "--lite", "--vision-ckpt", "out/text/best.pt", *TOY, ok=False)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
+    assert "out/text/best.pt" in r.stderr and "vision" in r.stderr
