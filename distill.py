@@ -36,7 +36,8 @@ import requests
 from sklearn.metrics import cohen_kappa_score
 from tqdm import tqdm
 
-from data import DataError, resolve_label_set, load_table, ensure_demo, read_labels, run_main, CHEST_CT_LABELS
+from data import (CHEST_CT_SYNONYMS, DataError, ensure_demo, load_table, read_labels, resolve_label_set,
+                  run_main)
 
 # -----------------------------------------------------------------------------
 # config
@@ -113,36 +114,6 @@ def parse_answer(text, names):
 # -----------------------------------------------------------------------------
 # the rules backend: label names + synonyms found sentence by sentence, NegEx-style cues around each mention
 
-SYNONYMS = {  # chest_ct; phrases are plain words, "word*" = any ending, "..." = up to twelve words between
-    "Medical material": ["medical material", "catheter*", "port", "stent*", "pacemaker*", "sternotomy", "sternal wire*", "suture*",
-                         "surgical clip*", "surgical material*", "prosthe*", "breast implant*", "cardiac device*", "cabg", "acbg",
-                         "endotracheal tube*", "chest tube*", "nasogastric tube*", "tracheostomy", "drain", "metallic density"],
-    "Arterial wall calcification": ["aortic calcification*", "atherosclero*", "atheroma*", "calcified plaque*", "calcific ... plaque*",
-                                    "vascular calcification*", "arterial calcification*", "arterial wall calcification*", "calcif* ... aort*",
-                                    "aort* ... calcif*"],
-    "Cardiomegaly": ["cardiomegaly", "enlarged heart", "enlargement of the heart", "heart is enlarged", "cardiac enlargement", "heart size increased", "heart is larger",
-                     "heart size is increased", "increased heart size", "cardiothoracic ... increase*", "increase* ... cardiothoracic",
-                     "ctr increase*"],
-    "Pericardial effusion": ["pericardial effusion*", "pericardial fluid", "effusion ... pericardi*", "fluid ... pericardi*"],
-    "Coronary artery wall calcification": ["coronary ... calcif*", "coronary ... atheroma*", "coronary ... plaque*", "calcif* ... coronary",
-                                           "atheroma* ... coronary", "atherosclero* ... coronary", "plaque* ... coronary"],
-    "Hiatal hernia": ["hiatal hernia*", "hiatus hernia*"],
-    "Lymphadenopathy": ["lymphadenopath*", "enlarged ... lymph node*", "lymph node* ... enlarged", "pathological ... lymph node*",
-                        "lymph node enlargement*", "conglomerate* ... lymph node*"],
-    "Emphysema": ["emphysema*", "bulla*", "bullous", "bleb*"],
-    "Atelectasis": ["atelecta*", "fibroatelecta*"],
-    "Lung nodule": ["nodule*", "micronodule*", "nodular lesion*", "nodular opacit*", "nodular densit*"],
-    "Lung opacity": ["opacit*", "ground glass", "density increase*", "increased density", "infiltrat*"],
-    "Pulmonary fibrotic sequela": ["fibro*", "sequela*", "scar*", "parenchymal band*"],
-    "Pleural effusion": ["pleural effusion*", "pleural fluid", "effusion in the pleural*"],
-    "Mosaic attenuation pattern": ["mosaic*", "air trapping"],
-    "Peribronchial thickening": ["peribronchial ... thick*", "bronchial wall* ... thick*", "peribronchovascular ... thick*",
-                                 "thick* ... peribronchial", "thick* ... bronchial wall*"],
-    "Consolidation": ["consolidat*"],
-    "Bronchiectasis": ["bronchiecta*"],
-    "Interlobular septal thickening": ["septal thick*", "interlobular sept* ... thick*", "thick* ... interlobular sept*", "crazy paving"],
-}
-assert set(SYNONYMS) == set(CHEST_CT_LABELS)  # spelled exactly as data.py spells the label set
 # NegEx-style cues (Chapman et al. 2001): a pre-cue within a few words before the mention, a post-cue a few words after.
 PRE_NEG = re.compile(r"\b(no|not|without|absence of|negative for|free of|neither|nor|rule out|ruled out)\b")
 POST_NEG = re.compile(r"\b((is|are|was|were|has been|have been)\s+not\s+(seen|observed|detected|identified|noted|present|visualized)"
@@ -276,7 +247,7 @@ def main():
     results, failures = {}, {rid: "empty report" for rid, text in zip(ids, texts) if not text.strip()}
     todo = [(rid, text) for rid, text in zip(ids, texts) if rid not in failures]
     if args.backend == "rules":
-        patterns = {n: [phrase_regex(s) for s in [n] + SYNONYMS.get(n, []) + defs[n][1]] for n in names}
+        patterns = {n: [phrase_regex(s) for s in [n] + CHEST_CT_SYNONYMS.get(n, []) + defs[n][1]] for n in names}
         for rid, text in tqdm(todo, desc="rules", unit="report", disable=len(todo) < 1000):
             results[rid] = rules_label(text, patterns)
     else:

@@ -396,7 +396,6 @@ def load_encoder_from_stage1(model, ckpt, part=None, where=None):
 
 # -----------------------------------------------------------------------------
 # Zero-shot pieces (shared by align.py's validation and evaluate.py)
-# Needs `import numpy as np` and `import torch` at the top of model.py; sklearn is imported lazily.
 
 # Prompt pairs (positive, negative) per template; "{x}" is the label name, lowercased, "_" -> " ".
 # "there_is" is the default; "present" is the CT-CLIP protocol.
@@ -414,7 +413,6 @@ def per_label_auc(y, scores):
     (those rows are ignored for that label); scores (N, C). A label with one class (or none)
     has no AUC: None, left out of the macro mean (never 0.5). Returns (aucs, macro or None)."""
     from sklearn.metrics import roc_auc_score  # lazy: training scripts need no sklearn import
-
     y, scores = np.asarray(y, dtype=np.float64), np.asarray(scores, dtype=np.float64)
     aucs = []
     for c in range(y.shape[1]):

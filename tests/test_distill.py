@@ -17,6 +17,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+import data  # noqa: E402
 import distill  # noqa: E402
 
 KEY = "sk-test-SECRET123"
@@ -175,8 +176,8 @@ def test_schema_and_prompt():
 # the rules backend
 
 def rules(text, names=None):
-    names = names or distill.CHEST_CT_LABELS
-    pats = {n: [distill.phrase_regex(s) for s in [n] + distill.SYNONYMS.get(n, [])] for n in names}
+    names = names or data.CHEST_CT_LABELS
+    pats = {n: [distill.phrase_regex(s) for s in [n] + data.CHEST_CT_SYNONYMS.get(n, [])] for n in names}
     return distill.rules_label(text, pats)
 
 @pytest.mark.parametrize("text, label, want", [
