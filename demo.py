@@ -22,7 +22,9 @@ from data import CHEST_CT_LABELS
 # Training flags the demo set recommends (written to its dataset.json; the stage scripts apply them under
 # the command line and print them). The paper's defaults are tuned for CT-RATE's 47,149 volumes, about 23,000
 # steps; the demo has 200 training volumes, 20 steps an epoch, so it needs a higher learning rate and more epochs.
-DEMO_TRAIN = {"vision": {}, "vision-lite": {}, "text": {}, "align": {}, "align-lite": {}}
+# Measured on 2 CPU cores: the scratch text encoder reaches validation macro AUC 0.82 with these (0.72 with the
+# paper's 1e-4 x 5 epochs) in about a minute. The vision and alignment stages keep the paper's flags for now.
+DEMO_TRAIN = {"text": {"lr": 1e-3, "epochs": 15}}
 
 # A phantom is built in mm around the volume centre: r = towards the patient's right (RAS +x), a = anterior,
 # z = superior. Everything fits the demo crop (224 mm in-plane, 192 mm along z) after resampling to 4x4x8 mm.
