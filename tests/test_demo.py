@@ -58,7 +58,9 @@ def test_files_manifest_and_headers(small):
         assert next(csv.reader(fh)) == ["id", "image", "report", "split"] + LABELS
     assert [r["split"] for r in rows] == ["train"] * 12 + ["valid"] * 4 + ["test"] * 4
     assert len({r["id"] for r in rows}) == 20 and all(re.fullmatch(r"demo_(train|valid|test)_\d{4}", r["id"]) for r in rows)
-    assert json.loads((small / "dataset.json").read_text()) == {"preset": "demo", "text_model": "scratch", "n": 20, "seed": 0}
+    info = json.loads((small / "dataset.json").read_text())
+    assert {k: info[k] for k in ("preset", "text_model", "n", "seed")} == {"preset": "demo", "text_model": "scratch", "n": 20, "seed": 0}
+    assert set(info) <= {"preset", "text_model", "n", "seed", "train"}  # "train": flags the stage scripts may apply
     codes, affines = set(), set()
     for r in rows:
         assert r["image"] == f"volumes/{r['id']}.nii.gz" and all(r[k] in ("1", "0", "-1", "") for k in LABELS)
