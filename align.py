@@ -126,9 +126,7 @@ def main():
     if ddp:
         dist.barrier()  # the other ranks wait until rank 0 has built the demo set
     table = D.load_table(args.data)
-    labels_path = args.labels or (D.DISTILL_LABELS if Path(D.DISTILL_LABELS).exists() else None)
-    if labels_path:
-        table = table.with_labels(labels_path)
+    table, labels_used = D.pick_labels(table, args.labels)  # --labels, else distill.py's, else the manifest's
     preset = args.preset or D.dataset_defaults(args.data).get("preset", "chest")
     cache = args.cache or Path(table.source).parent / f"cache-{preset}"
     train_t, valid_t = table.subset("train"), table.subset("valid")
@@ -136,7 +134,7 @@ def main():
         raise D.DataError(f"{table.source}: {len(train_t)} training pairs, fewer than one batch of {args.batch_size}")
     log(f"data: {table.source} ({len(train_t)} train / {len(valid_t)} valid pairs), preset {preset}, "
         f"cache {cache if Path(cache).exists() else 'none (reading NIfTI)'}")
-    log(f"labels: {labels_path or 'the manifest label columns'} ({len(table.label_names)} labels)")
+    log(f"labels: {labels_used} ({len(table.label_names)} labels)")
     train_ds = D.VolumeReportDataset(train_t, preset, train=True, cache_dir=cache, seed=args.seed, uncertain=args.uncertain)
     valid_ds = D.VolumeReportDataset(valid_t, preset, train=False, cache_dir=cache, uncertain=args.uncertain)
     # One sampler for every case: with a single process it is a seeded shuffle, under torchrun each

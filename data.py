@@ -519,6 +519,18 @@ def make_demo(out_dir, n_train=200, n_valid=50, n_test=50, seed=0):
     preprocess_dataset(out_dir)  # the cache takes seconds here and makes every epoch much faster
     return out_dir
 
+def pick_labels(table, path=None):
+    """The labels a stage trains on: `path` when given (it must cover every id), else distill.py's output
+    when it covers this data set, else the manifest's own columns. -> (table, what was used, for the log)."""
+    if path:
+        return table.with_labels(path), str(path)
+    if Path(DISTILL_LABELS).is_file():
+        try:
+            return table.with_labels(DISTILL_LABELS), DISTILL_LABELS
+        except DataError as e:  # labels of another data set: say so, and use the manifest's own
+            return table, f"the manifest label columns (not {DISTILL_LABELS}: {e})"
+    return table, "the manifest label columns"
+
 def training_defaults(path, stage):
     """Training flags a data set recommends for a stage: dataset.json's {"train": {stage: {flag: value}}}
     (the demo set's even before it is built). The scripts apply them under the command line and print them."""

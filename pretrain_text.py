@@ -113,14 +113,12 @@ def main():
     if ddp:
         dist.barrier()  # the other ranks wait until rank 0 has built the demo set
     table = D.load_table(args.data)
-    labels_path = args.labels or (D.DISTILL_LABELS if Path(D.DISTILL_LABELS).exists() else None)
-    if labels_path:
-        table = table.with_labels(labels_path)
+    table, labels_used = D.pick_labels(table, args.labels)  # --labels, else distill.py's, else the manifest's
     train_t, valid_t = table.subset("train"), table.subset("valid")
     if len(train_t) < args.batch_size:
         raise D.DataError(f"{table.source}: {len(train_t)} training volumes, fewer than one batch of {args.batch_size}")
     log(f"data: {table.source} ({len(train_t)} train / {len(valid_t)} valid reports)")
-    log(f"labels: {labels_path or 'the manifest label columns'} ({len(table.label_names)} labels)")
+    log(f"labels: {labels_used} ({len(table.label_names)} labels)")
     train_ds = D.VolumeReportDataset(train_t, None, train=True, images=False, seed=args.seed, uncertain=args.uncertain)
     valid_ds = D.VolumeReportDataset(valid_t, None, train=False, images=False, uncertain=args.uncertain)
     # One sampler for every case: with a single process it is a seeded shuffle, under torchrun each

@@ -86,3 +86,14 @@ def test_bad_batch_size_is_one_line(tmp_path, tiny):
              "--batch-size", "100", "--workers", "0"], cwd=tmp_path, ok=False)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "fewer than one batch" in r.stderr
+
+
+def test_labels_of_another_data_set(tmp_path, tiny):
+    """Default distill labels for other reports are not used (and it says so); given with --labels, they are an error."""
+    (tmp_path / "out" / "distill").mkdir(parents=True)
+    (tmp_path / "out" / "distill" / "labels.csv").write_text("id,Emphysema\nsomeone_else,1\n")
+    args = [str(ROOT / "pretrain_text.py"), "--data", str(tiny), "--out", str(tmp_path / "o"), "--max-len", "128", *TOY]
+    r = run(args, cwd=tmp_path)
+    assert "labels: the manifest label columns (not out/distill/labels.csv" in r.stdout
+    r = run([*args, "--labels", "out/distill/labels.csv"], cwd=tmp_path, ok=False)
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "labels.csv" in r.stderr
