@@ -64,6 +64,8 @@ def get_args(argv=None):
     g.add_argument("--timeout", type=float, default=120.0, help="seconds per HTTP request")
     g.add_argument("--max-retries", type=int, default=5, help="retries on 429 / 5xx / connection error / timeout")
     g.add_argument("--backoff", type=float, default=1.0, help="first backoff in seconds; doubles per retry, with jitter")
+    g.add_argument("--response-format", default="json_schema", choices=["json_schema", "json_object", "none"],
+                   help="how JSON is requested (json_object: llama-cpp-python's form); a refused form is downgraded once")
     g.add_argument("--max-fixes", type=int, default=2, help="re-asks when an answer fails validation (error fed back)")
     return p.parse_args(argv)
 
@@ -86,10 +88,13 @@ def system_prompt(names, defs):
             "Findings:\n" + "\n".join(lines) +
             "\nAnswer with one JSON object whose keys are the finding names exactly as written above, and nothing else.")
 
-def response_schema(names):
-    # Servers that support structured output (vLLM, llama.cpp, OpenAI) then cannot emit an invalid answer.
+def response_schema(names, kind="json_schema"):
+    # Servers that support structured output then cannot emit an invalid answer. OpenAI and vLLM take the
+    # "json_schema" form; llama-cpp-python's server refuses it (HTTP 500) but takes "json_object" + "schema".
     prop = {"type": "string", "enum": list(VALUES)}
     schema = {"type": "object", "properties": {n: prop for n in names}, "required": names, "additionalProperties": False}
+    if kind == "json_object":
+        return {"type": "json_object", "schema": schema}
     return {"type": "json_schema", "json_schema": {"name": "labels", "strict": True, "schema": schema}}
 
 def parse_answer(text, names):
@@ -157,6 +162,9 @@ def rules_label(text, patterns):
 
 class Failed(Exception):
     """A report that could not be labelled; the message is the reason written to failures.csv."""
+    def __init__(self, message, format_refused=False):
+        super().__init__(message)
+        self.format_refused = format_refused  # the server rejected the request's response_format
 
 API_KEY = os.environ.get("OPENAI_API_KEY", "")
 redact = lambda s: s.replace(API_KEY, "[REDACTED]") if API_KEY else s  # servers may echo headers in error text
@@ -171,7 +179,9 @@ def post(url, headers, body, args):
             r = local.session.post(url, headers=headers, json=body, timeout=args.timeout)
             if r.status_code == 200:
                 return r.json()  # a body that is not JSON fails this report, with the decoder's message as reason
-            err = f"HTTP {r.status_code}: {r.text[:200]!r}"
+            err = f"HTTP {r.status_code}: {redact(r.text)[:200]!r}"  # redact first: a cut key would not match
+            if r.status_code != 429 and "response_format" in r.text and body.get("response_format"):
+                raise Failed(err, format_refused=True)  # the same request will be refused again: no retries
             if r.status_code != 429 and r.status_code < 500:
                 raise Failed(err)  # 400/401/404: retrying cannot help
             wait = float(r.headers["Retry-After"]) if r.headers.get("Retry-After", "").replace(".", "").isdigit() else None
@@ -259,7 +269,9 @@ def main():
         system = system_prompt(names, defs)
         version = f"{PROMPT_VERSION}-{hashlib.sha256(system.encode()).hexdigest()[:8]}"
         body = lambda messages: {"model": args.model, "messages": messages, "temperature": args.temperature,
-                                 "max_tokens": args.max_tokens, "response_format": response_schema(names)}
+                                 "max_tokens": args.max_tokens} | (
+            {"response_format": response_schema(names, fmt[0])} if fmt[0] != "none" else {})
+        fmt = [args.response_format]  # shared by the worker threads; downgraded once if the server refuses it
         if args.dry_run:
             if not todo:
                 raise DataError("no non-empty report to show a request for")
@@ -289,7 +301,18 @@ def main():
         def label_one(rid, text):
             messages = [{"role": "system", "content": system}, {"role": "user", "content": text}]
             for fix in range(args.max_fixes + 1):
-                resp = post(url, headers, body(messages), args)
+                while True:
+                    used = fmt[0]
+                    try:
+                        resp = post(url, headers, body(messages), args)
+                        break
+                    except Failed as e:  # the server refuses this response_format: everyone moves to the next form
+                        if not e.format_refused or used == "none":
+                            raise
+                        with lock:
+                            if fmt[0] == used:  # another thread may have downgraded already
+                                fmt[0] = {"json_schema": "json_object", "json_object": "none"}[used]
+                                tqdm.write(f"note: the server refused response_format {used!r}; now using {fmt[0]!r}")
                 with lock:
                     tokens[0] += int((resp.get("usage") or {}).get("total_tokens") or 0)
                 try:

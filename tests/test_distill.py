@@ -73,6 +73,11 @@ class FakeServer:
             self.counts[rid] += 1
             attempt = self.counts[rid]
         fixed = any(m["role"] == "assistant" for m in body["messages"])  # the validation error was fed back
+        if rid.startswith("llamacpp"):  # llama-cpp-python's server: json_object + schema only (HTTP 500 otherwise)
+            rf = body.get("response_format", {})
+            if rf.get("type") == "json_schema":
+                return 500, "response_format.type: Input should be 'text' or 'json_object'", {}
+            return 200, valid(self.names), {}
         if rid.startswith("ok"):
             return 200, valid(self.names), {}
         if rid.startswith("fence"):  # a server that ignores response_format: fences and prose
@@ -346,6 +351,19 @@ def test_real_llama_cpp(tmp_path):
         out = tmp_path / "out/distill"
         done = [row["id"] for row in read_csv(out / "labels.csv")] + [row["id"] for row in read_csv(out / "failures.csv")]
         assert sorted(done) == ["r1", "r2"], r.stdout + r.stderr
+        assert r.returncode == 0 and len(read_csv(out / "labels.csv")) == 2, r.stdout + r.stderr  # labelled, not failed
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_refused_response_format_is_downgraded_once(server, tmp_path, run_here):
+    """A server that refuses the json_schema form (llama-cpp-python's) gets json_object + schema, without retry storms."""
+    ids = [f"llamacpp{i}" for i in range(6)]
+    write_reports(tmp_path / "r.csv", ids)
+    code, out, err = run_here(["--reports", tmp_path / "r.csv", "--labels", labels_file(tmp_path), "--api-base", server.url,
+                               "--model", "m", "--concurrency", 3, "--backoff", 0.01])
+    assert code == 0, out + err
+    assert sorted(r["id"] for r in read_csv(tmp_path / "out/distill/labels.csv")) == sorted(ids)
+    assert sum(server.counts.values()) <= len(ids) + 3  # at most one refused request per thread, no backoff retries
+    assert "now using 'json_object'" in out + err
