@@ -52,6 +52,8 @@ DEMO_OTHER = ["Trachea and both main bronchi are patent.", "Thyroid gland is unr
               "The esophagus is of normal caliber.", "Pulmonary arteries are of normal caliber.",
               "Both adrenal glands are normal.", "Axillary regions are unremarkable.", "Comparison: none.",
               "Bone structures show no acute fracture."]
+# Findings are sized to show at the demo's 4x4x8 mm voxels (a plaque or nodule a few voxels across), larger
+# than typical in patients.
 # Lung ellipsoids (centre, semi-axes) in mm: right lung first.
 DEMO_LUNGS = (((48, -5, 0), (38, 58, 85)), ((-50, -5, -5), (35, 56, 80)))
 
@@ -91,14 +93,14 @@ def _phantom(g, rng, f):
     v[_ell(g, (0, 0, 0), (bw - 12, bh - 10, np.inf))] = 40
     v[(np.abs(g["r"] + 5) < 45) & (g["a"] > -45) & (g["a"] < bh - 14) & (g["z"] > -95)] = -90  # mediastinal fat
     if "Lymphadenopathy" in f:  # enlarged nodes in the mediastinal fat (paratracheal, subcarinal, AP window)
-        sites, rad = [(15, 10, 65), (0, -5, 42), (-15, 8, 52), (10, -10, 30)], U(8, 13, 4) * f["Lymphadenopathy"]
-        for i in rng.permutation(4)[:rng.integers(2, 5)]:
+        sites, rad = [(15, 10, 65), (0, -5, 42), (-15, 8, 52), (10, -10, 30)], U(11, 16, 4) * f["Lymphadenopathy"]
+        for i in rng.permutation(4)[:rng.integers(3, 5)]:
             v[_ell(g, sites[i], (rad[i], rad[i], 1.4 * rad[i]))] = 45
         det["Lymphadenopathy"] = f" with nodes up to {round(2 * rad.max())} mm"
     # Heart (optionally enlarged, optionally with fluid around it) and aorta are carved out of the lungs,
     # so nothing drawn in the lungs is painted over later.
     hc, hs = (-12, 22, -42), np.array([42, 35, 38]) * U(0.95, 1.05) * (1 + 0.35 * f.get("Cardiomegaly", 0))
-    t = U(10, 15) * f.get("Pericardial effusion", 0)
+    t = U(13, 18) * f.get("Pericardial effusion", 0)
     aorta_path = np.array([(10, 25, -15), (10, 25, 45), (0, 8, 68), (-22, -20, 60), (-25, -28, 30), (-25, -28, -110)])
     aorta, k = _tube(g, aorta_path, 13), U(0.95, 1.03)
     free = ~(_ell(g, hc, hs + t) | aorta)
@@ -118,7 +120,7 @@ def _phantom(g, rng, f):
         det[name] = lobe(side, p[2])
         return rad
     if "Emphysema" in f:  # bullous low-density regions, upper lobes
-        blobs("Emphysema", -985, int(rng.integers(3, 7)), 10, 18, g["z"] > 15)
+        blobs("Emphysema", -1000, int(rng.integers(4, 8)), 14, 22, g["z"] > 15)
         det["Emphysema"] = " predominantly in the upper lobes"
     if "Lung opacity" in f:  # ground-glass patch
         blobs("Lung opacity", -500, int(rng.integers(1, 3)), 20, 30)
@@ -126,7 +128,7 @@ def _phantom(g, rng, f):
         blobs("Consolidation", 35, 1, 28, 36, (np.abs(g["r"]) > 45) & (g["z"] > 0) & (g["z"] < 45) & (g["a"] > -30))
     if "Lung nodule" in f:
         n = int(rng.integers(1, 4))
-        rad = blobs("Lung nodule", 30, n, 5, 10)
+        rad = blobs("Lung nodule", 30, n, 8, 12)
         det["Lung nodule"] = (f" measuring {round(2 * rad)} mm" if n == 1 else f" ({n} nodules, up to {round(2 * rad)} mm)"
                               ) + det["Lung nodule"]
     if "Atelectasis" in f:  # plate-like band above the diaphragm; collapsed lung enhances (~70 HU)
@@ -144,20 +146,22 @@ def _phantom(g, rng, f):
     if t:
         v[_ell(g, hc, hs + t)] = 10
         det["Pericardial effusion"] = f" measuring up to {round(t)} mm"
-    v[_ell(g, hc, hs)] = 50  # myocardium, then the contrast-filled blood pool
-    v[_ell(g, hc, hs - 8)] = 170
-    v[aorta] = 200  # ascending aorta, arch, descending aorta left of the spine; contrast-enhanced
-    if "Arterial wall calcification" in f:  # plaques on the wall of the arch and descending aorta
-        for _ in range(int(rng.integers(4, 9) * f["Arterial wall calcification"] + 0.5)):
+    # Myocardium, then the blood pool. The paper's window clips at 200 HU, so the contrast-filled blood (140 HU)
+    # is kept below it: calcium (clipped to 200) must still differ from the lumen it lies on.
+    v[_ell(g, hc, hs)] = 50
+    v[_ell(g, hc, hs - 8)] = 140
+    v[aorta] = 140  # ascending aorta, arch, descending aorta left of the spine; contrast-enhanced
+    if "Arterial wall calcification" in f:  # plaques bulging out of the wall of the arch and descending aorta
+        for _ in range(int(rng.integers(5, 10) * f["Arterial wall calcification"] + 0.5)):
             i = int(rng.integers(2, 5))
             p, d = aorta_path[i] + U() * (aorta_path[i + 1] - aorta_path[i]), aorta_path[i + 1] - aorta_path[i]
             u = rng.normal(size=3); u -= (u @ d) / (d @ d) * d; u /= np.linalg.norm(u)
-            v[_ell(g, p + 13 * u, (U(2.5, 3.5),) * 3)] = U(600, 1000)
+            v[_ell(g, p + 15 * u, (U(4, 5.5),) * 3)] = U(800, 1200)
         det["Arterial wall calcification"] = " of the aortic arch and descending aorta"
     if "Coronary artery wall calcification" in f:  # bright spots on the anterior heart surface
         for _ in range(int(rng.integers(2, 6) * f["Coronary artery wall calcification"] + 0.5)):
             u = rng.normal(size=3); u[1] = abs(u[1]); u /= np.linalg.norm(u)
-            v[_ell(g, hc + hs * u, (3.5,) * 3)] = U(500, 900)
+            v[_ell(g, hc + (hs + 2) * u, (U(4.5, 5.5),) * 3)] = U(800, 1200)
         det["Coronary artery wall calcification"] = " in the left anterior descending artery"
     if "Hiatal hernia" in f:  # stomach above the diaphragm behind the heart: wall, fluid, air-fluid level
         c, s = np.array([-5, -15, -78]), np.array([25, 22, 20]) * f["Hiatal hernia"]
@@ -167,9 +171,9 @@ def _phantom(g, rng, f):
     v[_ell(g, (0, -62, 0), (15, 15, np.inf))] = 700  # vertebral column
     if "Medical material" in f:  # right chest port (+ its catheter into the superior vena cava when certain)
         port = (55, bh - 16, 55)
-        v[_ell(g, port, (12, 5, 12))] = 2500
+        v[_ell(g, port, (16, 7, 16))] = 2500
         if f["Medical material"] == 1:
-            v[_tube(g, [port, (35, bh - 22, 75), (28, 15, 75), (28, 15, 5), (22, 15, -15)], 2.5)] = 2500
+            v[_tube(g, [port, (35, bh - 22, 75), (28, 15, 75), (28, 15, 5), (22, 15, -15)], 3.5)] = 2500
         det["Medical material"] = " (central venous port and catheter)"
     # Quantum noise everywhere, plus parenchymal texture in the lungs.
     v += rng.standard_normal(v.shape, dtype=np.float32) * np.where(lung, 25, 12).astype(np.float32)

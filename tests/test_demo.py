@@ -168,7 +168,7 @@ def _nodules(v, lung, sp):  # compact solid blobs of nodule size and density ins
     for i, sl in enumerate(ndimage.find_objects(lab), 1):
         m = lab[sl] == i
         extent = max((x.stop - x.start) * s for x, s in zip(sl, sp))
-        count += 0.2 < m.sum() * np.prod(sp) / 1000 < 6 and 15 < v[sl][m].mean() < 45 and extent <= 36
+        count += 0.2 < m.sum() * np.prod(sp) / 1000 < 8 and 15 < v[sl][m].mean() < 45 and extent <= 36
     return count
 
 
