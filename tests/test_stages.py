@@ -48,10 +48,10 @@ def test_stage1_runs_and_writes_checkpoints(tmp_path, tiny, script, extra):
         assert len(ck["label_names"]) == 18
     if "text" in script:
         assert "truncated at 256" in out
-        # The demo's dataset.json recommends lr 1e-3 and 15 epochs for text: applied and printed, while the
-        # command line (--epochs 2) still wins.
-        assert "defaults recommended by the data set" in out
-        assert ck["args"]["lr"] == 1e-3 and ck["args"]["epochs"] == 2
+    # The demo's dataset.json recommends lr 1e-3 (and more epochs) for text and for lite vision: applied and
+    # printed, while the command line (--epochs 2) still wins.
+    assert "defaults recommended by the data set" in out
+    assert ck["args"]["lr"] == 1e-3 and ck["args"]["epochs"] == 2
 
 
 @pytest.mark.parametrize("script,extra", [("pretrain_vision.py", ["--lite"]), ("pretrain_text.py", ["--max-len", "128"])])
