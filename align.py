@@ -54,7 +54,7 @@ def main():
     g.add_argument("--uncertain", default="mask", choices=["mask", "positive", "negative"], help="how uncertain (-1) labels enter the BCE terms")
     g.add_argument("--workers", type=int, default=2, help="data loader worker processes")
     g = p.add_argument_group("model")
-    g.add_argument("--lite", action="store_true", help="the 6 GB configuration: stride-4 stem, reads out/vision-lite, writes out/align-lite")
+    g.add_argument("--lite", action="store_true", help="the 6 GB configuration: stride-4 stem, text encoder checkpointed, reads out/vision-lite, writes out/align-lite")
     g.add_argument("--vision-ckpt", default=None, help="stage-1 vision checkpoint (default out/vision[-lite]/best.pt)")
     g.add_argument("--text-ckpt", default="out/text/best.pt", help="stage-1 text checkpoint")
     g.add_argument("--text-model", default=None, help="text encoder used only when there is no text checkpoint (as in pretrain_text.py)")
@@ -177,7 +177,9 @@ def main():
             M.load_encoder_from_stage1(model, ck, name, where=path)
             log(f"loaded {name} encoder: {path} (stage-1 step {ck['step']}, valid macro AUC {ck['best_metric']})")
     model.vision.grad_ckpt = args.grad_ckpt
-    if args.grad_ckpt:
+    # --lite must fit 6 GB: at 512 tokens the fp32 BERT alone keeps ~3 GiB of activations for the backward pass, so
+    # the lite configuration always recomputes its layers (exact: no BatchNorm in BERT; +17% FLOPs per lite step).
+    if args.grad_ckpt or args.lite:
         model.text.gradient_checkpointing_enable()
     model.to(device)
     log(f"model: ResNet-18 stem {vision_cfg['stem']} + {text_cfg['source']} -> {args.embed_dim}-d, "

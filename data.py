@@ -287,24 +287,24 @@ def load_volume(path, spacing_out=(1.5, 1.5, 3.0), spacing_in=None, rescale=None
         shape = img.shape  # (x, y, z), or (x, y, z, 1): one channel
         require(len(shape) >= 3 and min(shape[:3]) > 1 and all(s == 1 for s in shape[3:]),
                 f"{path}: expected a 3D volume with one channel, got shape {shape}")
-        img = nib.as_closest_canonical(img)  # RAS+; the header zooms are permuted with the axes
+        img = nib.as_closest_canonical(img)  # RAS+ as views (flips, transposes); zooms permuted with the axes
         zooms = tuple(float(z) for z in img.header.get_zooms()[:3])
-        vol = img.get_fdata(dtype=np.float32).reshape(img.shape[:3])  # (x, y, z); applies scl_slope
+        vol = np.asanyarray(img.dataobj).reshape(img.shape[:3])  # (x, y, z), as stored (int16 for most CT)
     except DataError:
         raise
     except Exception as e:  # truncated gzip, not a NIfTI, ...: nibabel raises many kinds
         raise DataError(f"{path}: cannot read NIfTI ({type(e).__name__}: {str(e)[:200]!r})") from None
-    require(np.isfinite(vol).all(), f"{path}: volume contains NaN or infinite voxels")
+    require(vol.dtype.kind != "f" or np.isfinite(vol).all(), f"{path}: volume contains NaN or infinite voxels")
+    # Trilinear resampling in torch, in (z, y, x) = (D, H, W) order: NIfTI stores x fastest, so vol.T needs no copy.
+    t = torch.from_numpy(np.ascontiguousarray(vol.T)).to(torch.float32, copy=True)
     if rescale is not None and not is_fixed(path):
-        vol = vol * np.float32(rescale[0]) + np.float32(rescale[1])
+        t = t * float(rescale[0]) + float(rescale[1])
     spacing_in = spacing_in or zooms
     require(min(spacing_in) > 0, f"{path}: voxel spacing {spacing_in} is not positive")
-    # Trilinear resampling in torch (float32, multi-threaded: much faster than scipy's zoom).
-    size = [max(1, round(n * a / b)) for n, a, b in zip(vol.shape, spacing_in, spacing_out)]
-    t = torch.from_numpy(np.ascontiguousarray(vol))  # the reorientation may have flipped strides
+    size = [max(1, round(n * a / b)) for n, a, b in zip(vol.shape, spacing_in, spacing_out)][::-1]  # (D, H, W)
     if list(t.shape) != size:
         t = F.interpolate(t[None, None], size=size, mode="trilinear", align_corners=False)[0, 0]
-    return t.permute(2, 1, 0).contiguous().numpy()  # (x, y, z) -> (z, y, x) = (D, H, W)
+    return t.numpy()
 
 def pad_or_crop(vol, size, fill=AIR_HU, start=None):
     """vol (D, H, W) -> exactly `size`: center-pad short axes with `fill`, then crop at `start`
@@ -317,11 +317,11 @@ def pad_or_crop(vol, size, fill=AIR_HU, start=None):
 def normalize(vol, intensity):
     """Intensity window -> float32. chest: HU clip [-1000, 200] -> [-1, 1]; abdomen: clip
     [-1000, 1000] / 1000; mri: clip to the volume's 1st-99th percentiles, then z-score."""
-    vol = np.asarray(vol, dtype=np.float32)
+    vol = np.array(vol, dtype=np.float32)  # a copy, windowed in place (no full-size temporaries)
     if intensity == "chest":
-        return (np.clip(vol, -1000, 200) + 400) / 600
+        return np.divide(np.add(np.clip(vol, -1000, 200, out=vol), 400, out=vol), 600, out=vol)
     if intensity == "abdomen":
-        return np.clip(vol, -1000, 1000) / 1000
+        return np.divide(np.clip(vol, -1000, 1000, out=vol), 1000, out=vol)
     require(intensity == "mri", f"unknown intensity preset {intensity!r} (chest, abdomen, mri)")
     vol = np.clip(vol, *np.percentile(vol, [1, 99]))
     return ((vol - vol.mean()) / max(float(vol.std()), 1e-6)).astype(np.float32)
@@ -421,14 +421,14 @@ class VolumeReportDataset(torch.utils.data.Dataset):
         item = {"report": self.table.reports[i], "targets": torch.tensor(self.targets[i]),
                 "mask": torch.tensor(self.mask[i]), "id": self.table.ids[i], "index": i}
         if self.images:
-            vol = normalize(self.stored_volume(i), self.preset["intensity"])  # stored size (D, H, W)
-            crop, start = self.preset["crop"], None  # start None = center crop (evaluation)
+            window, crop, start = self.preset["intensity"], self.preset["crop"], None  # start None = center crop (eval)
+            vol = normalize(self.stored_volume(i), window) if window == "mri" else self.stored_volume(i)  # (D, H, W)
             if self.train:  # seeded by (seed, epoch, index): the same with any number of loader workers
                 rng = np.random.default_rng([self.seed, self.epoch, i])
                 start = [int(rng.integers(0, max(n, s) - s + 1)) for n, s in zip(vol.shape, crop)]
-            # Always exactly the crop size (padding with air if needed), so any batch stacks.
-            vol = pad_or_crop(vol, crop, 0.0 if self.preset["intensity"] == "mri" else -1.0, start)
-            item["image"] = torch.from_numpy(np.ascontiguousarray(vol))[None]  # (1, D, H, W)
+            # Exactly the crop size (air-padded) so batches stack; CT is windowed after cropping (fewer voxels).
+            vol = pad_or_crop(vol, crop, 0.0 if window == "mri" else AIR_HU, start)
+            item["image"] = torch.from_numpy(normalize(vol, window) if window != "mri" else np.ascontiguousarray(vol))[None]
         return item
 
 # ----------------------------------------------------------------------------- CT-RATE

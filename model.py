@@ -56,8 +56,8 @@ class ResNet3D(nn.Module):
     """3D ResNet-18: (B, in_channels, D, H, W) -> (B, 512), about 33 M parameters.
 
     stem=2 is the standard model, stem=4 the lite one (16x fewer voxels after the stem; the only
-    architectural difference). grad_ckpt=True recomputes each stage in the backward pass to save
-    activation memory. Caveat: the recomputation runs BatchNorm in training mode a second time, so its
+    architectural difference). grad_ckpt=True recomputes the stem and each block in the backward pass to
+    save activation memory. Caveat: the recomputation runs BatchNorm in training mode a second time, so its
     running statistics are updated twice per step (momentum effectively applied twice). Training
     outputs and gradients are unchanged; only the eval-time statistics drift a little faster.
     """
@@ -85,12 +85,11 @@ class ResNet3D(nn.Module):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
     def forward(self, x):
-        x = self.stem(x)
-        for stage in self.stages:
-            if self.grad_ckpt and self.training and torch.is_grad_enabled():
-                x = checkpoint(stage, x, use_reentrant=False)
-            else:
-                x = stage(x)
+        # grad_ckpt keeps only the input of the stem and of each block (not of each stage: a full-resolution stage
+        # holds 8 maps the size of the stem's output), and recomputes one block at a time in the backward pass.
+        ckpt = self.grad_ckpt and self.training and torch.is_grad_enabled()
+        for layer in [self.stem, *(block for stage in self.stages for block in stage)]:
+            x = checkpoint(layer, x, use_reentrant=False) if ckpt else layer(x)
         return x.mean(dim=(2, 3, 4))  # global average pooling: (B, 512, d, h, w) -> (B, 512)
 
 

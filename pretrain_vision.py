@@ -50,7 +50,7 @@ def main():
     g = p.add_argument_group("model")
     g.add_argument("--lite", action="store_true", help="lite model: stride-4 patchify stem (the 6 GB configuration)")
     g.add_argument("--in-channels", type=int, default=1, help="input channels (e.g. several MRI sequences)")
-    g.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing per ResNet stage (less memory, ~30%% more compute)")
+    g.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing per ResNet block and of the stem (less memory, ~30%% more compute)")
     g.add_argument("--init", default=None, help="optional external encoder weights (a state dict file) loaded before training")
     g = p.add_argument_group("optimization (paper defaults)")
     g.add_argument("--epochs", type=int, default=5, help="training epochs")

@@ -1,0 +1,534 @@
+"""
+Speed and memory of GreenRFM at paper scale: does the recipe fit a 24 GB / 6 GB / 8 GB card, how many
+FLOPs is it, how fast is preprocessing, and how long would the paper's schedule take?
+
+Four sections, each printed as a table (--only picks some):
+  memory      peak training memory of align.py (the largest stage) at batch 10, crop 96 x 192 x 192, a
+              BERT-base text encoder (CXR-BERT's size, random weights) and AdamW, for the standard and the
+              lite model, each with and without --amp bf16 and --grad-ckpt. On a CPU the step runs under
+              FakeTensorMode (shapes and dtypes only, no real memory) and every tensor storage an op creates
+              is counted until it is freed: weights, gradients, AdamW state, the activations kept for the
+              backward pass, transients. On a GPU it is also run for real (torch.cuda.max_memory_allocated).
+  flops       FLOPs per training sample (torch.utils.flop_counter: matmuls, convolutions, attention; forward,
+              backward and the recomputation of --grad-ckpt), and measured samples/s on this machine.
+  preprocess  a CT-RATE-sized volume (512 x 512 x 300 int16, 0.7 x 0.7 x 1 mm, .nii.gz, generated here) to the
+              cached tensor with data.py, against MONAI's transform chain on the same file (one core each);
+              then random training crops read from the cache, per core.
+  schedule    the paper's recipe on CT-RATE (47,149 volumes; vision, text, alignment, 5 epochs each) on a
+              24 GB-class GPU, estimated from the FLOPs and a stated efficiency, next to the paper's 24 GPU-hours.
+
+MONAI is needed only for the comparison (`pip install monai`; not in requirements.txt); without it that row
+is skipped with a one-line message.
+
+Examples:
+  python bench.py                          # everything, CPU, about 5-8 minutes on 2 cores
+  python bench.py --only memory            # the memory counts alone, about a minute
+  python bench.py --device cuda            # on a GPU: real peak memory, samples/s and TFLOP/s at paper scale
+"""
+import argparse
+import contextlib
+import math
+import os
+import platform
+import statistics
+import time
+import warnings
+import weakref
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+from torch.utils.flop_counter import FlopCounterMode
+
+import data as D
+import model as M
+
+GiB = 2 ** 30
+# CXR-BERT (microsoft/BiomedVLP-CXR-BERT-specialized) is a BERT-base: the same sizes, random weights, no download.
+BERT_BASE = dict(vocab_size=30522, hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
+                 max_position_embeddings=512, type_vocab_size=2, pad_token_id=0)
+# (name, stem, --amp bf16, --grad-ckpt, memory target in GiB or None): the configurations the issue asks for.
+CONFIGS = [("standard", 2, False, False, 24), ("standard", 2, True, False, None), ("standard", 2, False, True, None),
+           ("standard", 2, True, True, 8), ("lite", 4, False, False, 6), ("lite", 4, True, False, None),
+           ("lite", 4, False, True, None), ("lite", 4, True, True, 4)]
+# Dense bf16 tensor-core peaks (TFLOP/s, fp32 accumulation) from the vendors' data sheets, for --device cuda.
+PEAK_TFLOPS = {"H100": 989, "H200": 989, "A100": 312, "L40S": 362, "RTX 4090": 165, "RTX 3090": 71}
+
+
+def flag(amp, ckpt):
+    return " ".join(f for f, on in (("--amp", amp), ("--grad-ckpt", ckpt)) if on) or "(default)"
+
+
+# -----------------------------------------------------------------------------
+# the measured step: the same calls as align.py's training loop
+
+def build(stem, ckpt, text_ckpt=None, num_labels=18, bert=BERT_BASE, widths=(64, 128, 256, 512)):
+    """GreenRFM as align.py builds it: ResNet3D + BERT trunk, projections, shared classifier. As in align.py, the
+    text encoder is checkpointed with --grad-ckpt and always in the lite configuration (text_ckpt overrides)."""
+    model = M.build_model({"kind": "align", "num_labels": num_labels, "embed_dim": 768, "text": {"bert": bert},
+                           "vision": {"in_channels": 1, "stem": stem, "widths": list(widths), "grad_ckpt": ckpt}})
+    if (ckpt or stem == 4) if text_ckpt is None else text_ckpt:
+        model.text.gradient_checkpointing_enable()
+    return model.train()
+
+
+def make_batch(batch, crop, tokens, num_labels=18, vocab=BERT_BASE["vocab_size"], device="cpu"):
+    """Random inputs of the real shapes: volume (B, 1, D, H, W), token ids and mask (B, L), targets and mask (B, C).
+    The first report fills all L tokens, the others are padded from 3/4 on, so BERT uses its attention mask."""
+    att = torch.ones(batch, tokens, dtype=torch.long, device=device)
+    att[1:, tokens * 3 // 4:] = 0
+    return {"x": torch.randn(batch, 1, *crop, device=device), "ids": torch.randint(0, vocab, (batch, tokens), device=device),
+            "att": att, "y": torch.randint(0, 2, (batch, num_labels), device=device).float(),
+            "m": torch.ones(batch, num_labels, device=device)}
+
+
+def forward_loss(model, b, amp):
+    """align.py: autocast forward, then the loss on float32 latents and logits."""
+    with torch.autocast(b["x"].device.type, dtype=torch.bfloat16, enabled=amp):
+        img, txt, img_logits, txt_logits = model(b["x"], b["ids"], b["att"])
+        loss, _ = M.align_loss(img.float(), txt.float(), img_logits.float(), txt_logits.float(), b["y"], b["m"])
+    return loss
+
+
+def optimizer_step(model, opt):
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)  # align.py clips at 0.5
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def new_optimizer(model):
+    # foreach=True is what AdamW picks on a GPU (its intermediates are part of the peak); lr and decay as align.py.
+    return torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.0, foreach=True)
+
+
+@contextlib.contextmanager
+def gpu_kernels():
+    """Within the CPU count, run the kernels a CUDA GPU picks, so that the count is the GPU's: memory-efficient
+    attention (keeps q, k, v, output and a log-sum-exp; the CPU's math path would keep every B x heads x L x L
+    attention matrix) and fused dropout (a 1-byte mask; the CPU keeps a float32 one). Functions are swapped, not
+    hooked, because the recomputation of --grad-ckpt runs in the backward pass, outside any mode."""
+    def sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **_):
+        if attn_mask is not None and attn_mask.dtype == torch.bool:  # as SDPA does: True = attend
+            attn_mask = torch.where(attn_mask, 0.0, float("-inf")).to(q.dtype)
+        return torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, attn_mask, True, dropout_p, is_causal,
+                                                                       scale=scale)[0]
+
+    def dropout(x, p=0.5, training=True, inplace=False):
+        return torch.native_dropout(x, p, True)[0] if training and p > 0 else x
+    saved = F.scaled_dot_product_attention, F.dropout
+    F.scaled_dot_product_attention, F.dropout = sdpa, dropout
+    try:
+        yield
+    finally:
+        F.scaled_dot_product_attention, F.dropout = saved
+
+
+# -----------------------------------------------------------------------------
+# memory: every tensor storage an op creates, counted from its creation until it is freed
+
+class StorageCounter(TorchDispatchMode):
+    """Live bytes of tensor storage: each storage an op returns is added once (views share it) and removed
+    by a weakref finalizer when it dies. Works on real and on fake tensors. peak and the phase it fell in
+    are kept. What it cannot see: memory inside a kernel (cuDNN workspaces), the CUDA context, and the
+    allocator's rounding and fragmentation."""
+
+    def __init__(self):
+        super().__init__()
+        self.live, self.peak, self.phase, self.peak_phase, self.seen = 0, 0, "", "", {}
+
+    def reset_peak(self):
+        self.peak, self.peak_phase = self.live, self.phase
+
+    def _add(self, t):
+        st = t.untyped_storage()
+        key = id(st)  # torch keeps one Python object per live storage, so its id is stable while it lives
+        if key in self.seen:
+            return
+        nbytes = st.nbytes()
+
+        def freed(_, key=key, nbytes=nbytes):
+            self.seen.pop(key, None)
+            self.live -= nbytes
+        self.seen[key] = weakref.ref(st, freed)
+        self.live += nbytes
+        if self.live > self.peak:
+            self.peak, self.peak_phase = self.live, self.phase
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                self._add(t)
+        return out
+
+
+def storage_bytes(tensors):
+    """Bytes of the distinct storages behind some tensors."""
+    seen = {}
+    for t in tensors:
+        if isinstance(t, torch.Tensor):
+            seen[id(t.untyped_storage())] = t.untyped_storage().nbytes()
+    return sum(seen.values())
+
+
+def count_step(make_model, make_inputs, amp, fake=True, gpu_like=None):
+    """Run two training steps (the first creates the AdamW state) under a StorageCounter and describe the second:
+    {weights, grads, adam, batch, activations (kept for backward at the end of forward), peak, phase, end_fwd,
+    end_bwd, transient (how far the peak rises above the larger of the two plateaus)}, in bytes. fake=True runs under FakeTensorMode (no real memory is used); gpu_like (default: = fake)
+    swaps in the GPU's attention and dropout kernels."""
+    gpu_like = fake if gpu_like is None else gpu_like
+    with (FakeTensorMode() if fake else contextlib.nullcontext()), (gpu_kernels() if gpu_like else contextlib.nullcontext()):
+        counter = StorageCounter()
+        with counter:
+            model = make_model()
+            opt = new_optimizer(model)
+            b = make_inputs()
+            for _ in range(2):
+                start = counter.live
+                counter.phase = "forward"
+                counter.reset_peak()
+                loss = forward_loss(model, b, amp)
+                end_fwd = counter.live
+                counter.phase = "backward"
+                loss.backward()
+                end_bwd = counter.live
+                grads = storage_bytes(p.grad for p in model.parameters())
+                counter.phase = "optimizer"
+                optimizer_step(model, opt)
+                del loss
+            weights = storage_bytes([*model.parameters(), *model.buffers()])
+            adam = storage_bytes(v for s in opt.state.values() for v in s.values())
+            batch = storage_bytes(b.values())
+    return dict(weights=weights, grads=grads, adam=adam, batch=batch, activations=end_fwd - start, peak=counter.peak,
+                phase=counter.peak_phase, end_fwd=end_fwd, end_bwd=end_bwd, transient=counter.peak - max(end_fwd, end_bwd))
+
+
+def gpu_peak(stem, amp, ckpt, args):
+    """--device cuda: the real step at paper scale, torch.cuda.max_memory_allocated of the second step (bytes)."""
+    torch.cuda.empty_cache()
+    model = build(stem, ckpt).cuda()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.0)
+    b = make_batch(args.batch, args.crop, args.tokens[0], device="cuda")
+    try:
+        for i in range(2):
+            if i == 1:
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            forward_loss(model, b, amp).backward()
+            optimizer_step(model, opt)
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated()
+    except torch.cuda.OutOfMemoryError:
+        return None
+    finally:
+        del model, opt, b
+        torch.cuda.empty_cache()
+
+
+def section_memory(args):
+    print(f"\n## Peak training memory of align.py: batch {args.batch}, crop {'x'.join(map(str, args.crop))}, BERT-base, AdamW")
+    print("Counted exactly under FakeTensorMode (no real memory): bytes of every tensor storage from its creation to its "
+          "release, with the GPU's attention and dropout kernels; GiB = 2^30 bytes. activations: kept for the backward "
+          "pass at the end of the forward; transient: how far the peak rises above that plateau or the end of the backward "
+          "(recomputation, gradient buffers, temporaries). A real GPU adds the CUDA context "
+          "(~0.3-0.5 GiB, outside max_memory_allocated), cuDNN workspaces and allocator fragmentation (~0.5-1 GiB).")
+    results = {}
+    for tokens in args.tokens:
+        print(f"\ntext: {tokens} tokens per report" + ("  (align.py's default --max-len)" if tokens == 512 else
+                                                       "  (the authors' cap)" if tokens == 128 else ""))
+        head = "| model | flags | weights | grads | AdamW | batch | activations | transient | peak (phase) | target | |"
+        if args.device == "cuda":
+            head = head[:-4] + "| GPU max_memory_allocated | target | |"
+        print(head)
+        print("|" + " --- |" * (head.count("|") - 1))
+        for name, stem, amp, ckpt, target in CONFIGS:
+            t0 = time.time()
+            r = count_step(lambda: build(stem, ckpt), lambda: make_batch(args.batch, args.crop, tokens), amp)
+            results[(stem, amp, ckpt, tokens)] = r
+            g = lambda k: f"{r[k] / GiB:.2f}"  # noqa: E731
+            row = (f"| {name} | {flag(amp, ckpt)} | {g('weights')} | {g('grads')} | {g('adam')} | {g('batch')} | "
+                   f"{g('activations')} | {g('transient')} | **{g('peak')}** ({r['phase']}) |")
+            peak = r["peak"]
+            if args.device == "cuda" and tokens == args.tokens[0]:
+                real = gpu_peak(stem, amp, ckpt, args)
+                row += f" {'OOM' if real is None else f'{real / GiB:.2f}'} |"
+                peak = max(peak, real if real is not None else math.inf)
+            elif args.device == "cuda":
+                row += " |"
+            ok = "" if target is None else ("holds" if peak <= target * GiB else "MISSED")
+            print(f"{row} {'' if target is None else f'<= {target}'} | {ok} |  [{time.time() - t0:.0f} s]", flush=True)
+        r = count_step(lambda: build(4, False, text_ckpt=False), lambda: make_batch(args.batch, args.crop, tokens), False)
+        print(f"(lite (default) without the text-encoder checkpointing that align.py --lite turns on: "
+              f"{r['activations'] / GiB:.2f} GiB of activations, peak {r['peak'] / GiB:.2f} GiB)")
+    return results
+
+
+# -----------------------------------------------------------------------------
+# compute: FLOPs per training sample, and measured speed
+
+def step_flops(stem, ckpt, batch, crop, tokens):
+    """FLOPs per sample of one align.py forward + backward (with any --grad-ckpt recomputation), counted on fake
+    tensors -> {"align", "vision": the ResNet's share = stage 1a, "text": the rest = stage 1b}. The rest also holds
+    the projections and the classifier (< 0.01%); stage-1 heads differ from them by as little."""
+    with FakeTensorMode(), gpu_kernels():
+        model, b = build(stem, ckpt), make_batch(batch, crop, tokens)
+        with FlopCounterMode(display=False) as counter:
+            forward_loss(model, b, False).backward()
+    total, vision = counter.get_total_flops(), sum(counter.get_flop_counts()["GreenRFM.vision"].values())
+    return {"align": total / batch, "vision": vision / batch, "text": (total - vision) / batch}
+
+
+def all_flops(args):
+    return {(stem, ckpt): step_flops(stem, ckpt, args.batch, args.crop, args.tokens[0]) for stem in (2, 4) for ckpt in (False, True)}
+
+
+def time_steps(model, b, amp, steps, device):
+    """Seconds per training step (forward, loss, backward, clip, AdamW), after one warm-up step."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.0)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    times = []
+    for i in range(steps + 1):
+        sync()
+        t0 = time.perf_counter()
+        forward_loss(model, b, amp).backward()
+        optimizer_step(model, opt)
+        sync()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times[1:])
+
+
+def section_flops(args):
+    print("\n## Compute: FLOPs per training sample (align.py step; matmuls, convolutions, attention; forward + backward"
+          " + --grad-ckpt recomputation; --amp does not change the count)")
+    flops = all_flops(args)
+    on_gpu = args.device == "cuda"
+    # On a CPU the paper-scale step takes minutes (and bf16 Conv3d has no fast CPU kernel), so the measured rate is
+    # for a reduced shape; its achieved GFLOP/s carries over to the paper-scale FLOPs as an estimate.
+    batch, crop, tokens = (args.batch, args.crop, args.tokens[0]) if on_gpu else (2, (32, 64, 64), 64)
+    small = {} if on_gpu else {(stem, ckpt): step_flops(stem, ckpt, batch, crop, tokens)["align"]
+                               for stem in (2, 4) for ckpt in (False, True)}
+    where = (f"{torch.cuda.get_device_name()}, paper scale" if on_gpu else
+             f"this CPU ({torch.get_num_threads()} threads), measured at batch {batch}, crop "
+             f"{'x'.join(map(str, crop))}, {tokens} tokens, {args.steps} step(s) after a warm-up")
+    print(f"GFLOP per sample at batch {args.batch}, crop {'x'.join(map(str, args.crop))}, {args.tokens[0]} tokens; "
+          f"speed on {where}")
+    peak = args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if on_gpu and k in torch.cuda.get_device_name()), None)
+    print("| model | flags | GFLOP/sample | of which vision | of which text | samples/s | achieved TFLOP/s |"
+          + (" of peak |" if on_gpu else " est. paper-scale samples/s here |"))
+    print("|" + " --- |" * 8)
+    speed = {}
+    for name, stem, amp, ckpt, _ in CONFIGS:
+        f = flops[(stem, ckpt)]
+        cells = f"| {name} | {flag(amp, ckpt)} | {f['align'] / 1e9:,.0f} | {f['vision'] / 1e9:,.0f} | {f['text'] / 1e9:,.0f} |"
+        if (amp and not on_gpu) or (args.quick and ckpt and not on_gpu):
+            why = "bf16 Conv3d has no fast CPU kernel: ~25x slower than fp32 here" if amp else "--quick"
+            print(f"{cells} not measured ({why}) | | |", flush=True)
+            continue
+        torch.manual_seed(0)
+        model = build(stem, ckpt).to(args.device)
+        sec = time_steps(model, make_batch(batch, crop, tokens, device=args.device), amp, args.steps, args.device)
+        del model
+        rate = speed[(stem, amp, ckpt)] = batch / sec
+        achieved = rate * (f["align"] if on_gpu else small[(stem, ckpt)]) / 1e12  # TFLOP/s
+        extra = (f"{achieved / peak:.0%} of {peak}" if peak else "peak unknown (--peak-tflops)") if on_gpu else \
+            f"{achieved * 1e12 / f['align']:.3f}"
+        print(f"{cells} {rate:.3f} | {achieved:.3f} | {extra} |", flush=True)
+    return flops, speed
+
+
+# -----------------------------------------------------------------------------
+# preprocessing: data.py against MONAI on one CT-RATE-sized volume, one core each; then cache reads
+
+def make_ct(path, shape=(512, 512, 300), spacing=(0.7, 0.7, 1.0), seed=0):
+    """A chest-like int16 phantom of CT-RATE's size: air, an elliptic body (40 HU), two lungs (-850 HU), noise."""
+    import nibabel as nib
+    rng = np.random.default_rng(seed)
+    x, y = [(np.arange(n) - n / 2) * s for n, s in zip(shape[:2], spacing[:2])]  # mm from the centre
+    xx, yy = np.meshgrid(x, y, indexing="ij")
+    axial = np.full(shape[:2], D.AIR_HU, np.int16)
+    axial[(xx / 170) ** 2 + (yy / 120) ** 2 < 1] = 40
+    axial[((np.abs(xx) - 70) / 55) ** 2 + (yy / 80) ** 2 < 1] = -850
+    vol = np.repeat(axial[:, :, None], shape[2], axis=2)
+    vol += rng.integers(-20, 21, size=shape, dtype=np.int16)
+    affine = np.diag([*spacing, 1.0])
+    affine[:3, 3] = [-n * s / 2 for n, s in zip(shape, spacing)]
+    img = nib.Nifti1Image(vol, affine)  # stored (x, y, z), x fastest, like CT-RATE's files
+    img.header.set_xyzt_units("mm")
+    nib.save(img, str(path))
+
+
+def monai_chain(preset):
+    """MONAI's equivalent of data.py's chain: RAS, the preset spacing with the full-extent grid (scale_extent, as
+    data.py scales to the rounded size), the HU window, and pad (with air: -1) or crop to the stored size."""
+    from monai.transforms import Compose, LoadImage, Orientation, ResizeWithPadOrCrop, ScaleIntensityRange, Spacing
+    p = D.get_preset(preset)
+    return Compose([LoadImage(image_only=True, ensure_channel_first=True), Orientation(axcodes="RAS"),
+                    Spacing(pixdim=p["spacing"], mode="bilinear", scale_extent=True),
+                    ScaleIntensityRange(a_min=-1000, a_max=200, b_min=-1, b_max=1, clip=True),
+                    ResizeWithPadOrCrop(p["size"][::-1], value=-1)])  # MONAI's axes are (x, y, z)
+
+
+def section_preprocess(args, consumers):
+    work = Path(args.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    path = work / "ctrate_like.nii.gz"
+    if not path.is_file():
+        t0 = time.time()
+        make_ct(path)
+        print(f"\n(wrote {path}: {path.stat().st_size / 1e6:.0f} MB, {time.time() - t0:.0f} s)")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # per core, for both
+    try:
+        print(f"\n## Preprocessing one CT-RATE-sized volume (512 x 512 x 300 int16, 0.7 x 0.7 x 1 mm, "
+              f"{path.stat().st_size / 1e6:.0f} MB .nii.gz) to the chest preset, one core")
+        try:
+            import monai  # noqa: F401
+            warnings.filterwarnings("ignore", module="monai")
+            chain = monai_chain("chest")
+        except ImportError:
+            chain = None
+            print("MONAI comparison skipped: monai is not installed (pip install monai; a benchmark-only dependency)")
+        ours, theirs = [], []
+        for _ in range(args.repeats):  # interleaved, so that load from other processes hits both alike
+            t0 = time.perf_counter()
+            stored = D.preprocess_volume(str(path), "chest")  # the cached int16 (D, H, W); windowed when read
+            ours.append(time.perf_counter() - t0)
+            if chain is not None:
+                t0 = time.perf_counter()
+                out = chain(str(path))
+                theirs.append(time.perf_counter() - t0)
+        a = statistics.median(ours)
+        print("| pipeline | seconds per volume per core (median of %d) | speed-up |" % args.repeats)
+        print("| --- | --- | --- |")
+        print(f"| data.py preprocess_volume (nibabel + torch trilinear) | {a:.2f} | |")
+        if chain is not None:
+            m = statistics.median(theirs)
+            print(f"| MONAI {monai.__version__}: LoadImage, Orientation, Spacing, ScaleIntensityRange, ResizeWithPadOrCrop "
+                  f"| {m:.2f} | ours {m / a:.1f}x faster ({'holds' if m / a >= 2 else 'MISSED'}: target >= 2x) |")
+            # Same window on both: ours (D, H, W) int16 HU -> [-1, 1]; MONAI's is (1, x, y, z).
+            diff = np.abs(D.normalize(stored, "chest") - np.asarray(out)[0].transpose(2, 1, 0)) * 600  # in HU
+            tol_mean, tol_p99 = 2.0, 10.0
+            ok = diff.mean() <= tol_mean and np.percentile(diff, 99) <= tol_p99
+            print(f"Outputs compared voxel by voxel in HU (both windowed to [-1000, 200]): mean |diff| {diff.mean():.2f}, "
+                  f"99th percentile {np.percentile(diff, 99):.1f}, max {diff.max():.0f} (at edges: data.py spans the input "
+                  f"extent with the rounded size, MONAI keeps exactly 1.5 mm, a shift of up to 0.1 voxel), "
+                  f"{(diff <= 10).mean():.2%} within 10 HU; tolerance mean <= {tol_mean}, p99 <= {tol_p99}: "
+                  f"{'equal within it' if ok else 'NOT EQUAL'}")
+        # Reading: random training crops from the cache, as VolumeReportDataset does for every sample.
+        cache = work / "cache"
+        cache.mkdir(exist_ok=True)
+        D.check_cache(cache, "chest", create=True)
+        n = 4
+        for i in range(n):
+            np.save(D.cache_file(cache, f"v{i}"), stored)
+        table = D.Table([f"v{i}" for i in range(n)], [str(path)] * n, [""] * n, ["train"] * n, ["A"],
+                        np.zeros((n, 1), np.float32), [{}] * n)
+        ds = D.VolumeReportDataset(table, "chest", train=True, cache_dir=cache)
+        ds[0]
+        t0, k = time.perf_counter(), 0
+        while time.perf_counter() - t0 < 3 or k < 20:
+            ds.set_epoch(k // n)
+            ds[k % n]
+            k += 1
+        rate = k / (time.perf_counter() - t0)
+        print(f"\nReading from the cache (.npy, memory-mapped, page cache warm; random 96x192x192 crop, windowed): "
+              f"{rate:.0f} volumes/s per core, against what one GPU trains at (the scripts read with --workers 2):")
+        for what, need in consumers:  # (description, samples/s)
+            print(f"- {what}: {need:.0f} samples/s -> one core {'keeps up' if rate > need else 'does NOT keep up'} "
+                  f"({rate / need:.1f}x{'' if rate > need else f'; it takes {math.ceil(need / rate)} loader workers'})")
+    finally:
+        torch.set_num_threads(threads)
+
+
+# -----------------------------------------------------------------------------
+# the paper's schedule on a 24 GB-class GPU, from FLOPs
+
+def stage1(flops, stem, ckpt):
+    """FLOPs per sample of each stage with these flags: pretrain_vision.py (the align step's vision share),
+    pretrain_text.py (the text share without the checkpointing align.py --lite adds) and align.py."""
+    return {"vision": flops[(stem, ckpt)]["vision"], "text": flops[(2, ckpt)]["text"], "align": flops[(stem, ckpt)]["align"]}
+
+
+def gpu_rates(flops, args):
+    """Estimated samples/s on the reference GPU: its peak x the stated efficiency / FLOPs per sample."""
+    return {k: args.ref_tflops * 1e12 * args.efficiency / v for k, v in flops.items()}
+
+
+def section_schedule(args, flops):
+    n, epochs = 47149, 5
+    print(f"\n## The paper's schedule on CT-RATE ({n:,} training volumes; vision, text, alignment, {epochs} epochs each) "
+          f"on a 24 GB-class GPU: {args.ref_tflops:g} TFLOP/s bf16 peak (RTX 3090) x {args.efficiency:.0%} assumed "
+          f"efficiency, {args.tokens[0]} tokens; estimated from the FLOPs, not measured")
+    print("| model | flags | vision stage 1 (h) | text stage 1 (h) | alignment (h) | total GPU-hours | paper |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for name, stem, amp, ckpt, _ in CONFIGS:
+        if not amp:  # fp32 runs at the TF32 rate, not this bf16 peak: the schedule is given for --amp
+            continue
+        hours = {k: n * epochs / r / 3600 for k, r in gpu_rates(stage1(flops, stem, ckpt), args).items()}
+        paper = "24 (standard, one 24 GB GPU)" if stem == 2 else "about 4 (lite, 6 GB)"
+        print(f"| {name} | {flag(amp, ckpt)} | {hours['vision']:.1f} | {hours['text']:.1f} | {hours['align']:.1f} | "
+              f"**{sum(hours.values()):.1f}** | {paper} |")
+
+
+# -----------------------------------------------------------------------------
+# main
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--only", nargs="+", choices=["memory", "flops", "preprocess", "schedule"],
+                   help="run only these sections (default: all; schedule needs the FLOPs, which it counts itself)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="cuda: real peak memory and speed at paper scale")
+    p.add_argument("--quick", action="store_true", help="fewer timed runs (no --grad-ckpt speed rows on CPU, one repeat)")
+    p.add_argument("--batch", type=int, default=10, help="batch size (the paper's: 10)")
+    p.add_argument("--crop", type=int, nargs=3, default=[96, 192, 192], help="training crop D H W (the chest preset's)")
+    p.add_argument("--tokens", type=int, nargs="+", default=[512, 128],
+                   help="report lengths in tokens to count memory at (the first is used for FLOPs and the schedule)")
+    p.add_argument("--steps", type=int, default=None, help="timed training steps per configuration, after one warm-up (default: 1 on CPU, 5 on a GPU)")
+    p.add_argument("--repeats", type=int, default=3, help="preprocessing runs per pipeline (median)")
+    p.add_argument("--workdir", default="out/bench", help="where the generated volume and the test cache go")
+    p.add_argument("--peak-tflops", type=float, default=None, help="--device cuda: the card's bf16 dense peak, if not in the table")
+    p.add_argument("--ref-tflops", type=float, default=71.0, help="schedule: reference 24 GB GPU's bf16 dense peak (RTX 3090: 71)")
+    p.add_argument("--efficiency", type=float, default=0.3, help="schedule: assumed fraction of that peak achieved")
+    args = p.parse_args()
+    args.crop = tuple(args.crop)
+    args.steps = args.steps or (5 if args.device == "cuda" else 1)
+    if args.quick:
+        args.repeats = 1
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda, but torch sees no CUDA GPU")
+    only = set(args.only or ["memory", "flops", "preprocess", "schedule"])
+
+    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")),
+               platform.processor()) if os.path.exists("/proc/cpuinfo") else platform.processor()
+    gpu = torch.cuda.get_device_name() if args.device == "cuda" else "none used"
+    print(f"# bench.py: torch {torch.__version__}, CPU {cpu} ({os.cpu_count()} cores), GPU {gpu}")
+    t_start = time.time()
+    if "memory" in only:
+        section_memory(args)
+    flops, speed = None, {}
+    if "flops" in only:
+        flops, speed = section_flops(args)
+    elif "schedule" in only or "preprocess" in only:
+        flops = all_flops(args)
+    if "preprocess" in only:
+        # What one GPU consumes: the fastest align.py configuration (the target), and stage-1 vision lite, the
+        # fastest stage; measured with --device cuda, else estimated from the FLOPs.
+        if args.device == "cuda" and speed:
+            (s, a, c), r = max(speed.items(), key=lambda kv: kv[1])
+            rates = [(f"align.py {'lite' if s == 4 else 'standard'} {flag(a, c)}, measured", r)]
+        else:
+            est, lite = f"estimated at {args.ref_tflops:g} TFLOP/s x {args.efficiency:.0%}", gpu_rates(flops[(4, False)], args)
+            rates = [(f"align.py --lite --amp (the fastest align configuration), {est}", lite["align"]),
+                     (f"pretrain_vision.py --lite --amp (the fastest stage), {est}", lite["vision"])]
+        section_preprocess(args, rates)
+    if "schedule" in only:
+        section_schedule(args, flops)
+    print(f"\nbench.py: done in {time.time() - t_start:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
