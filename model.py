@@ -55,7 +55,7 @@ class BasicBlock(nn.Module):
 class ResNet3D(nn.Module):
     """3D ResNet-18: (B, in_channels, D, H, W) -> (B, 512), about 33 M parameters.
 
-    stem=2 is the standard model, stem=4 the lite one (16x fewer voxels after the stem; the only
+    stem=2 is the standard model, stem=4 the lite one (8x fewer voxels after the stem; the only
     architectural difference). grad_ckpt=True recomputes the stem and each block in the backward pass to
     save activation memory. Caveat: the recomputation runs BatchNorm in training mode a second time, so its
     running statistics are updated twice per step (momentum effectively applied twice). Training
