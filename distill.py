@@ -33,7 +33,6 @@ from pathlib import Path
 
 import numpy as np
 import requests
-from sklearn.metrics import cohen_kappa_score
 from tqdm import tqdm
 
 from data import (CHEST_CT_SYNONYMS, DataError, ensure_demo, load_table, read_labels, resolve_label_set,
@@ -171,22 +170,25 @@ redact = lambda s: s.replace(API_KEY, "[REDACTED]") if API_KEY else s  # servers
 local = threading.local()  # one requests.Session (keep-alive pool) per worker thread
 
 def post(url, headers, body, args):
-    """POST with exponential backoff + jitter on 429, 5xx, connection errors and timeouts; honours Retry-After."""
+    """POST with exponential backoff + jitter on 429, 5xx, connection errors, timeouts and bodies cut short or
+    garbled on the way (a proxy's error page); honours Retry-After."""
     for attempt in range(args.max_retries + 1):
         wait = None
         try:
             local.session = getattr(local, "session", None) or requests.Session()
             r = local.session.post(url, headers=headers, json=body, timeout=args.timeout)
             if r.status_code == 200:
-                return r.json()  # a body that is not JSON fails this report, with the decoder's message as reason
+                return r.json()
             err = f"HTTP {r.status_code}: {redact(r.text)[:200]!r}"  # redact first: a cut key would not match
             if r.status_code != 429 and "response_format" in r.text and body.get("response_format"):
                 raise Failed(err, format_refused=True)  # the same request will be refused again: no retries
             if r.status_code != 429 and r.status_code < 500:
                 raise Failed(err)  # 400/401/404: retrying cannot help
             wait = float(r.headers["Retry-After"]) if r.headers.get("Retry-After", "").replace(".", "").isdigit() else None
-        except (requests.ConnectionError, requests.Timeout) as e:
-            err = f"{type(e).__name__}"
+        except requests.JSONDecodeError:  # HTTP 200 but not JSON (a proxy's error page): transient, like a 502
+            err = f"HTTP 200 with a body that is not JSON: {redact(r.text)[:100]!r}"
+        except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as e:
+            err = f"{type(e).__name__}"  # ChunkedEncodingError: the body was cut short
         if attempt == args.max_retries:
             raise Failed(f"{err} (gave up after {attempt + 1} tries)")
         time.sleep(wait if wait is not None else min(args.backoff * 2 ** attempt, 60.0) * random.uniform(0.5, 1.5))
@@ -374,6 +376,7 @@ def main():
         ref = {rid: table.labels[i, cols] for i, rid in enumerate(table.ids)}
     common = [rid for rid in ids if rid in results and ref is not None and rid in ref]
     if common:
+        from sklearn.metrics import cohen_kappa_score  # here: a restart after a kill should not wait for sklearn
         # classes 0 present, 1 absent, 2 uncertain or not mentioned (the paper's Figure S1 groups them so)
         to3 = lambda v: np.where(v == 1, 0, np.where(v == 0, 1, 2))
         pred = np.array([[np.nan if results[r][n] is None else results[r][n] for n in names] for r in common], dtype=float)

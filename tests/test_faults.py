@@ -1,0 +1,199 @@
+"""Nothing lost, nothing silent: injected faults, SIGKILLs and bad input across every stage.
+
+- distill.py against a loopback server that fails 30% of calls (500, 429 + Retry-After, timeouts, a body that
+  is not JSON, an answer that is not JSON, a missing label, a truncated body), SIGKILLed at 5 random moments
+  and restarted: every report labelled exactly once or listed with a reason, no request beyond reports + retries.
+- each training script SIGKILLed during a step and during a checkpoint write, then --resume: the checkpoint on
+  disk is always a complete one (the old or the new), and the run ends where an uninterrupted one would.
+- a corpus of bad input (tests/badinput.py): each gets one line naming the file or row, and its documented outcome.
+- non-finite losses stop the run naming the step and the batch ids (or are skipped and counted on request).
+- security: weights_only loads, no trust_remote_code, the API key in no output, atomic writes.
+"""
+import csv
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter, defaultdict
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from conftest import ROOT
+
+KEY = "sk-test-FAULTS-7f3a9"
+NAMES = ["Cardiomegaly", "Pleural effusion", "Lung nodule", "Emphysema"]
+ANSWERS = ["present", "absent", "uncertain", "not mentioned"]
+CODE = {"present": "1", "absent": "0", "uncertain": "-1", "not mentioned": ""}
+FAULTS = ["http500", "http429", "timeout", "body_not_json", "answer_not_json", "missing_label", "truncated_body"]
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def truth(rid):
+    """The answer the fake model gives for a report: fixed per id, so a label written for the wrong report shows."""
+    rng = random.Random(f"truth:{rid}")
+    return {n: rng.choice(ANSWERS) for n in NAMES}
+
+
+# -----------------------------------------------------------------------------
+# distill.py: a fault-injecting server, 5 SIGKILLs, 6 runs
+
+class FaultServer:
+    """OpenAI-compatible chat completions; request n of report id fails with probability `rate`, the fault drawn
+    from FAULTS by a seeded RNG of (seed, id, n). Every request is logged with the run that sent it."""
+
+    def __init__(self, rate=0.3, seed=7, latency=0.03, hang=1.0):
+        self.rate, self.seed, self.latency, self.hang = rate, seed, latency, hang
+        self.log, self.counts, self.lock, self.run = [], Counter(), threading.Lock(), 0
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+            disable_nagle_algorithm = True
+
+            def log_message(self, *a):
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                status, data, headers, sleep, cut = fake.answer(body, self.headers)
+                time.sleep(sleep)
+                try:
+                    self.send_response(status)
+                    for k, v in headers.items():
+                        self.send_header(k, v)
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data[: len(data) // 2] if cut else data)
+                    self.wfile.flush()
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client timed out or was killed
+                if cut:  # a truncated body: fewer bytes than Content-Length, then the connection drops
+                    self.close_connection = True
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.httpd.request_queue_size = 64
+        self.httpd.handle_error = lambda *a: None  # connections reset by a killed client are expected here
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def answer(self, body, headers):
+        rid = body["messages"][1]["content"].split("ID=")[1].split()[0]
+        with self.lock:
+            self.counts[rid] += 1
+            n = self.counts[rid]
+            rng = random.Random(f"{self.seed}:{rid}:{n}")
+            fault = rng.choice(FAULTS) if rng.random() < self.rate else None
+            self.log.append({"run": self.run, "id": rid, "n": n, "fault": fault})
+        good = json.dumps(truth(rid))
+        chat = lambda content: json.dumps({"choices": [{"message": {"role": "assistant", "content": content}}],  # noqa: E731
+                                           "usage": {"total_tokens": 11}}).encode()
+        js = {"Content-Type": "application/json"}
+        if fault == "http500":  # a server that echoes the request's headers in its error text
+            return 500, json.dumps({"error": f"internal error, headers {dict(headers)}"}).encode(), js, self.latency, False
+        if fault == "http429":
+            return 429, b'{"error": "rate limited"}', {**js, "Retry-After": "0.05"}, self.latency, False
+        if fault == "timeout":
+            return 200, chat(good), js, self.hang, False  # answers after the client gave up
+        if fault == "body_not_json":
+            return 200, b"<html><body>502 Bad Gateway</body></html>", {"Content-Type": "text/html"}, self.latency, False
+        if fault == "answer_not_json":
+            return 200, chat("The heart looks big to me."), js, self.latency, False
+        if fault == "missing_label":
+            return 200, chat(json.dumps({k: v for k, v in truth(rid).items() if k != NAMES[-1]})), js, self.latency, False
+        return 200, chat(good), js, self.latency, fault == "truncated_body"
+
+    def close(self):
+        self.httpd.shutdown()
+
+
+def read_rows(path):
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def cached_ids(path):
+    """Ids with a complete answer line in distill's cache (a torn last line does not count)."""
+    ids = []
+    for line in path.read_text(encoding="utf-8").splitlines() if path.exists() else []:
+        try:
+            ids.append(json.loads(line)["id"])
+        except (ValueError, KeyError):
+            pass
+    return ids
+
+
+def test_distill_survives_faults_and_kills(tmp_path):
+    rng = random.Random(2024)
+    n_reports, concurrency, max_retries, max_fixes, kills = 80, 4, 4, 2, 5
+    ids = [f"r{i:03d}" for i in range(n_reports)]
+    with open(tmp_path / "reports.csv", "w", newline="") as f:
+        csv.writer(f).writerows([["id", "report"]] + [[i, f"ID={i} The heart is enlarged. No effusion."] for i in ids])
+    (tmp_path / "labels.txt").write_text("\n".join(NAMES) + "\n")
+    server = FaultServer(latency=0.03, hang=1.0)
+    env = {**ENV, "OPENAI_API_KEY": KEY}
+    cmd = [sys.executable, str(ROOT / "distill.py"), "--reports", "reports.csv", "--labels", "labels.txt",
+           "--api-base", server.url, "--model", "fake", "--concurrency", str(concurrency), "--timeout", "0.5",
+           "--max-retries", str(max_retries), "--backoff", "0.02", "--max-fixes", str(max_fixes)]
+    outputs, cached_before = [], {}  # cached_before[run]: ids already answered when that run started
+    out = tmp_path / "out" / "distill"
+    try:
+        for run in range(kills + 1):
+            server.run = run
+            cached_before[run] = set(cached_ids(out / "cache.jsonl"))
+            proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            if run < kills:  # kill after k requests of this run were seen, plus a random delay
+                k, deadline = rng.randint(1, 25), time.time() + 60
+                while sum(e["run"] == run for e in server.log) < k and proc.poll() is None and time.time() < deadline:
+                    time.sleep(0.005)
+                time.sleep(rng.uniform(0, 0.1))
+                assert proc.poll() is None, f"run {run} ended before its kill: {proc.communicate()}"
+                proc.send_signal(signal.SIGKILL)
+            stdout, stderr = proc.communicate(timeout=120)
+            outputs += [stdout, stderr]
+            if run == kills:
+                assert proc.returncode in (0, 1), stdout + stderr
+    finally:
+        server.close()
+
+    # Every report labelled exactly once, or listed with a reason: none lost, none twice.
+    labels, failures = read_rows(out / "labels.csv"), read_rows(out / "failures.csv")
+    got = [r["id"] for r in labels] + [r["id"] for r in failures]
+    assert sorted(got) == ids, "a report is missing or listed twice"
+    for r in failures:  # a transient fault is retried: a report fails only once its retries are spent
+        assert f"after {max_retries + 1} tries" in r["reason"] or f"after {max_fixes + 1} tries" in r["reason"], r
+    assert proc.returncode == (1 if failures else 0)
+    for r in labels:  # each label is the answer to that very report
+        assert {n: r[n] for n in NAMES} == {n: CODE[v] for n, v in truth(r["id"]).items()}, r["id"]
+    answered = cached_ids(out / "cache.jsonl")
+    assert len(answered) == len(set(answered)) == len(labels), "an answer was paid for twice"
+
+    # Requests: a report answered before a run started is never asked again; within a run at most
+    # (max_fixes + 1) x (max_retries + 1) requests per report; over all runs, every request beyond a report's
+    # first is a retry of an injected fault or a resend of an answer the SIGKILL cut off before it was cached.
+    per_run = defaultdict(Counter)
+    for e in server.log:
+        per_run[e["run"]][e["id"]] += 1
+        assert e["id"] not in cached_before[e["run"]], f"run {e['run']} asked again for {e['id']}, already answered"
+    assert max(c for runs in per_run.values() for c in runs.values()) <= (max_fixes + 1) * (max_retries + 1)
+    faults = Counter(e["id"] for e in server.log if e["fault"])
+    lost = Counter()  # answers sent whole to a run that was killed before caching them
+    for run in range(kills):
+        after = set(cached_before[run + 1])
+        lost.update({e["id"] for e in server.log if e["run"] == run and e["fault"] is None and e["id"] not in after})
+    assert sum(lost.values()) <= kills * concurrency
+    for rid in ids:
+        assert server.counts[rid] <= 1 + faults[rid] + lost[rid], (rid, [e for e in server.log if e["id"] == rid])
+    assert len(server.log) <= n_reports + sum(faults.values()) + sum(lost.values())
+    print(f"distill: {len(server.log)} requests for {n_reports} reports, {sum(faults.values())} faults injected "
+          f"({dict(Counter(e['fault'] for e in server.log if e['fault']))}), {kills} SIGKILLs, {sum(lost.values())} answers "
+          f"cut off by a kill, {len(labels)} labelled, {len(failures)} failed with a reason, 0 lost")
+
+    # The key reaches no output: stdout, stderr, cache, labels, failures, temporary files.
+    files = [p.read_text(encoding="utf-8", errors="replace") for p in out.iterdir()]
+    assert all(KEY not in text for text in outputs + files)
