@@ -283,7 +283,7 @@ def main():
                 parts = {k: round(v.item(), 4) for k, v in parts.items()}
                 log(f"step {step}/{total_steps} | epoch {epoch + 1} | loss {loss.item():.4f} {parts} | lr {lr_at(step - 1):.2e} | {rate:.1f} samples/s")
                 history.append({"step": step, "loss": loss.item(), **parts, "lr": lr_at(step - 1)})
-            if master and args.save_every and step % args.save_every == 0:
+            if master and args.save_every and step % args.save_every == 0 and step % steps_per_epoch:  # (epoch end: below)
                 save("last.pt", metrics)
             if step >= total_steps or (args.max_steps and step >= args.max_steps):
                 break
@@ -298,11 +298,13 @@ def main():
             improved = macro is not None and macro > best
             if improved:
                 best = macro
-            save("last.pt", metrics)
-            if improved or not (out / "best.pt").exists():
+            # best.pt first: killed in between, the run resumes from the old last.pt and evaluates again, so
+            # last.pt never remembers a best.pt that is not on disk (nor one left by an earlier run in --out)
+            if improved or best == -math.inf:
                 save("best.pt", metrics)
-            with open(out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(history[-1]) + "\n")
+            save("last.pt", metrics)
+            # rewritten whole from the history (which a resumed run reloads): no epoch lost or repeated
+            D.write_atomic(out / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in history if "epoch" in h))
         if ddp:
             dist.barrier()
 

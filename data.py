@@ -47,6 +47,15 @@ def run_main(fn):
     except KeyboardInterrupt:
         sys.exit(130)
 
+def write_atomic(path, data):
+    """Write text or bytes to a temporary file beside `path`, then os.replace it: a reader, or a run
+    killed midway, sees the old file or the new one, never half of one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_bytes(data if isinstance(data, bytes) else data.encode("utf-8"))
+    os.replace(tmp, path)
+    return path
+
 # ----------------------------------------------------------------------------- labels
 CHEST_CT_LABELS = [  # the 18 CT-RATE abnormalities, spelled and ordered as CT-RATE's CSV columns
     "Medical material", "Arterial wall calcification", "Cardiomegaly", "Pericardial effusion",

@@ -36,7 +36,7 @@ import requests
 from tqdm import tqdm
 
 from data import (CHEST_CT_SYNONYMS, DataError, ensure_demo, load_table, read_labels, resolve_label_set,
-                  run_main)
+                  run_main, write_atomic)
 
 # -----------------------------------------------------------------------------
 # config
@@ -195,12 +195,6 @@ def post(url, headers, body, args):
 
 # -----------------------------------------------------------------------------
 # data: reports (+ reference labels from a manifest) in, CSVs out
-
-def write_atomic(path, text):
-    """Temp file + os.replace: a reader sees the old file or the new one, never half of one."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 def write_csv(path, header, rows):
     buf = io.StringIO()

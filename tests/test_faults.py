@@ -4,7 +4,7 @@
   is not JSON, an answer that is not JSON, a missing label, a truncated body), SIGKILLed at 5 random moments
   and restarted: every report labelled exactly once or listed with a reason, no request beyond reports + retries.
 - each training script SIGKILLed during a step and during a checkpoint write, then --resume: the checkpoint on
-  disk is always a complete one (the old or the new), and the run ends where an uninterrupted one would.
+  disk is always a complete one (the old or the new), and the resumed run completes.
 - a corpus of bad input (tests/badinput.py): each gets one line naming the file or row, and its documented outcome.
 - non-finite losses stop the run naming the step and the batch ids (or are skipped and counted on request).
 - security: weights_only loads, no trust_remote_code, the API key in no output, atomic writes.
@@ -197,3 +197,92 @@ def test_distill_survives_faults_and_kills(tmp_path):
     # The key reaches no output: stdout, stderr, cache, labels, failures, temporary files.
     files = [p.read_text(encoding="utf-8", errors="replace") for p in out.iterdir()]
     assert all(KEY not in text for text in outputs + files)
+
+
+# -----------------------------------------------------------------------------
+# training scripts: SIGKILL during a step and during a checkpoint write, then --resume
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A small demo set (16 train / 8 valid / 8 test): 4 steps an epoch at batch 4."""
+    d = tmp_path_factory.mktemp("tiny")
+    r = subprocess.run([sys.executable, str(ROOT / "data.py"), "demo", "--out", str(d / "demo"), "--n-train", "16",
+                        "--n-valid", "8", "--n-test", "8"], cwd=d, env=ENV, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    return d / "demo"
+
+
+class Run:
+    """A script in a subprocess whose stdout is read line by line, so a test can kill it at a chosen moment."""
+
+    def __init__(self, args, cwd, env=None):
+        self.proc = subprocess.Popen([sys.executable, *map(str, args)], cwd=cwd, env=env or ENV, text=True,
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        self.lines = []
+        threading.Thread(target=lambda: self.lines.extend(iter(self.proc.stdout.readline, "")), daemon=True).start()
+
+    def wait_for(self, text, timeout=300):
+        deadline = time.time() + timeout
+        while not any(text in line for line in self.lines):
+            assert self.proc.poll() is None and time.time() < deadline, f"no {text!r} in:\n{''.join(self.lines)[-3000:]}"
+            time.sleep(0.01)
+
+    def kill(self):
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(timeout=60)
+
+    def finish(self, timeout=600):
+        self.proc.wait(timeout=timeout)
+        time.sleep(0.1)  # the reader thread drains the pipe
+        out = "".join(self.lines)
+        assert self.proc.returncode == 0, out[-3000:]
+        return out
+
+
+def load(path):
+    import torch
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def check_pair(out):
+    """What is on disk is always usable: last.pt complete, and the best it remembers is the one in best.pt."""
+    last = load(out / "last.pt")
+    if last["best_metric"] is not None:
+        best = load(out / "best.pt")
+        assert best["best_metric"] >= last["best_metric"], "last.pt remembers a best.pt that is not on disk"
+    return last
+
+
+KILL_ARGS = {"pretrain_vision.py": ["--lite"], "pretrain_text.py": ["--max-len", "64"],
+             "align.py": ["--lite", "--max-len", "64", "--text-ckpt", "none.pt", "--vision-ckpt", "none.pt"]}
+
+
+@pytest.mark.parametrize("script", list(KILL_ARGS))
+def test_training_survives_sigkill(tmp_path, tiny, script):
+    rng = random.Random(script)
+    out = tmp_path / "o"
+    args = [ROOT / script, "--data", tiny, "--out", out, "--epochs", "1", "--batch-size", "4", "--workers", "0",
+            "--log-every", "1", *KILL_ARGS[script]]
+    # 1. SIGKILL during a step: at a random moment after step 2 is logged (--save-every 1 saves each step after
+    # logging it), i.e. while step 2 is saved or step 3 runs.
+    r = Run([*args, "--save-every", "1"], tmp_path)
+    r.wait_for("step 2/4")
+    time.sleep(rng.uniform(0, 0.05))
+    r.kill()
+    s = check_pair(out)["step"]
+    assert s in (1, 2, 3), s
+    # 2. SIGKILL during a checkpoint write: resume, and hold the write of best.pt at the end of the epoch (after
+    # its temporary file is written, before fsync and rename). last.pt is still the complete old one.
+    r = Run([*args, "--resume"], tmp_path, env={**ENV, "GREENRFM_TEST_SLOW_SAVE": "best.pt"})
+    r.wait_for("test hook: paused writing")
+    assert f"at step {s}" in "".join(r.lines)
+    r.kill()
+    assert check_pair(out)["step"] == s and list(out.glob(".best.pt.tmp*")), "the killed write should be a temp file"
+    # 3. --resume runs to the end (that it then holds the same weights as an uninterrupted run: test_stages.py).
+    text = Run([*args, "--resume"], tmp_path).finish()
+    assert f"resume: {out / 'last.pt'} at step {s}" in text
+    last, best = check_pair(out), load(out / "best.pt")
+    assert last["step"] == 4 and not list(out.glob(".*.tmp*")), "a killed save's temp file was left behind"
+    assert best["best_metric"] == last["best_metric"] == best["extra"]["metrics"]["macro_auc"]
+    epochs = [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == [1], epochs  # one evaluation per epoch: none lost, none twice
