@@ -14,7 +14,6 @@ Everything the stage scripts share about *models* lives here (data handling live
 Shapes: B batch, C channels (or labels for logits), D/H/W volume axes, L tokens, H text hidden size.
 """
 import os
-import time
 from pathlib import Path
 
 import numpy as np
@@ -317,9 +316,7 @@ def unwrap(model):
 def save_checkpoint(path, *, stage, model, model_config, args, label_names, optimizer=None, step=0, epoch=0,
                     best_metric=None, extra=None):
     """Write a checkpoint atomically: a temporary file in the same folder, fsync, then os.replace.
-    A crash mid-save leaves the previous checkpoint intact (os.replace is atomic on one filesystem).
-    Test hook: with GREENRFM_TEST_SLOW_SAVE=<file name> a save of that file pauses after writing the
-    temporary file, before fsync and rename, so a test can SIGKILL it mid-write (tests/test_faults.py)."""
+    A crash mid-save leaves the previous checkpoint intact (os.replace is atomic on one filesystem)."""
     if stage not in STAGES:
         raise ValueError(f"stage {stage!r} is not one of {STAGES}")
     ckpt = {"stage": stage, "model": unwrap(model).state_dict(), "model_config": _plain(model_config),
@@ -335,9 +332,6 @@ def save_checkpoint(path, *, stage, model, model_config, args, label_names, opti
         with open(tmp, "wb") as f:
             torch.save(ckpt, f)
             f.flush()
-            if os.environ.get("GREENRFM_TEST_SLOW_SAVE") == path.name:
-                print(f"test hook: paused writing {tmp}", flush=True)
-                time.sleep(600)
             os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:

@@ -239,6 +239,23 @@ class Run:
         return out
 
 
+# Runs a script with os.replace held for one file name: a checkpoint write pauses after its temporary file is
+# complete (and fsynced), before the rename, so the test can SIGKILL it mid-write. Nothing of it is in the scripts.
+PAUSE_WRITE = """
+import os, runpy, sys, time
+name, replace = sys.argv[1], os.replace
+def paused(src, dst, *a, **k):
+    if os.path.basename(dst) == name:
+        print(f"test: paused writing {src}", flush=True)
+        time.sleep(600)
+    return replace(src, dst, *a, **k)
+os.replace = paused
+sys.argv = sys.argv[2:]
+sys.path.insert(0, os.path.dirname(sys.argv[0]))
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
 def load(path):
     import torch
     return torch.load(path, map_location="cpu", weights_only=True)
@@ -273,8 +290,8 @@ def test_training_survives_sigkill(tmp_path, tiny, script):
     assert s in (1, 2, 3), s
     # 2. SIGKILL during a checkpoint write: resume, and hold the write of best.pt at the end of the epoch (after
     # its temporary file is written, before fsync and rename). last.pt is still the complete old one.
-    r = Run([*args, "--resume"], tmp_path, env={**ENV, "GREENRFM_TEST_SLOW_SAVE": "best.pt"})
-    r.wait_for("test hook: paused writing")
+    r = Run(["-c", PAUSE_WRITE, "best.pt", *args, "--resume"], tmp_path)
+    r.wait_for("test: paused writing")
     assert f"at step {s}" in "".join(r.lines)
     r.kill()
     assert check_pair(out)["step"] == s and list(out.glob(".best.pt.tmp*")), "the killed write should be a temp file"
