@@ -127,6 +127,10 @@ def main():
         dist.barrier()  # the other ranks wait until rank 0 has built the demo set
     table = D.load_table(args.data)
     table, labels_used = D.pick_labels(table, args.labels)  # --labels, else distill.py's, else the manifest's
+    empty = [rid for rid, r in zip(table.ids, table.reports) if not r.strip()]
+    if empty:  # no text to learn from (distill.py lists such reports as failures): skipped, and counted
+        log(f"skipping {len(empty)} rows with an empty report: {', '.join(empty[:5])}{' ...' if len(empty) > 5 else ''}")
+        table = table.take([i for i, r in enumerate(table.reports) if r.strip()])
     preset = args.preset or D.dataset_defaults(args.data).get("preset", "chest")
     cache = args.cache or Path(table.source).parent / f"cache-{preset}"
     train_t, valid_t = table.subset("train"), table.subset("valid")

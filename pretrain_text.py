@@ -114,6 +114,10 @@ def main():
         dist.barrier()  # the other ranks wait until rank 0 has built the demo set
     table = D.load_table(args.data)
     table, labels_used = D.pick_labels(table, args.labels)  # --labels, else distill.py's, else the manifest's
+    empty = [rid for rid, r in zip(table.ids, table.reports) if not r.strip()]
+    if empty:  # no text to learn from (distill.py lists such reports as failures): skipped, and counted
+        log(f"skipping {len(empty)} rows with an empty report: {', '.join(empty[:5])}{' ...' if len(empty) > 5 else ''}")
+        table = table.take([i for i, r in enumerate(table.reports) if r.strip()])
     train_t, valid_t = table.subset("train"), table.subset("valid")
     if len(train_t) < args.batch_size:
         raise D.DataError(f"{table.source}: {len(train_t)} training volumes, fewer than one batch of {args.batch_size}")

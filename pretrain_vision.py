@@ -139,7 +139,19 @@ def main():
                     "vision": {"in_channels": args.in_channels, "stem": 4 if args.lite else 2, "widths": [64, 128, 256, 512]}}
     model = M.build_model(model_config)
     if args.init:  # e.g. weights converted from a video model; printed so nothing loads silently
-        missing, unexpected = model.encoder.load_state_dict(torch.load(args.init, map_location="cpu", weights_only=True), strict=False)
+        try:
+            state = torch.load(args.init, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise D.DataError(f"{args.init}: not a readable state dict ({type(e).__name__})") from None
+        if isinstance(state, dict) and "stage" in state:  # one of ours: a vision checkpoint's encoder, nothing else
+            state = M.load_checkpoint(args.init, stage=STAGE)["model"]
+            state = {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}
+        try:
+            missing, unexpected = model.encoder.load_state_dict(state, strict=False)
+        except (RuntimeError, TypeError, AttributeError) as e:  # wrong shapes, or not a dict of tensors
+            raise D.DataError(f"{args.init}: does not fit the encoder ({str(e).strip().splitlines()[-1][:200]})") from None
+        if not set(state) & set(model.encoder.state_dict()):
+            raise D.DataError(f"{args.init}: none of its {len(state)} keys is an encoder weight (e.g. {list(state)[:2]})")
         log(f"init: {args.init} ({len(missing)} missing, {len(unexpected)} unexpected keys)")
     model.encoder.grad_ckpt = args.grad_ckpt
     model.to(device)

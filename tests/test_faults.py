@@ -303,3 +303,225 @@ def test_training_survives_sigkill(tmp_path, tiny, script):
     assert best["best_metric"] == last["best_metric"] == best["extra"]["metrics"]["macro_auc"]
     epochs = [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert epochs == [1], epochs  # one evaluation per epoch: none lost, none twice
+
+
+# -----------------------------------------------------------------------------
+# bad input: one line naming the file or row, and a documented outcome (refused: exit 2; or skipped and counted)
+
+import runpy  # noqa: E402
+
+import badinput as B  # noqa: E402
+
+
+@pytest.fixture
+def script(monkeypatch, capsys, tmp_path):
+    """Run a stage script's __main__ in this process (torch is imported once) -> (exit code, stdout, stderr).
+    An exception that escapes the script's own error handling (a traceback for a user) fails the test."""
+    def go(name, *args):
+        monkeypatch.chdir(tmp_path)
+        monkeypatch.setattr(sys, "argv", [name, *map(str, args)])
+        capsys.readouterr()
+
+        def hung(*a):  # a script that loops instead of ending fails the test, not the CI run
+            raise TimeoutError(f"{name} still running after 300 s")
+        signal.signal(signal.SIGALRM, hung)
+        signal.alarm(300)
+        try:
+            runpy.run_path(str(ROOT / name), run_name="__main__")
+            code = 0
+        except SystemExit as e:
+            code = e.code or 0
+        finally:
+            signal.alarm(0)
+        out, err = capsys.readouterr()
+        return code, out, err
+    return go
+
+
+def refused(result, *words):
+    """Exit 2 and exactly one line on stderr, naming what was wrong."""
+    code, out, err = result
+    assert code == 2 and "Traceback" not in out + err, (code, out[-2000:], err[-2000:])
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    for w in words:
+        assert str(w) in lines[0], (w, lines[0])
+    return lines[0]
+
+
+VISION = ["pretrain_vision.py", "--lite", "--epochs", "1", "--batch-size", "4", "--workers", "0"]
+
+
+def test_bad_volumes_preprocess_skips_and_lists_each(tmp_path, capsys):
+    import data
+    rows = B.toy_set(tmp_path)
+    for kind in B.VOLUME_KINDS:
+        B.bad_volume(tmp_path / f"bad_{kind}.nii.gz", kind)
+        rows.append([f"bad_{kind}", f"bad_{kind}.nii.gz", "x", "train", "", "", ""])
+    B.write_csv(tmp_path / "manifest.csv", rows)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        data.run_main(lambda: data.main(["preprocess", "--data", str(tmp_path), "--preset", "demo"]))
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and "Traceback" not in err
+    assert f"{len(B.VOLUME_KINDS)} of {len(rows) - 1} volumes failed" in err
+    for kind, words in B.VOLUME_KINDS.items():
+        lines = [ln for ln in err.splitlines() if f"bad_{kind}.nii.gz" in ln]
+        assert len(lines) == 1 and words in lines[0], (kind, err)
+    cached = sorted(p.name for p in (tmp_path / "cache-demo").glob("*.npy"))
+    assert cached == [f"v{i}.npy" for i in range(8)]  # the good ones are cached, the bad ones skipped
+
+
+@pytest.mark.parametrize("kind", list(B.VOLUME_KINDS))
+def test_bad_volume_refused_by_training(tmp_path, script, kind):
+    bad = B.with_bad_volume(tmp_path / "d", kind)
+    workers = "1" if kind == "truncated" else "0"  # an error raised in a DataLoader worker: still one line
+    refused(script(*VISION, "--data", tmp_path / "d", "--out", tmp_path / "o", "--workers", workers),
+            bad.name, B.VOLUME_KINDS[kind])
+
+
+def test_nan_in_cache_refused(tmp_path, script):
+    import numpy as np
+    B.toy_set(tmp_path / "d")
+    cache = tmp_path / "d" / "cache-demo"
+    cache.mkdir()
+    (cache / "preprocess.json").write_text(json.dumps({"spacing": [4.0, 4.0, 8.0], "size": [28, 64, 64], "intensity": "chest"}))
+    np.save(cache / "v1.npy", np.full((28, 64, 64), np.nan, np.float32))  # a damaged float cache file
+    refused(script(*VISION, "--data", tmp_path / "d", "--out", tmp_path / "o"), "v1.npy", "NaN or infinite")
+
+
+def test_bad_reports(tmp_path, script):
+    rows = B.toy_set(tmp_path / "d", n_train=6)
+    rows[1][2], rows[2][2] = "", " \n\t "  # empty and whitespace-only reports
+    B.write_csv(tmp_path / "d" / "manifest.csv", rows)
+    # distill: listed in failures.csv with the reason, exit 1 (never sent to an LLM, never labelled by default)
+    code, out, err = script("distill.py", "--backend", "rules", "--reports", tmp_path / "d" / "manifest.csv",
+                            "--labels", tmp_path / "d" / "manifest.csv")
+    assert code == 1 and "Traceback" not in err
+    assert B.__name__ and [(r["id"], r["reason"]) for r in read_rows(tmp_path / "out/distill/failures.csv")] == \
+        [("v0", "empty report"), ("v1", "empty report")]
+    # the text and alignment stages: skipped, counted and named
+    code, out, err = script("pretrain_text.py", "--data", tmp_path / "d", "--out", tmp_path / "t", "--epochs", "1",
+                            "--batch-size", "4", "--max-len", "32", "--labels", tmp_path / "d" / "manifest.csv")
+    assert code == 0, err
+    assert "skipping 2 rows with an empty report: v0, v1" in out and "(4 train / 4 valid reports)" in out
+    # non-UTF-8 bytes in a manifest: refused, naming the row
+    raw = (tmp_path / "d" / "manifest.csv").read_bytes().replace(b"There is A.", b"There is A \xe9\xff.", 1)
+    (tmp_path / "d" / "manifest.csv").write_bytes(raw)
+    bad_row = next(i for i, r in enumerate(rows) if "There is A." in r[2])
+    refused(script("pretrain_text.py", "--data", tmp_path / "d", "--out", tmp_path / "t"),
+            "manifest.csv", f"row {bad_row}", "not UTF-8")
+    # in a plain reports CSV (not a manifest) distill decodes them as U+FFFD and names the rows
+    (tmp_path / "plain.csv").write_bytes(b"AccessionNo,report_text\nr1,No effusion.\nr2,Effusion \xe9.\n")
+    code, out, err = script("distill.py", "--backend", "rules", "--reports", tmp_path / "plain.csv", "--labels", "chest_ct")
+    assert code == 0 and "not UTF-8" in out and "rows [2]" in out
+
+
+def test_bad_label_csvs(tmp_path, script):
+    B.toy_set(tmp_path / "d")
+    text = ["pretrain_text.py", "--data", tmp_path / "d", "--out", tmp_path / "t", "--epochs", "1", "--batch-size", "4",
+            "--max-len", "32", "--labels"]
+    ok = [["1", "0", ""]] * 8
+    cases = {  # file -> words of its one line
+        B.label_csv(tmp_path / "dup.csv", ok, ids=["v0", "v0"] + [f"v{i}" for i in range(2, 8)]): ["dup.csv row 2", "duplicate id 'v0'"],
+        B.label_csv(tmp_path / "two.csv", [["1", "2", ""]] + ok[1:]): ["two.csv row 1 (id v0), column 'B'", "'2'"],
+        B.label_csv(tmp_path / "yes.csv", ok[:3] + [["yes", "0", "0"]] + ok[4:]): ["yes.csv row 4 (id v3), column 'A'", "'yes'"],
+        B.label_csv(tmp_path / "age.csv", [r + ["63"] for r in ok], extra_header=["PatientAge"]): ["age.csv row 1", "'PatientAge'", "'63'"],
+        B.label_csv(tmp_path / "short.csv", ok[:6]): ["short.csv: no row for 2 of the 8 ids", "v6"],
+        B.label_csv(tmp_path / "other.csv", ok, ids=[f"x{i}" for i in range(8)]): ["other.csv: no row for 8 of the 8 ids"],
+    }
+    for path, words in cases.items():
+        refused(script(*text, path), *words)
+    # ids the manifest does not have: skipped and counted
+    code, out, err = script(*text, B.label_csv(tmp_path / "more.csv", ok + ok, ids=[f"v{i}" for i in range(16)]))
+    assert code == 0 and "more.csv: ignoring 8 rows whose ids are not in" in out, err
+    # distill --reference whose ids match no report: refused before any labelling
+    refused(script("distill.py", "--backend", "rules", "--reports", tmp_path / "d" / "manifest.csv", "--labels",
+                   tmp_path / "d" / "manifest.csv", "--reference", tmp_path / "other.csv"), "other.csv", "none of its ids")
+    assert not (tmp_path / "out" / "distill" / "labels.csv").exists()
+
+
+def tiny_checkpoints(d, reports):
+    """Checkpoints of each stage with small encoders: the scripts refuse them before any weight is used."""
+    import model as M
+    d.mkdir(exist_ok=True)
+    _, _, text_cfg = M.build_text("scratch", reports=reports, max_len=32)
+    vision = {"in_channels": 1, "stem": 4, "widths": [8, 16, 32, 32]}
+    configs = {"vision": {"kind": "vision", "num_labels": 3, "vision": vision},
+               "text": {"kind": "text", "num_labels": 3, "text": text_cfg},
+               "align": {"kind": "align", "num_labels": 3, "vision": vision, "text": text_cfg, "embed_dim": 16}}
+    paths = {}
+    for stage, cfg in configs.items():
+        paths[stage] = M.save_checkpoint(d / f"{stage}.pt", stage=stage, model=M.build_model(cfg), model_config=cfg,
+                                         args={}, label_names=B.LABELS, extra={"rng": None})
+    cfg = dict(configs["vision"], num_labels=2)
+    paths["vision_AB"] = M.save_checkpoint(d / "vision_AB.pt", stage="vision", model=M.build_model(cfg), model_config=cfg,
+                                           args={}, label_names=B.LABELS[:2])
+    (d / "cut.pt").write_bytes(paths["align"].read_bytes()[:1000])
+    paths["cut"] = d / "cut.pt"
+    return paths
+
+
+def test_checkpoints_of_another_stage_or_label_set(tmp_path, script):
+    import torch
+    rows = B.toy_set(tmp_path / "d")
+    ck = tiny_checkpoints(tmp_path / "ck", [r[2] for r in rows[1:]])
+    data = ["--data", tmp_path / "d", "--workers", "0", "--batch-size", "4"]
+    align = ["align.py", "--lite", "--out", tmp_path / "a", "--max-len", "32", *data]
+    refused(script(*align, "--vision-ckpt", ck["text"], "--text-ckpt", ck["text"]), "text.pt", "expected a 'vision'", "found a 'text'")
+    refused(script(*align, "--vision-ckpt", ck["vision_AB"], "--text-ckpt", ck["text"]), "vision_AB.pt", "label set differs")
+    refused(script(*align, "--vision-ckpt", ck["vision"], "--text-ckpt", ck["align"]), "align.pt", "expected a 'text'")
+    evaluate = ["evaluate.py", "--out", tmp_path / "e", "--bootstrap", "0", *data[:4], "--split", "valid"]
+    refused(script(*evaluate, "--ckpt", ck["vision"]), "vision.pt", "expected a 'align'")
+    refused(script(*evaluate, "--ckpt", ck["cut"]), "cut.pt", "not a readable checkpoint")
+    # a label CSV with a column the checkpoint does not know: evaluated without it, and said
+    B.label_csv(tmp_path / "extra.csv", [["1", "0", "1", "0"], ["0", "1", "0", "1"]] * 4, extra_header=["D"])
+    code, out, err = script(*evaluate, "--ckpt", ck["align"], "--labels", tmp_path / "extra.csv")
+    assert code == 0 and "note: 1 label columns of" in out and "['D']" in out, err
+    # resume from another stage's last.pt; --init with another stage's checkpoint, garbage, or foreign keys
+    (tmp_path / "v").mkdir()
+    (tmp_path / "v" / "last.pt").write_bytes(ck["text"].read_bytes())
+    vision = [*VISION[:-2], *data, "--out", tmp_path / "v"]
+    refused(script(*vision, "--resume"), "last.pt", "expected a 'vision'", "found a 'text'")
+    refused(script(*vision, "--init", ck["text"]), "text.pt", "expected a 'vision'")
+    (tmp_path / "junk.pt").write_text("not weights")
+    refused(script(*vision, "--init", tmp_path / "junk.pt"), "junk.pt", "not a readable state dict")
+    torch.save({"fc.weight": torch.zeros(2, 2)}, tmp_path / "foreign.pt")
+    refused(script(*vision, "--init", tmp_path / "foreign.pt"), "foreign.pt", "none of its 1 keys")
+    torch.save({"stem.0.weight": torch.zeros(3, 3)}, tmp_path / "shape.pt")
+    refused(script(*vision, "--init", tmp_path / "shape.pt"), "shape.pt", "does not fit the encoder")
+
+
+# -----------------------------------------------------------------------------
+# security and atomic outputs, read from the source
+
+SOURCES = sorted(p for p in list(ROOT.glob("*.py")) + list((ROOT / "benchmarks").glob("*.py")))
+
+
+def calls(pattern):
+    import re
+    return [(p.name, n, line) for p in SOURCES for n, line in enumerate(p.read_text().splitlines(), 1)
+            if re.search(pattern, line.split("#")[0])]
+
+
+def test_every_checkpoint_load_is_weights_only():
+    loads = calls(r"torch\.load\(")
+    assert loads and all("weights_only=True" in line for _, _, line in loads), loads
+    assert not calls(r"allow_pickle\s*=\s*True|pickle\.load|weights_only\s*=\s*False")
+
+
+def test_no_remote_code():
+    assert not calls(r"trust_remote_code\s*=|AutoModel|AutoTokenizer\.from_pretrained"), "repository code must never run"
+
+
+def test_outputs_are_written_atomically():
+    """Every file a stage writes goes to a temporary name first, then os.replace: data.write_atomic, the cache's
+    .npy files, save_checkpoint. The one exception is distill's cache, an append-only log of fsynced lines whose
+    torn last line a restart skips. (demo.py builds the demo set, which ensure_demo() rebuilds unless its last
+    file, dataset.json, is there; benchmarks/ write scratch inputs, not outputs.)"""
+    writes = [w for w in calls(r"open\([^)]*['\"][wa]b?['\"]|\.write_text\(|\.write_bytes\(|savefig\(|np\.save\(|torch\.save\(")
+              if w[0] != "demo.py" and not (ROOT / "benchmarks" / w[0]).exists()]
+    allowed = ["tmp.write_bytes(", 'open(tmp, "wb")', "np.save(f,", "torch.save(ckpt, f)", "savefig(png,",
+               'open(cache_path, "a"']
+    assert [w for w in writes if not any(a in w[2] for a in allowed)] == [], "write a temporary file, then os.replace it"
+    assert all(any(a in w[2] for w in writes) for a in allowed)  # each allowed write is still there: the scan works
