@@ -203,7 +203,7 @@ def main():
     log(f"training: {args.epochs} epochs x {steps_per_epoch} steps, batch {args.batch_size} "
         f"({world} process(es) x {micro} x accum {args.accum}), amp {args.amp}, device {device}")
     model.train()
-    skipped, t0, seen, metrics = 0, time.time(), 0, {}
+    skipped, dropped, t0, seen, metrics = 0, False, time.time(), 0, {}
     while step < total_steps and not (args.max_steps and step >= args.max_steps):
         epoch, done = divmod(step, steps_per_epoch)
         sampler.set_epoch(epoch)
@@ -216,27 +216,36 @@ def main():
             ids, att = tokens(b["report"])  # (B, L) each
             y, m = b["targets"].to(device), b["mask"].to(device)  # (B, C) each
             last_micro = (i + 1) % args.accum == 0
+            saved = [t.clone() for t in model.buffers()] if args.skip_nonfinite else []  # BatchNorm statistics
             with (train_model.no_sync() if ddp and not last_micro else nullcontext()), autocast():
                 loss = M.masked_bce(train_model(ids, att).float(), y, m)
-            if not torch.isfinite(loss):
+            bad = (~torch.isfinite(loss.detach())).float()  # (1,): 1 if this process's loss is not finite
+            if ddp:  # decided together: a process skipping alone would leave the others waiting for its gradients
+                dist.all_reduce(bad)
+            if bad:
+                where = f"batch ids {b['id']}" if not torch.isfinite(loss) else "on another process"
                 if not args.skip_nonfinite:
-                    raise D.DataError(f"non-finite loss at step {step}, batch ids {b['id']} (use --skip-nonfinite to skip such batches)")
+                    raise D.DataError(f"non-finite loss at step {step}, {where} (use --skip-nonfinite to skip such batches)")
                 skipped += 1
-                opt.zero_grad(set_to_none=True)
-                continue
-            scaler.scale(loss / args.accum).backward()
-            seen += len(ids) * world
+                log(f"skipped: non-finite loss at step {step}, {where}")
+                for t, old in zip(model.buffers(), saved):  # the forward pass updated them: undo, no trace left
+                    t.copy_(old)
+                dropped = True  # its optimizer step passes without an update: epochs and schedule stay in step
+            else:
+                scaler.scale(loss / args.accum).backward()
+                seen += len(ids) * world
             if not last_micro:
                 continue
-            for group in opt.param_groups:
-                group["lr"] = lr_at(step)
-            if args.clip:
-                scaler.unscale_(opt)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
-            scaler.step(opt)
-            scaler.update()
+            if not dropped:
+                for group in opt.param_groups:
+                    group["lr"] = lr_at(step)
+                if args.clip:
+                    scaler.unscale_(opt)
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
+                scaler.step(opt)
+                scaler.update()
             opt.zero_grad(set_to_none=True)
-            step += 1
+            step, dropped = step + 1, False
             if step % args.log_every == 0 or step == total_steps:
                 rate = seen / (time.time() - t0)
                 log(f"step {step}/{total_steps} | epoch {epoch + 1} | loss {loss.item():.4f} | lr {lr_at(step - 1):.2e} | {rate:.1f} samples/s")

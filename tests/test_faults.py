@@ -493,6 +493,49 @@ def test_checkpoints_of_another_stage_or_label_set(tmp_path, script):
 
 
 # -----------------------------------------------------------------------------
+# training health: a non-finite loss stops the run naming the step and the batch, or is skipped and counted
+
+STAGES = {"pretrain_vision.py": ["--lite"], "pretrain_text.py": ["--max-len", "32"],
+          "align.py": ["--lite", "--max-len", "32", "--vision-ckpt", "none.pt", "--text-ckpt", "none.pt"]}
+
+
+@pytest.mark.parametrize("name", list(STAGES))
+def test_nonfinite_loss_stops_naming_step_and_ids(tmp_path, script, name):
+    B.toy_set(tmp_path / "d", n_train=8)
+    line = refused(script(name, *STAGES[name], "--data", tmp_path / "d", "--out", tmp_path / "o", "--epochs", "1",
+                          "--batch-size", "4", "--workers", "0", "--lr", "1e30"),  # the first step blows the weights up
+                   "non-finite loss at step 1, batch ids [", "--skip-nonfinite")
+    assert sum(f"'v{i}'" in line for i in range(8)) == 4  # the 4 ids of that batch
+
+
+def test_nonfinite_batch_skipped_and_counted(tmp_path, script, monkeypatch):
+    """A batch whose input is NaN (a read that slipped past every check) is skipped on request: counted, named,
+    and without a trace in the weights or the BatchNorm statistics; the run's numbers stay finite."""
+    import math
+    import data
+    import torch
+    B.toy_set(tmp_path / "d", n_train=8)
+    getitem = data.VolumeReportDataset.__getitem__
+
+    def poisoned(self, i):
+        item = getitem(self, i)
+        if item["id"] == "v3":
+            item["image"] = torch.full_like(item["image"], float("nan"))
+        return item
+    monkeypatch.setattr(data.VolumeReportDataset, "__getitem__", poisoned)
+    args = [*VISION, "--data", tmp_path / "d", "--out", tmp_path / "o"]
+    refused(script(*args), "non-finite loss at step", "'v3'")
+    code, out, err = script(*args, "--skip-nonfinite")
+    assert code == 0, err
+    assert out.count("skipped: non-finite loss") == 1 and "'v3'" in out and "1 non-finite batches skipped" in out
+    ck = load(tmp_path / "o" / "last.pt")
+    assert ck["step"] == 2 and math.isfinite(ck["best_metric"])  # the epoch ended on schedule: 1 of its 2 steps updated
+    assert all(torch.isfinite(t).all() for t in ck["model"].values() if t.is_floating_point())
+    # A model whose weights are no longer finite: skipping cannot help; no AUC is computed from its NaN scores.
+    refused(script(*args, "--skip-nonfinite", "--lr", "1e30", "--out", tmp_path / "o2"), "non-finite scores")
+
+
+# -----------------------------------------------------------------------------
 # security and atomic outputs, read from the source
 
 SOURCES = sorted(p for p in list(ROOT.glob("*.py")) + list((ROOT / "benchmarks").glob("*.py")))
