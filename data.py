@@ -18,7 +18,7 @@ CLI (bad input stops with one line naming the file and row, never a traceback):
   python data.py ctrate --reports train_reports.csv --labels train_labels.csv \\
       --volumes CT-RATE/dataset/train --metadata train_metadata.csv --out ctrate/manifest.csv
 """
-import argparse, csv, json, os, re, sys  # noqa: E401
+import argparse, csv, io, json, os, re, sys  # noqa: E401
 from dataclasses import dataclass, replace
 from multiprocessing import Pool
 from pathlib import Path
@@ -41,11 +41,20 @@ def run_main(fn):
     """Run a script's main(): DataError -> one line on stderr, exit 2 (no traceback); Ctrl-C -> 130."""
     try:
         return fn()
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except DataError as e:  # raised in a DataLoader worker, it carries the worker's traceback: keep its last line
+        print("error:", re.sub(r"^[\w.]*DataError: ", "", str(e).strip().splitlines()[-1]), file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         sys.exit(130)
+
+def write_atomic(path, data):
+    """Write text or bytes to a temporary file beside `path`, then os.replace it: a reader, or a run
+    killed midway, sees the old file or the new one, never half of one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_bytes(data if isinstance(data, bytes) else data.encode("utf-8"))
+    os.replace(tmp, path)
+    return path
 
 # ----------------------------------------------------------------------------- labels
 CHEST_CT_LABELS = [  # the 18 CT-RATE abnormalities, spelled and ordered as CT-RATE's CSV columns
@@ -106,7 +115,11 @@ def read_csv(path):
         with open(path, newline="", encoding="utf-8-sig") as f:
             reader = csv.DictReader(f)
             header, rows = list(reader.fieldnames or []), list(reader)
-    except (OSError, UnicodeDecodeError, csv.Error) as e:
+    except UnicodeDecodeError as e:  # name the row: read again with the bad bytes kept as U+DC80-U+DCFF
+        rows = list(csv.reader(Path(path).read_bytes().decode("utf-8", "surrogateescape").splitlines(keepends=True)))
+        r = next((r for r, row in enumerate(rows) if re.search("[\udc80-\udcff]", "".join(row))), 0)
+        raise DataError(f"{path} row {r}: bytes that are not UTF-8 ({e.object[e.start:e.end]!r}); save it as UTF-8") from None
+    except (OSError, csv.Error) as e:
         raise DataError(f"{path}: cannot read CSV ({e})") from None
     require(header and len(set(header)) == len(header), f"{path}: no header row, or a repeated column name")
     bad = next((r for r, row in enumerate(rows, 1) if None in row), 0)  # None: surplus cells
@@ -202,7 +215,10 @@ class Table:
 
     def subset(self, split):
         """The rows of one split (an empty Table if there are none)."""
-        idx = [i for i, s in enumerate(self.splits) if s == split]
+        return self.take([i for i, s in enumerate(self.splits) if s == split])
+
+    def take(self, idx):
+        """The rows at positions idx, in that order."""
         pick = lambda xs: [xs[i] for i in idx]  # noqa: E731
         return replace(self, ids=pick(self.ids), images=pick(self.images), reports=pick(self.reports),
                        splits=pick(self.splits), labels=self.labels[idx], meta=pick(self.meta))
@@ -331,6 +347,7 @@ def preprocess_volume(path, preset, meta=None):
     air (-1024) for CT; float32 padded with 0 for MRI (its intensities have no fixed scale)."""
     p, meta = get_preset(preset), meta or {}
     vol = load_volume(path, p["spacing"], meta.get("spacing"), meta.get("rescale"))
+    require(vol.max() > vol.min(), f"{path}: every voxel is {vol.flat[0]:g}: an empty or failed export, not an image")
     if p["intensity"] == "mri":
         return pad_or_crop(vol, p["size"], 0).astype(np.float32)
     return np.clip(np.rint(pad_or_crop(vol, p["size"], AIR_HU)), -32768, 32767).astype(np.int16)
@@ -345,7 +362,7 @@ def check_cache(cache_dir, preset, create=False):
     want = {"spacing": list(p["spacing"]), "size": list(p["size"]), "intensity": p["intensity"]}
     if create and not f.is_file():
         f.parent.mkdir(parents=True, exist_ok=True)
-        f.write_text(json.dumps(dict(want, preset=preset if isinstance(preset, str) else "custom")))
+        write_atomic(f, json.dumps(dict(want, preset=preset if isinstance(preset, str) else "custom")))
     try:
         have = json.loads(f.read_text())
     except (OSError, ValueError) as e:
@@ -401,6 +418,10 @@ class VolumeReportDataset(torch.utils.data.Dataset):
         if self.cache_dir:
             check_cache(self.cache_dir, preset)
         require(not images or None not in table.images, f"{table.source}: a row has no image")
+        lost = [i for i, f in enumerate(table.images) if images and not os.path.isfile(f)
+                and not (self.cache_dir and cache_file(self.cache_dir, table.ids[i]).is_file())]
+        if lost:  # found now, not hours into training
+            raise DataError(f"{table.images[lost[0]]}: file not found (id {table.ids[lost[0]]}; {len(lost)} of {len(table)} images missing)")
         self.targets, self.mask = targets_and_mask(table.labels, uncertain)  # (N, C) each
 
     def set_epoch(self, epoch):
@@ -414,7 +435,9 @@ class VolumeReportDataset(torch.utils.data.Dataset):
         """(D, H, W) at the preset's stored size: the cached .npy (memory-mapped) or a fresh preprocess."""
         f = cache_file(self.cache_dir, self.table.ids[i]) if self.cache_dir else None
         if f is not None and f.is_file():
-            return np.load(f, mmap_mode="r")
+            vol = np.load(f, mmap_mode="r")  # int16 for CT; a float cache could hold NaN if damaged
+            require(vol.dtype.kind in "iu" or np.isfinite(vol).all(), f"{f}: cached volume has NaN or infinite voxels")
+            return vol
         return preprocess_volume(self.table.images[i], self.preset, self.table.meta[i])
 
     def __getitem__(self, i):
@@ -474,9 +497,10 @@ def ctrate_manifest(reports_csv, labels_csv, volumes_dir, out_csv, metadata_csv=
                     intercept] + ["" if np.isnan(v) else str(int(v)) for v in labels[key]])
     require(out, f"{volumes_dir}: none of the {len(text)} volumes of {reports_csv} is there")
     Path(out_csv).parent.mkdir(parents=True, exist_ok=True)
-    with open(out_csv, "w", newline="", encoding="utf-8") as f:
-        csv.writer(f).writerows([["id", "image", "report", "split", "spacing", "rescale_slope",
-                                  "rescale_intercept"] + names] + out)
+    buf = io.StringIO()
+    csv.writer(buf).writerows([["id", "image", "report", "split", "spacing", "rescale_slope",
+                                "rescale_intercept"] + names] + out)
+    write_atomic(out_csv, buf.getvalue())
     print(f"wrote {out_csv}: {len(out)} volumes ({sum(is_fixed(r[1]) for r in out)} v2 *_fixed, "
           f"already HU); {len(text) - len(out)} reports without a volume file skipped")
 
@@ -540,8 +564,8 @@ def training_defaults(path, stage):
     return DEMO_TRAIN.get(stage, {}) if str(path) == DEMO_DIR else {}
 
 def ensure_demo(path):
-    """Build the demo set at `path` unless its manifest.csv exists; -> path."""
-    if not (Path(path) / "manifest.csv").is_file():
+    """Build the demo set at `path` unless it is complete (dataset.json is written last); -> path."""
+    if not (Path(path) / "dataset.json").is_file():
         print(f"building the synthetic demo set in {path} (once)")
         make_demo(path)
     return path

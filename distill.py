@@ -33,11 +33,10 @@ from pathlib import Path
 
 import numpy as np
 import requests
-from sklearn.metrics import cohen_kappa_score
 from tqdm import tqdm
 
 from data import (CHEST_CT_SYNONYMS, DataError, ensure_demo, load_table, read_labels, resolve_label_set,
-                  run_main)
+                  run_main, volume_key, write_atomic)
 
 # -----------------------------------------------------------------------------
 # config
@@ -171,34 +170,31 @@ redact = lambda s: s.replace(API_KEY, "[REDACTED]") if API_KEY else s  # servers
 local = threading.local()  # one requests.Session (keep-alive pool) per worker thread
 
 def post(url, headers, body, args):
-    """POST with exponential backoff + jitter on 429, 5xx, connection errors and timeouts; honours Retry-After."""
+    """POST with exponential backoff + jitter on 429, 5xx, connection errors, timeouts and bodies cut short or
+    garbled on the way (a proxy's error page); honours Retry-After."""
     for attempt in range(args.max_retries + 1):
         wait = None
         try:
             local.session = getattr(local, "session", None) or requests.Session()
             r = local.session.post(url, headers=headers, json=body, timeout=args.timeout)
             if r.status_code == 200:
-                return r.json()  # a body that is not JSON fails this report, with the decoder's message as reason
+                return r.json()
             err = f"HTTP {r.status_code}: {redact(r.text)[:200]!r}"  # redact first: a cut key would not match
             if r.status_code != 429 and "response_format" in r.text and body.get("response_format"):
                 raise Failed(err, format_refused=True)  # the same request will be refused again: no retries
             if r.status_code != 429 and r.status_code < 500:
                 raise Failed(err)  # 400/401/404: retrying cannot help
             wait = float(r.headers["Retry-After"]) if r.headers.get("Retry-After", "").replace(".", "").isdigit() else None
-        except (requests.ConnectionError, requests.Timeout) as e:
-            err = f"{type(e).__name__}"
+        except requests.JSONDecodeError:  # HTTP 200 but not JSON (a proxy's error page): transient, like a 502
+            err = f"HTTP 200 with a body that is not JSON: {redact(r.text)[:100]!r}"
+        except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as e:
+            err = f"{type(e).__name__}"  # ChunkedEncodingError: the body was cut short
         if attempt == args.max_retries:
             raise Failed(f"{err} (gave up after {attempt + 1} tries)")
         time.sleep(wait if wait is not None else min(args.backoff * 2 ** attempt, 60.0) * random.uniform(0.5, 1.5))
 
 # -----------------------------------------------------------------------------
 # data: reports (+ reference labels from a manifest) in, CSVs out
-
-def write_atomic(path, text):
-    """Temp file + os.replace: a reader sees the old file or the new one, never half of one."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 def write_csv(path, header, rows):
     buf = io.StringIO()
@@ -249,6 +245,22 @@ def main():
     if args.limit:
         ids, texts = ids[:args.limit], texts[:args.limit]
     print(f"reports: {len(ids)} from {args.reports} | labels: {len(names)} ({args.labels}) | backend: {args.backend}")
+    # Reference labels for the agreement table, read now: a wrong file fails in a second, not after the LLM bill.
+    ref = None  # volume_key(id) -> (C,) labels; ids match with or without a file extension
+    if args.reference:  # any label CSV holding (at least) our label columns
+        ref_ids, ref_names, ref_vals = read_labels(args.reference)
+        if set(names) - set(ref_names):
+            raise DataError(f"{args.reference}: no column for label(s) {sorted(set(names) - set(ref_names))[:5]}")
+        ref = {volume_key(i): v for i, v in zip(ref_ids, ref_vals[:, [ref_names.index(n) for n in names]])}
+        unmatched = [rid for rid in ids if volume_key(rid) not in ref]
+        if len(unmatched) == len(ids):
+            raise DataError(f"{args.reference}: none of its ids matches a report id (e.g. {ref_ids[:1]} vs {ids[:1]})")
+        if unmatched:
+            print(f"note: {len(unmatched)} report ids have no row in {args.reference} (e.g. {unmatched[0]}): "
+                  "left out of the agreement table")
+    elif table is not None and set(names) <= set(table.label_names) and not np.isnan(table.labels).all():
+        cols = [table.label_names.index(n) for n in names]
+        ref = {volume_key(rid): table.labels[i, cols] for i, rid in enumerate(table.ids)}
 
     # -----------------------------------------------------------------------------
     # label every report: rules at once, llm through the cache and a thread pool
@@ -363,21 +375,13 @@ def main():
     # -----------------------------------------------------------------------------
     # agreement with reference labels: present vs rest (accuracy, F1, kappa) and a 3x3 confusion matrix per label
 
-    ref = None
-    if args.reference:  # any label CSV holding (at least) our label columns
-        ref_ids, ref_names, ref_vals = read_labels(args.reference)
-        if set(names) - set(ref_names):
-            raise DataError(f"{args.reference}: no column for label(s) {sorted(set(names) - set(ref_names))[:5]}")
-        ref = dict(zip(ref_ids, ref_vals[:, [ref_names.index(n) for n in names]]))
-    elif table is not None and set(names) <= set(table.label_names) and not np.isnan(table.labels).all():
-        cols = [table.label_names.index(n) for n in names]
-        ref = {rid: table.labels[i, cols] for i, rid in enumerate(table.ids)}
-    common = [rid for rid in ids if rid in results and ref is not None and rid in ref]
+    common = [rid for rid in ids if rid in results and ref is not None and volume_key(rid) in ref]
     if common:
+        from sklearn.metrics import cohen_kappa_score  # here: a restart after a kill should not wait for sklearn
         # classes 0 present, 1 absent, 2 uncertain or not mentioned (the paper's Figure S1 groups them so)
         to3 = lambda v: np.where(v == 1, 0, np.where(v == 0, 1, 2))
         pred = np.array([[np.nan if results[r][n] is None else results[r][n] for n in names] for r in common], dtype=float)
-        gold = np.array([ref[r] for r in common], dtype=float)
+        gold = np.array([ref[volume_key(r)] for r in common], dtype=float)
         rows, report = [], {"n": len(common), "labels": {}}
         print(f"agreement with {args.reference or 'the manifest labels'} on {len(common)} reports "
               "(confusion: rows reference, columns prediction; present / absent / uncertain-or-missing)")

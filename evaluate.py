@@ -30,6 +30,7 @@ Examples:
 """
 import argparse
 import csv
+import io
 import json
 import re
 from pathlib import Path
@@ -280,6 +281,12 @@ def main():
         for n in names:
             if n not in t.label_names:
                 raise D.DataError(f"{args.labels or table.source}: no reference column '{n}' (try another --protocol)")
+        unused = [n for n in t.label_names if n not in names]
+        if unused:  # said, not silent: a misspelt column shows here
+            print(f"note: {len(unused)} label columns of {args.labels or table.source} not evaluated: {unused[:5]}")
+        empty = sum(not r.strip() for r in t.reports)
+        if empty:  # zero-shot reads images only; retrieval counts these reports too
+            print(f"note: {empty} of the {len(t)} reports of split '{name}' are empty (retrieval includes them)")
         y = t.labels[:, [t.label_names.index(n) for n in names]]  # (N, C) 1/0/-1/nan
         ds = D.VolumeReportDataset(t, preset, train=False, cache_dir=cache)  # eval = center crop
         loader = torch.utils.data.DataLoader(ds, batch_size=args.batch_size, num_workers=args.workers)
@@ -342,12 +349,13 @@ def main():
     print("report->volume recall@K (" + f"{len(ev['units'])} {args.unit}s, K > N undefined): "
           + ", ".join(f"R@{k} {_fmt(v)}" for k, v in retrieval.items()))
 
-    with open(out / "per_label.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        for r in rows + [{"label": "macro", **mac}]:
-            w.writerow({k: "" if v is None or (isinstance(v, float) and not np.isfinite(v)) else v
-                        for k, v in r.items() if k in rows[0]})
+    buf = io.StringIO()  # every output is written whole, then renamed (D.write_atomic): never half a file
+    w = csv.DictWriter(buf, fieldnames=list(rows[0]))
+    w.writeheader()
+    for r in rows + [{"label": "macro", **mac}]:
+        w.writerow({k: "" if v is None or (isinstance(v, float) and not np.isfinite(v)) else v
+                    for k, v in r.items() if k in rows[0]})
+    D.write_atomic(out / "per_label.csv", buf.getvalue())
     # summary.json: enough to quote a number honestly (which checkpoint, labels, unit, template, rules)
     summary = {
         "checkpoint": {"path": str(args.ckpt), **{k: ckpt.get(k) for k in ("stage", "step", "epoch", "best_metric", "args")}},
@@ -363,7 +371,7 @@ def main():
         "retrieval": {"direction": "report->volume", "n": len(ev["units"]), "unit": args.unit,
                       "k_larger_than_n": "undefined (null)", **{f"recall@{k}": v for k, v in retrieval.items()}},
     }
-    (out / "summary.json").write_text(json.dumps(_plain(summary), indent=2))
+    D.write_atomic(out / "summary.json", json.dumps(_plain(summary), indent=2))
     try:  # optional dependency: the numbers above never depend on it
         import matplotlib
         matplotlib.use("Agg")
@@ -377,7 +385,9 @@ def main():
         ax.plot([0, 1], [0, 1], "k--", lw=0.5)
         ax.set(xlabel="false positive rate", ylabel="true positive rate", title=f"zero-shot ROC ({args.template})")
         ax.legend(fontsize=5)
-        fig.savefig(out / "roc.png", dpi=150)
+        png = io.BytesIO()
+        fig.savefig(png, format="png", dpi=150)
+        D.write_atomic(out / "roc.png", png.getvalue())
     except ImportError:
         print("note: matplotlib is not installed: roc.png skipped")
     print(f"wrote {out / 'per_label.csv'} and {out / 'summary.json'}")

@@ -334,6 +334,8 @@ def save_checkpoint(path, *, stage, model, model_config, args, label_names, opti
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)  # only still there if something failed
+    for stale in path.parent.glob(f".{path.name}.tmp*"):  # left by a run killed mid-save
+        stale.unlink(missing_ok=True)
     return path
 
 
@@ -412,6 +414,8 @@ def per_label_auc(y, scores):
     has no AUC: None, left out of the macro mean (never 0.5). Returns (aucs, macro or None)."""
     from sklearn.metrics import roc_auc_score  # lazy: training scripts need no sklearn import
     y, scores = np.asarray(y, dtype=np.float64), np.asarray(scores, dtype=np.float64)
+    if not np.isfinite(scores).all():  # a diverged model: no AUC is computed from NaN scores
+        raise DataError(f"{(~np.isfinite(scores)).any(1).sum()} of {len(scores)} rows have non-finite scores (diverged weights? lower --lr)")
     aucs = []
     for c in range(y.shape[1]):
         keep = (y[:, c] == 0) | (y[:, c] == 1)  # nan compares False, so it drops out too

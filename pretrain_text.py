@@ -114,6 +114,10 @@ def main():
         dist.barrier()  # the other ranks wait until rank 0 has built the demo set
     table = D.load_table(args.data)
     table, labels_used = D.pick_labels(table, args.labels)  # --labels, else distill.py's, else the manifest's
+    empty = [rid for rid, r in zip(table.ids, table.reports) if not r.strip()]
+    if empty:  # no text to learn from (distill.py lists such reports as failures): skipped, and counted
+        log(f"skipping {len(empty)} rows with an empty report: {', '.join(empty[:5])}{' ...' if len(empty) > 5 else ''}")
+        table = table.take([i for i, r in enumerate(table.reports) if r.strip()])
     train_t, valid_t = table.subset("train"), table.subset("valid")
     if len(train_t) < args.batch_size:
         raise D.DataError(f"{table.source}: {len(train_t)} training volumes, fewer than one batch of {args.batch_size}")
@@ -199,7 +203,7 @@ def main():
     log(f"training: {args.epochs} epochs x {steps_per_epoch} steps, batch {args.batch_size} "
         f"({world} process(es) x {micro} x accum {args.accum}), amp {args.amp}, device {device}")
     model.train()
-    skipped, t0, seen, metrics = 0, time.time(), 0, {}
+    skipped, dropped, t0, seen, metrics = 0, False, time.time(), 0, {}
     while step < total_steps and not (args.max_steps and step >= args.max_steps):
         epoch, done = divmod(step, steps_per_epoch)
         sampler.set_epoch(epoch)
@@ -212,32 +216,41 @@ def main():
             ids, att = tokens(b["report"])  # (B, L) each
             y, m = b["targets"].to(device), b["mask"].to(device)  # (B, C) each
             last_micro = (i + 1) % args.accum == 0
+            saved = [t.clone() for t in model.buffers()] if args.skip_nonfinite else []  # BatchNorm statistics
             with (train_model.no_sync() if ddp and not last_micro else nullcontext()), autocast():
                 loss = M.masked_bce(train_model(ids, att).float(), y, m)
-            if not torch.isfinite(loss):
+            bad = (~torch.isfinite(loss.detach())).float()  # (1,): 1 if this process's loss is not finite
+            if ddp:  # decided together: a process skipping alone would leave the others waiting for its gradients
+                dist.all_reduce(bad)
+            if bad:
+                where = f"batch ids {b['id']}" if not torch.isfinite(loss) else "on another process"
                 if not args.skip_nonfinite:
-                    raise D.DataError(f"non-finite loss at step {step}, batch ids {b['id']} (use --skip-nonfinite to skip such batches)")
+                    raise D.DataError(f"non-finite loss at step {step}, {where} (use --skip-nonfinite to skip such batches)")
                 skipped += 1
-                opt.zero_grad(set_to_none=True)
-                continue
-            scaler.scale(loss / args.accum).backward()
-            seen += len(ids) * world
+                log(f"skipped: non-finite loss at step {step}, {where}")
+                for t, old in zip(model.buffers(), saved):  # the forward pass updated them: undo, no trace left
+                    t.copy_(old)
+                dropped = True  # its optimizer step passes without an update: epochs and schedule stay in step
+            else:
+                scaler.scale(loss / args.accum).backward()
+                seen += len(ids) * world
             if not last_micro:
                 continue
-            for group in opt.param_groups:
-                group["lr"] = lr_at(step)
-            if args.clip:
-                scaler.unscale_(opt)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
-            scaler.step(opt)
-            scaler.update()
+            if not dropped:
+                for group in opt.param_groups:
+                    group["lr"] = lr_at(step)
+                if args.clip:
+                    scaler.unscale_(opt)
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
+                scaler.step(opt)
+                scaler.update()
             opt.zero_grad(set_to_none=True)
-            step += 1
+            step, dropped = step + 1, False
             if step % args.log_every == 0 or step == total_steps:
                 rate = seen / (time.time() - t0)
                 log(f"step {step}/{total_steps} | epoch {epoch + 1} | loss {loss.item():.4f} | lr {lr_at(step - 1):.2e} | {rate:.1f} samples/s")
                 history.append({"step": step, "loss": loss.item(), "lr": lr_at(step - 1)})
-            if master and args.save_every and step % args.save_every == 0:
+            if master and args.save_every and step % args.save_every == 0 and step % steps_per_epoch:  # (epoch end: below)
                 save("last.pt", epoch, metrics)
             if step >= total_steps or (args.max_steps and step >= args.max_steps):
                 break
@@ -251,11 +264,13 @@ def main():
             improved = macro is not None and macro > best
             if improved:
                 best = macro
-            save("last.pt", epoch + (step % steps_per_epoch == 0), metrics)
-            if improved or not (out / "best.pt").exists():
+            # best.pt first: killed in between, the run resumes from the old last.pt and evaluates again, so
+            # last.pt never remembers a best.pt that is not on disk (nor one left by an earlier run in --out)
+            if improved or best == -math.inf:
                 save("best.pt", epoch + 1, metrics)
-            with open(out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(history[-1]) + "\n")
+            save("last.pt", epoch + (step % steps_per_epoch == 0), metrics)
+            # rewritten whole from the history (which a resumed run reloads): no epoch lost or repeated
+            D.write_atomic(out / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in history if "epoch" in h))
         if ddp:
             dist.barrier()
 

@@ -139,7 +139,19 @@ def main():
                     "vision": {"in_channels": args.in_channels, "stem": 4 if args.lite else 2, "widths": [64, 128, 256, 512]}}
     model = M.build_model(model_config)
     if args.init:  # e.g. weights converted from a video model; printed so nothing loads silently
-        missing, unexpected = model.encoder.load_state_dict(torch.load(args.init, map_location="cpu", weights_only=True), strict=False)
+        try:
+            state = torch.load(args.init, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise D.DataError(f"{args.init}: not a readable state dict ({type(e).__name__})") from None
+        if isinstance(state, dict) and "stage" in state:  # one of ours: a vision checkpoint's encoder, nothing else
+            state = M.load_checkpoint(args.init, stage=STAGE)["model"]
+            state = {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}
+        try:
+            missing, unexpected = model.encoder.load_state_dict(state, strict=False)
+        except (RuntimeError, TypeError, AttributeError) as e:  # wrong shapes, or not a dict of tensors
+            raise D.DataError(f"{args.init}: does not fit the encoder ({str(e).strip().splitlines()[-1][:200]})") from None
+        if not set(state) & set(model.encoder.state_dict()):
+            raise D.DataError(f"{args.init}: none of its {len(state)} keys is an encoder weight (e.g. {list(state)[:2]})")
         log(f"init: {args.init} ({len(missing)} missing, {len(unexpected)} unexpected keys)")
     model.encoder.grad_ckpt = args.grad_ckpt
     model.to(device)
@@ -192,7 +204,7 @@ def main():
     log(f"training: {args.epochs} epochs x {steps_per_epoch} steps, batch {args.batch_size} "
         f"({world} process(es) x {micro} x accum {args.accum}), amp {args.amp}, device {device}")
     model.train()
-    skipped, t0, seen, metrics = 0, time.time(), 0, {}
+    skipped, dropped, t0, seen, metrics = 0, False, time.time(), 0, {}
     while step < total_steps and not (args.max_steps and step >= args.max_steps):
         epoch, done = divmod(step, steps_per_epoch)
         sampler.set_epoch(epoch)
@@ -205,32 +217,41 @@ def main():
             x = b["image"].to(device, non_blocking=True)  # (B, 1, D, H, W)
             y, m = b["targets"].to(device), b["mask"].to(device)  # (B, C) each
             last_micro = (i + 1) % args.accum == 0
+            saved = [t.clone() for t in model.buffers()] if args.skip_nonfinite else []  # BatchNorm statistics
             with (train_model.no_sync() if ddp and not last_micro else nullcontext()), autocast():
                 loss = M.masked_bce(train_model(x).float(), y, m)
-            if not torch.isfinite(loss):
+            bad = (~torch.isfinite(loss.detach())).float()  # (1,): 1 if this process's loss is not finite
+            if ddp:  # decided together: a process skipping alone would leave the others waiting for its gradients
+                dist.all_reduce(bad)
+            if bad:
+                where = f"batch ids {b['id']}" if not torch.isfinite(loss) else "on another process"
                 if not args.skip_nonfinite:
-                    raise D.DataError(f"non-finite loss at step {step}, batch ids {b['id']} (use --skip-nonfinite to skip such batches)")
+                    raise D.DataError(f"non-finite loss at step {step}, {where} (use --skip-nonfinite to skip such batches)")
                 skipped += 1
-                opt.zero_grad(set_to_none=True)
-                continue
-            scaler.scale(loss / args.accum).backward()
-            seen += len(x) * world
+                log(f"skipped: non-finite loss at step {step}, {where}")
+                for t, old in zip(model.buffers(), saved):  # the forward pass updated them: undo, no trace left
+                    t.copy_(old)
+                dropped = True  # its optimizer step passes without an update: epochs and schedule stay in step
+            else:
+                scaler.scale(loss / args.accum).backward()
+                seen += len(x) * world
             if not last_micro:
                 continue
-            for group in opt.param_groups:
-                group["lr"] = lr_at(step)
-            if args.clip:
-                scaler.unscale_(opt)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
-            scaler.step(opt)
-            scaler.update()
+            if not dropped:
+                for group in opt.param_groups:
+                    group["lr"] = lr_at(step)
+                if args.clip:
+                    scaler.unscale_(opt)
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
+                scaler.step(opt)
+                scaler.update()
             opt.zero_grad(set_to_none=True)
-            step += 1
+            step, dropped = step + 1, False
             if step % args.log_every == 0 or step == total_steps:
                 rate = seen / (time.time() - t0)
                 log(f"step {step}/{total_steps} | epoch {epoch + 1} | loss {loss.item():.4f} | lr {lr_at(step - 1):.2e} | {rate:.1f} samples/s")
                 history.append({"step": step, "loss": loss.item(), "lr": lr_at(step - 1)})
-            if master and args.save_every and step % args.save_every == 0:
+            if master and args.save_every and step % args.save_every == 0 and step % steps_per_epoch:  # (epoch end: below)
                 save("last.pt", epoch, metrics)
             if step >= total_steps or (args.max_steps and step >= args.max_steps):
                 break
@@ -244,11 +265,13 @@ def main():
             improved = macro is not None and macro > best
             if improved:
                 best = macro
-            save("last.pt", epoch + (step % steps_per_epoch == 0), metrics)
-            if improved or not (out / "best.pt").exists():
+            # best.pt first: killed in between, the run resumes from the old last.pt and evaluates again, so
+            # last.pt never remembers a best.pt that is not on disk (nor one left by an earlier run in --out)
+            if improved or best == -math.inf:
                 save("best.pt", epoch + 1, metrics)
-            with open(out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(history[-1]) + "\n")
+            save("last.pt", epoch + (step % steps_per_epoch == 0), metrics)
+            # rewritten whole from the history (which a resumed run reloads): no epoch lost or repeated
+            D.write_atomic(out / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in history if "epoch" in h))
         if ddp:
             dist.barrier()
 

@@ -172,7 +172,8 @@ def run_cli(*args, cwd=ROOT):
 
 
 def test_preprocess_cli_reports_failures_without_traceback(tmp_path):
-    save_nifti(tmp_path / "good.nii.gz", np.zeros((10, 10, 6), np.int16), np.diag([4.0, 4, 8, 1]))
+    good = np.random.default_rng(0).integers(-1000, 200, (10, 10, 6)).astype(np.int16)  # not constant: that is refused
+    save_nifti(tmp_path / "good.nii.gz", good, np.diag([4.0, 4, 8, 1]))
     save_nifti(tmp_path / "broken.nii.gz", np.full((10, 10, 6), np.nan, np.float32))
     write_csv(tmp_path / "manifest.csv", ["image", "report"], [["good.nii.gz", "ok"], ["broken.nii.gz", "x"]])
     r = run_cli("preprocess", "--data", str(tmp_path), "--preset", "demo", "--workers", "2")
