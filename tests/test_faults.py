@@ -11,8 +11,11 @@
 """
 import csv
 import json
+import math
 import os
 import random
+import re
+import runpy
 import signal
 import subprocess
 import sys
@@ -21,8 +24,13 @@ import time
 from collections import Counter, defaultdict
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import numpy as np
 import pytest
+import torch
 
+import badinput as B
+import data
+import model as M
 from conftest import ROOT
 
 KEY = "sk-test-FAULTS-7f3a9"
@@ -257,7 +265,6 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 
 
 def load(path):
-    import torch
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
@@ -308,11 +315,6 @@ def test_training_survives_sigkill(tmp_path, tiny, script):
 # -----------------------------------------------------------------------------
 # bad input: one line naming the file or row, and a documented outcome (refused: exit 2; or skipped and counted)
 
-import runpy  # noqa: E402
-
-import badinput as B  # noqa: E402
-
-
 @pytest.fixture
 def script(monkeypatch, capsys, tmp_path):
     """Run a stage script's __main__ in this process (torch is imported once) -> (exit code, stdout, stderr).
@@ -353,7 +355,6 @@ VISION = ["pretrain_vision.py", "--lite", "--epochs", "1", "--batch-size", "4", 
 
 
 def test_bad_volumes_preprocess_skips_and_lists_each(tmp_path, capsys):
-    import data
     rows = B.toy_set(tmp_path)
     for kind in B.VOLUME_KINDS:
         B.bad_volume(tmp_path / f"bad_{kind}.nii.gz", kind)
@@ -381,7 +382,6 @@ def test_bad_volume_refused_by_training(tmp_path, script, kind):
 
 
 def test_nan_in_cache_refused(tmp_path, script):
-    import numpy as np
     B.toy_set(tmp_path / "d")
     cache = tmp_path / "d" / "cache-demo"
     cache.mkdir()
@@ -398,8 +398,8 @@ def test_bad_reports(tmp_path, script):
     code, out, err = script("distill.py", "--backend", "rules", "--reports", tmp_path / "d" / "manifest.csv",
                             "--labels", tmp_path / "d" / "manifest.csv")
     assert code == 1 and "Traceback" not in err
-    assert B.__name__ and [(r["id"], r["reason"]) for r in read_rows(tmp_path / "out/distill/failures.csv")] == \
-        [("v0", "empty report"), ("v1", "empty report")]
+    failures = [(r["id"], r["reason"]) for r in read_rows(tmp_path / "out/distill/failures.csv")]
+    assert failures == [("v0", "empty report"), ("v1", "empty report")]
     # the text and alignment stages: skipped, counted and named
     code, out, err = script("pretrain_text.py", "--data", tmp_path / "d", "--out", tmp_path / "t", "--epochs", "1",
                             "--batch-size", "4", "--max-len", "32", "--labels", tmp_path / "d" / "manifest.csv")
@@ -443,7 +443,6 @@ def test_bad_label_csvs(tmp_path, script):
 
 def tiny_checkpoints(d, reports):
     """Checkpoints of each stage with small encoders: the scripts refuse them before any weight is used."""
-    import model as M
     d.mkdir(exist_ok=True)
     _, _, text_cfg = M.build_text("scratch", reports=reports, max_len=32)
     vision = {"in_channels": 1, "stem": 4, "widths": [8, 16, 32, 32]}
@@ -463,15 +462,14 @@ def tiny_checkpoints(d, reports):
 
 
 def test_checkpoints_of_another_stage_or_label_set(tmp_path, script):
-    import torch
     rows = B.toy_set(tmp_path / "d")
     ck = tiny_checkpoints(tmp_path / "ck", [r[2] for r in rows[1:]])
-    data = ["--data", tmp_path / "d", "--workers", "0", "--batch-size", "4"]
-    align = ["align.py", "--lite", "--out", tmp_path / "a", "--max-len", "32", *data]
+    common = ["--data", tmp_path / "d", "--workers", "0", "--batch-size", "4"]
+    align = ["align.py", "--lite", "--out", tmp_path / "a", "--max-len", "32", *common]
     refused(script(*align, "--vision-ckpt", ck["text"], "--text-ckpt", ck["text"]), "text.pt", "expected a 'vision'", "found a 'text'")
     refused(script(*align, "--vision-ckpt", ck["vision_AB"], "--text-ckpt", ck["text"]), "vision_AB.pt", "label set differs")
     refused(script(*align, "--vision-ckpt", ck["vision"], "--text-ckpt", ck["align"]), "align.pt", "expected a 'text'")
-    evaluate = ["evaluate.py", "--out", tmp_path / "e", "--bootstrap", "0", *data[:4], "--split", "valid"]
+    evaluate = ["evaluate.py", "--out", tmp_path / "e", "--bootstrap", "0", *common[:4], "--split", "valid"]
     refused(script(*evaluate, "--ckpt", ck["vision"]), "vision.pt", "expected a 'align'")
     refused(script(*evaluate, "--ckpt", ck["cut"]), "cut.pt", "not a readable checkpoint")
     # a label CSV with a column the checkpoint does not know: evaluated without it, and said
@@ -481,7 +479,7 @@ def test_checkpoints_of_another_stage_or_label_set(tmp_path, script):
     # resume from another stage's last.pt; --init with another stage's checkpoint, garbage, or foreign keys
     (tmp_path / "v").mkdir()
     (tmp_path / "v" / "last.pt").write_bytes(ck["text"].read_bytes())
-    vision = [*VISION[:-2], *data, "--out", tmp_path / "v"]
+    vision = [*VISION[:-2], *common, "--out", tmp_path / "v"]
     refused(script(*vision, "--resume"), "last.pt", "expected a 'vision'", "found a 'text'")
     refused(script(*vision, "--init", ck["text"]), "text.pt", "expected a 'vision'")
     (tmp_path / "junk.pt").write_text("not weights")
@@ -511,9 +509,6 @@ def test_nonfinite_loss_stops_naming_step_and_ids(tmp_path, script, name):
 def test_nonfinite_batch_skipped_and_counted(tmp_path, script, monkeypatch):
     """A batch whose input is NaN (a read that slipped past every check) is skipped on request: counted, named,
     and without a trace in the weights or the BatchNorm statistics; the run's numbers stay finite."""
-    import math
-    import data
-    import torch
     B.toy_set(tmp_path / "d", n_train=8)
     getitem = data.VolumeReportDataset.__getitem__
 
@@ -542,7 +537,6 @@ SOURCES = sorted(p for p in list(ROOT.glob("*.py")) + list((ROOT / "benchmarks")
 
 
 def calls(pattern):
-    import re
     return [(p.name, n, line) for p in SOURCES for n, line in enumerate(p.read_text().splitlines(), 1)
             if re.search(pattern, line.split("#")[0])]
 
