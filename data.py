@@ -18,7 +18,7 @@ CLI (bad input stops with one line naming the file and row, never a traceback):
   python data.py ctrate --reports train_reports.csv --labels train_labels.csv \\
       --volumes CT-RATE/dataset/train --metadata train_metadata.csv --out ctrate/manifest.csv
 """
-import argparse, csv, io, json, os, re, sys  # noqa: E401
+import argparse, csv, io, json, os, re, shutil, sys  # noqa: E401
 from dataclasses import dataclass, replace
 from multiprocessing import Pool
 from pathlib import Path
@@ -511,7 +511,7 @@ def main(argv=None):
     d = sub.add_parser("demo", help="write the synthetic demo set (volumes, manifest, dataset.json)")
     d.add_argument("--out", default="data/demo", help="output folder")
     d.add_argument("--seed", type=int, default=0, help="random seed of the generator")
-    for split, n in (("train", 200), ("valid", 50), ("test", 50)):
+    for split, n in (("train", 1000), ("valid", 100), ("test", 100)):
         d.add_argument(f"--n-{split}", type=int, default=n, help=f"{split} volumes")
     p = sub.add_parser("preprocess", help="resample and pad every volume of a manifest into a .npy cache")
     p.add_argument("--data", required=True, help="manifest CSV, or a folder holding manifest.csv")
@@ -536,7 +536,7 @@ def main(argv=None):
 DEMO_DIR = "data/demo"  # where every stage looks for (and builds) the demo set by default
 DISTILL_LABELS = "out/distill/labels.csv"  # where distill.py writes labels, read by later stages by default
 
-def make_demo(out_dir, n_train=200, n_valid=50, n_test=50, seed=0):
+def make_demo(out_dir, n_train=1000, n_valid=100, n_test=100, seed=0):
     """The synthetic demo set (demo.py holds the generator: it is not part of the recipe)."""
     from demo import make_demo as build
     build(out_dir, n_train=n_train, n_valid=n_valid, n_test=n_test, seed=seed)
@@ -556,17 +556,23 @@ def pick_labels(table, path=None):
     return table, "the manifest label columns"
 
 def training_defaults(path, stage):
-    """Training flags a data set recommends for a stage: dataset.json's {"train": {stage: {flag: value}}}
-    (the demo set's even before it is built). The scripts apply them under the command line and print them."""
-    if manifest_path(path).is_file():
-        return dataset_defaults(path).get("train", {}).get(stage, {})
-    from demo import DEMO_TRAIN
-    return DEMO_TRAIN.get(stage, {}) if str(path) == DEMO_DIR else {}
+    """Training flags a data set recommends for a stage: dataset.json's {"train": {stage: {flag: value}}}; for
+    the default demo folder demo.py's own (it is built or rebuilt from demo.py before use). The scripts apply
+    them under the command line and print them."""
+    if str(path) == DEMO_DIR:
+        from demo import DEMO_TRAIN
+        return DEMO_TRAIN.get(stage, {})
+    return dataset_defaults(path).get("train", {}).get(stage, {}) if manifest_path(path).is_file() else {}
 
 def ensure_demo(path):
-    """Build the demo set at `path` unless it is complete (dataset.json is written last); -> path."""
-    if not (Path(path) / "dataset.json").is_file():
-        print(f"building the synthetic demo set in {path} (once)")
+    """Build the demo set at `path` unless it is complete (dataset.json is written last) and made by this
+    demo.py (its version); an older one is replaced, cache included (the ids repeat). -> path."""
+    from demo import DEMO_VERSION
+    info = Path(path) / "dataset.json"
+    old = info.is_file() and json.loads(info.read_text()).get("version") != DEMO_VERSION
+    if old or not info.is_file():
+        print(f"building the synthetic demo set in {path} ({'replacing an older version' if old else 'once'})")
+        shutil.rmtree(Path(path) / "cache-demo", ignore_errors=True)
         make_demo(path)
     return path
 

@@ -45,12 +45,30 @@ def small(tmp_path_factory):
 def default(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo_default")
     t = time.time()
-    make_demo(out)
+    make_demo(out, n_train=200, n_valid=50, n_test=50)  # the default generator, 300 of its 1,200 volumes
     print(f"\ndefault demo set (300 volumes) built in {time.time() - t:.1f} s")
     return out
 
 
 # ---- structure ----
+
+def test_ensure_demo_replaces_an_older_version(tmp_path, monkeypatch):
+    """A demo set from an older demo.py is rebuilt, its cache dropped (the ids repeat: stale volumes would be
+    read for new labels); a current one is left alone."""
+    import data
+    from demo import DEMO_VERSION
+    d = tmp_path / "demo"
+    (d / "cache-demo").mkdir(parents=True)
+    (d / "cache-demo" / "demo_train_0001.npy").write_bytes(b"stale")
+    (d / "dataset.json").write_text(json.dumps({"preset": "demo", "version": DEMO_VERSION - 1}))
+    built = []
+    monkeypatch.setattr(data, "make_demo", built.append)
+    data.ensure_demo(d)
+    assert built == [d] and not (d / "cache-demo").exists()
+    (d / "dataset.json").write_text(json.dumps({"preset": "demo", "version": DEMO_VERSION}))
+    data.ensure_demo(d)
+    assert built == [d]
+
 
 def test_files_manifest_and_headers(small):
     rows = read_manifest(small)
