@@ -47,6 +47,8 @@ def main():
     g.add_argument("--cache", default=None, help="preprocessed cache folder (default: <data>/cache-<preset>, used when it exists)")
     g.add_argument("--uncertain", default="mask", choices=["mask", "positive", "negative"], help="how uncertain (-1) labels enter the loss")
     g.add_argument("--workers", type=int, default=2, help="data loader worker processes")
+    g.add_argument("--random-crop", action=argparse.BooleanOptionalAction, default=True,
+                   help="train on random crops of the stored volume (translation augmentation); --no-random-crop: centre crops")
     g = p.add_argument_group("model")
     g.add_argument("--lite", action="store_true", help="lite model: stride-4 patchify stem (the 6 GB configuration)")
     g.add_argument("--in-channels", type=int, default=1, help="input channels (e.g. several MRI sequences)")
@@ -124,7 +126,7 @@ def main():
     log(f"data: {table.source} ({len(train_t)} train / {len(valid_t)} valid volumes), preset {preset}, "
         f"cache {cache if Path(cache).exists() else 'none (reading NIfTI)'}")
     log(f"labels: {labels_used} ({len(table.label_names)} labels)")
-    train_ds = D.VolumeReportDataset(train_t, preset, train=True, cache_dir=cache, seed=args.seed, uncertain=args.uncertain)
+    train_ds = D.VolumeReportDataset(train_t, preset, train=args.random_crop, cache_dir=cache, seed=args.seed, uncertain=args.uncertain)
     valid_ds = D.VolumeReportDataset(valid_t, preset, train=False, cache_dir=cache, uncertain=args.uncertain)
     # One sampler for every case: with a single process it is a seeded shuffle, under torchrun each
     # rank gets a disjoint shard. drop_last keeps every batch full (BatchNorm dislikes tiny batches).
