@@ -81,11 +81,12 @@ def gpu_peak(stem, amp, ckpt, args):
 
 
 def section_memory(args):
-    print(f"\n## Peak training memory of align.py: batch {args.batch}, crop {'x'.join(map(str, args.crop))}, BERT-base, AdamW")
-    print("Counted exactly under FakeTensorMode (no real memory): bytes of every tensor storage from its creation to its "
-          "release, with the GPU's attention and dropout kernels; GiB = 2^30 bytes. activations: kept for the backward "
-          "pass at the end of the forward; transient: how far the peak rises above that plateau or the end of the backward "
-          "(recomputation, gradient buffers, temporaries). A real GPU adds the CUDA context "
+    print(f"\n## Peak training memory of align.py: batch {args.batch}, crop {'x'.join(map(str, args.crop))}, "
+          "BERT-base, AdamW")
+    print("Counted exactly under FakeTensorMode (no real memory): bytes of every tensor storage from its creation to "
+          "its release, with the GPU's attention and dropout kernels; GiB = 2^30 bytes. activations: kept for the "
+          "backward pass at the end of the forward; transient: how far the peak rises above that plateau or the end of "
+          "the backward (recomputation, gradient buffers, temporaries). A real GPU adds the CUDA context "
           "(~0.3-0.5 GiB, outside max_memory_allocated), cuDNN workspaces and allocator fragmentation (~0.5-1 GiB).")
     results = {}
     for tokens in args.tokens:
@@ -112,7 +113,8 @@ def section_memory(args):
                 row += " |"
             ok = "" if target is None else ("holds" if peak <= target * GiB else "MISSED")
             print(f"{row} {'' if target is None else f'<= {target}'} | {ok} |  [{time.time() - t0:.0f} s]", flush=True)
-        r = count_step(lambda: build(4, False, text_ckpt=False), lambda: make_batch(args.batch, args.crop, tokens), False)
+        r = count_step(lambda: build(4, False, text_ckpt=False), lambda: make_batch(args.batch, args.crop, tokens),
+                       False)
         print(f"(lite (default) without the text-encoder checkpointing that align.py --lite turns on: "
               f"{r['activations'] / GiB:.2f} GiB of activations, peak {r['peak'] / GiB:.2f} GiB)")
     return results
@@ -134,7 +136,8 @@ def step_flops(stem, ckpt, batch, crop, tokens):
 
 
 def all_flops(args):
-    return {(stem, ckpt): step_flops(stem, ckpt, args.batch, args.crop, args.tokens[0]) for stem in (2, 4) for ckpt in (False, True)}
+    return {(stem, ckpt): step_flops(stem, ckpt, args.batch, args.crop, args.tokens[0])
+            for stem in (2, 4) for ckpt in (False, True)}
 
 
 def time_steps(model, b, amp, steps, device):
@@ -167,14 +170,16 @@ def section_flops(args):
              f"{'x'.join(map(str, crop))}, {tokens} tokens, {args.steps} step(s) after a warm-up")
     print(f"GFLOP per sample at batch {args.batch}, crop {'x'.join(map(str, args.crop))}, {args.tokens[0]} tokens; "
           f"speed on {where}")
-    peak = args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if on_gpu and k in torch.cuda.get_device_name()), None)
+    peak = args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if on_gpu and k in torch.cuda.get_device_name()),
+                                    None)
     print("| model | flags | GFLOP/sample | of which vision | of which text | samples/s | achieved TFLOP/s |"
           + (" of peak |" if on_gpu else " est. paper-scale samples/s here |"))
     print("|" + " --- |" * 8)
     speed = {}
     for name, stem, amp, ckpt, _ in CONFIGS:
         f = flops[(stem, ckpt)]
-        cells = f"| {name} | {flag(amp, ckpt)} | {f['align'] / 1e9:,.0f} | {f['vision'] / 1e9:,.0f} | {f['text'] / 1e9:,.0f} |"
+        cells = (f"| {name} | {flag(amp, ckpt)} | {f['align'] / 1e9:,.0f} | {f['vision'] / 1e9:,.0f} | "
+                 f"{f['text'] / 1e9:,.0f} |")
         if (amp and not on_gpu) or (args.quick and ckpt and not on_gpu):
             why = "bf16 Conv3d has no fast CPU kernel: ~25x slower than fp32 here" if amp else "--quick"
             print(f"{cells} not measured ({why}) | | |", flush=True)
@@ -258,15 +263,17 @@ def section_preprocess(args, consumers):
         print(f"| data.py preprocess_volume (nibabel + torch trilinear) | {a:.2f} | |")
         if chain is not None:
             m = statistics.median(theirs)
-            print(f"| MONAI {monai.__version__}: LoadImage, Orientation, Spacing, ScaleIntensityRange, ResizeWithPadOrCrop "
+            print(f"| MONAI {monai.__version__}: LoadImage, Orientation, Spacing, ScaleIntensityRange, "
+                  "ResizeWithPadOrCrop "
                   f"| {m:.2f} | ours {m / a:.1f}x faster ({'holds' if m / a >= 2 else 'MISSED'}: target >= 2x) |")
             # Same window on both: ours (D, H, W) int16 HU -> [-1, 1]; MONAI's is (1, x, y, z).
             diff = np.abs(D.normalize(stored, "chest") - np.asarray(out)[0].transpose(2, 1, 0)) * 600  # in HU
             tol_mean, tol_p99 = 2.0, 10.0
             ok = diff.mean() <= tol_mean and np.percentile(diff, 99) <= tol_p99
-            print(f"Outputs compared voxel by voxel in HU (both windowed to [-1000, 200]): mean |diff| {diff.mean():.2f}, "
-                  f"99th percentile {np.percentile(diff, 99):.1f}, max {diff.max():.0f} (at edges: data.py spans the input "
-                  f"extent with the rounded size, MONAI keeps exactly 1.5 mm, a shift of up to 0.1 voxel), "
+            print(f"Outputs compared voxel by voxel in HU (both windowed to [-1000, 200]): mean |diff| "
+                  f"{diff.mean():.2f}, 99th percentile {np.percentile(diff, 99):.1f}, max {diff.max():.0f} (at edges: "
+                  f"data.py spans the input extent with the rounded size, MONAI keeps exactly 1.5 mm, a shift of up to "
+                  f"0.1 voxel), "
                   f"{(diff <= 10).mean():.2%} within 10 HU; tolerance mean <= {tol_mean}, p99 <= {tol_p99}: "
                   f"{'equal within it' if ok else 'NOT EQUAL'}")
         # Reading: random training crops from the cache, as VolumeReportDataset does for every sample.
@@ -301,7 +308,8 @@ def section_preprocess(args, consumers):
 def stage1(flops, stem, ckpt):
     """FLOPs per sample of each stage with these flags: pretrain_vision.py (the align step's vision share),
     pretrain_text.py (the text share without the checkpointing align.py --lite adds) and align.py."""
-    return {"vision": flops[(stem, ckpt)]["vision"], "text": flops[(2, ckpt)]["text"], "align": flops[(stem, ckpt)]["align"]}
+    return {"vision": flops[(stem, ckpt)]["vision"], "text": flops[(2, ckpt)]["text"],
+            "align": flops[(stem, ckpt)]["align"]}
 
 
 def gpu_rates(flops, args):
@@ -311,9 +319,9 @@ def gpu_rates(flops, args):
 
 def section_schedule(args, flops):
     n, epochs = 47149, 5
-    print(f"\n## The paper's schedule on CT-RATE ({n:,} training volumes; vision, text, alignment, {epochs} epochs each) "
-          f"on a 24 GB-class GPU: {args.ref_tflops:g} TFLOP/s bf16 peak (RTX 3090) x {args.efficiency:.0%} assumed "
-          f"efficiency, {args.tokens[0]} tokens; estimated from the FLOPs, not measured")
+    print(f"\n## The paper's schedule on CT-RATE ({n:,} training volumes; vision, text, alignment, {epochs} epochs "
+          f"each) on a 24 GB-class GPU: {args.ref_tflops:g} TFLOP/s bf16 peak (RTX 3090) x {args.efficiency:.0%} "
+          f"assumed efficiency, {args.tokens[0]} tokens; estimated from the FLOPs, not measured")
     print("| model | flags | vision stage 1 (h) | text stage 1 (h) | alignment (h) | total GPU-hours | paper |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for name, stem, amp, ckpt, _ in CONFIGS:
@@ -332,17 +340,22 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--only", nargs="+", choices=["memory", "flops", "preprocess", "schedule"],
                    help="run only these sections (default: all; schedule needs the FLOPs, which it counts itself)")
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="cuda: real peak memory and speed at paper scale")
-    p.add_argument("--quick", action="store_true", help="fewer timed runs (no --grad-ckpt speed rows on CPU, one repeat)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                   help="cuda: real peak memory and speed at paper scale")
+    p.add_argument("--quick", action="store_true",
+                   help="fewer timed runs (no --grad-ckpt speed rows on CPU, one repeat)")
     p.add_argument("--batch", type=int, default=10, help="batch size (the paper's: 10)")
     p.add_argument("--crop", type=int, nargs=3, default=[96, 192, 192], help="training crop D H W (the chest preset's)")
     p.add_argument("--tokens", type=int, nargs="+", default=[512, 128],
                    help="report lengths in tokens to count memory at (the first is used for FLOPs and the schedule)")
-    p.add_argument("--steps", type=int, default=None, help="timed training steps per configuration, after one warm-up (default: 1 on CPU, 5 on a GPU)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="timed training steps per configuration, after one warm-up (default: 1 on CPU, 5 on a GPU)")
     p.add_argument("--repeats", type=int, default=3, help="preprocessing runs per pipeline (median)")
     p.add_argument("--workdir", default="out/bench", help="where the generated volume and the test cache go")
-    p.add_argument("--peak-tflops", type=float, default=None, help="--device cuda: the card's bf16 dense peak, if not in the table")
-    p.add_argument("--ref-tflops", type=float, default=71.0, help="schedule: reference 24 GB GPU's bf16 dense peak (RTX 3090: 71)")
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help="--device cuda: the card's bf16 dense peak, if not in the table")
+    p.add_argument("--ref-tflops", type=float, default=71.0,
+                   help="schedule: reference 24 GB GPU's bf16 dense peak (RTX 3090: 71)")
     p.add_argument("--efficiency", type=float, default=0.3, help="schedule: assumed fraction of that peak achieved")
     args = p.parse_args()
     args.crop = tuple(args.crop)
@@ -372,7 +385,8 @@ def main():
             (s, a, c), r = max(speed.items(), key=lambda kv: kv[1])
             rates = [(f"align.py {'lite' if s == 4 else 'standard'} {flag(a, c)}, measured", r)]
         else:
-            est, lite = f"estimated at {args.ref_tflops:g} TFLOP/s x {args.efficiency:.0%}", gpu_rates(flops[(4, False)], args)
+            est = f"estimated at {args.ref_tflops:g} TFLOP/s x {args.efficiency:.0%}"
+            lite = gpu_rates(flops[(4, False)], args)
             rates = [(f"align.py --lite --amp (the fastest align configuration), {est}", lite["align"]),
                      (f"pretrain_vision.py --lite --amp (the fastest stage), {est}", lite["vision"])]
         section_preprocess(args, rates)
