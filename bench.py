@@ -26,31 +26,23 @@ Examples:
   python bench.py --device cuda            # on a GPU: real peak memory, samples/s and TFLOP/s at paper scale
 """
 import argparse
-import contextlib
 import math
 import os
 import platform
 import statistics
 import time
 import warnings
-import weakref
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch._subclasses.fake_tensor import FakeTensorMode
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import FlopCounterMode
 
 import data as D
-import model as M
+from benchmarks.memcount import build, count_step, forward_loss, gpu_kernels, make_batch, optimizer_step
 
 GiB = 2 ** 30
-# CXR-BERT (microsoft/BiomedVLP-CXR-BERT-specialized) is a BERT-base: the same sizes, random weights, no download.
-BERT_BASE = dict(vocab_size=30522, hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
-                 max_position_embeddings=512, type_vocab_size=2, pad_token_id=0)
 # (name, stem, --amp bf16, --grad-ckpt, memory target in GiB or None): the configurations the issue asks for.
 CONFIGS = [("standard", 2, False, False, 24), ("standard", 2, True, False, None), ("standard", 2, False, True, None),
            ("standard", 2, True, True, 8), ("lite", 4, False, False, 6), ("lite", 4, True, False, None),
@@ -64,148 +56,7 @@ def flag(amp, ckpt):
 
 
 # -----------------------------------------------------------------------------
-# the measured step: the same calls as align.py's training loop
-
-def build(stem, ckpt, text_ckpt=None, num_labels=18, bert=BERT_BASE, widths=(64, 128, 256, 512)):
-    """GreenRFM as align.py builds it: ResNet3D + BERT trunk, projections, shared classifier. As in align.py, the
-    text encoder is checkpointed with --grad-ckpt and always in the lite configuration (text_ckpt overrides)."""
-    model = M.build_model({"kind": "align", "num_labels": num_labels, "embed_dim": 768, "text": {"bert": bert},
-                           "vision": {"in_channels": 1, "stem": stem, "widths": list(widths), "grad_ckpt": ckpt}})
-    if (ckpt or stem == 4) if text_ckpt is None else text_ckpt:
-        model.text.gradient_checkpointing_enable()
-    return model.train()
-
-
-def make_batch(batch, crop, tokens, num_labels=18, vocab=BERT_BASE["vocab_size"], device="cpu"):
-    """Random inputs of the real shapes: volume (B, 1, D, H, W), token ids and mask (B, L), targets and mask (B, C).
-    The first report fills all L tokens, the others are padded from 3/4 on, so BERT uses its attention mask."""
-    att = torch.ones(batch, tokens, dtype=torch.long, device=device)
-    att[1:, tokens * 3 // 4:] = 0
-    return {"x": torch.randn(batch, 1, *crop, device=device), "ids": torch.randint(0, vocab, (batch, tokens), device=device),
-            "att": att, "y": torch.randint(0, 2, (batch, num_labels), device=device).float(),
-            "m": torch.ones(batch, num_labels, device=device)}
-
-
-def forward_loss(model, b, amp):
-    """align.py: autocast forward, then the loss on float32 latents and logits."""
-    with torch.autocast(b["x"].device.type, dtype=torch.bfloat16, enabled=amp):
-        img, txt, img_logits, txt_logits = model(b["x"], b["ids"], b["att"])
-        loss, _ = M.align_loss(img.float(), txt.float(), img_logits.float(), txt_logits.float(), b["y"], b["m"])
-    return loss
-
-
-def optimizer_step(model, opt):
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)  # align.py clips at 0.5
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-
-
-def new_optimizer(model):
-    # foreach=True is what AdamW picks on a GPU (its intermediates are part of the peak); lr and decay as align.py.
-    return torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.0, foreach=True)
-
-
-@contextlib.contextmanager
-def gpu_kernels():
-    """Within the CPU count, run the kernels a CUDA GPU picks, so that the count is the GPU's: memory-efficient
-    attention (keeps q, k, v, output and a log-sum-exp; the CPU's math path would keep every B x heads x L x L
-    attention matrix) and fused dropout (a 1-byte mask; the CPU keeps a float32 one). Functions are swapped, not
-    hooked, because the recomputation of --grad-ckpt runs in the backward pass, outside any mode."""
-    def sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **_):
-        if attn_mask is not None and attn_mask.dtype == torch.bool:  # as SDPA does: True = attend
-            attn_mask = torch.where(attn_mask, 0.0, float("-inf")).to(q.dtype)
-        return torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, attn_mask, True, dropout_p, is_causal,
-                                                                       scale=scale)[0]
-
-    def dropout(x, p=0.5, training=True, inplace=False):
-        return torch.native_dropout(x, p, True)[0] if training and p > 0 else x
-    saved = F.scaled_dot_product_attention, F.dropout
-    F.scaled_dot_product_attention, F.dropout = sdpa, dropout
-    try:
-        yield
-    finally:
-        F.scaled_dot_product_attention, F.dropout = saved
-
-
-# -----------------------------------------------------------------------------
-# memory: every tensor storage an op creates, counted from its creation until it is freed
-
-class StorageCounter(TorchDispatchMode):
-    """Live bytes of tensor storage: each storage an op returns is added once (views share it) and removed
-    by a weakref finalizer when it dies. Works on real and on fake tensors. peak and the phase it fell in
-    are kept. What it cannot see: memory inside a kernel (cuDNN workspaces), the CUDA context, and the
-    allocator's rounding and fragmentation."""
-
-    def __init__(self):
-        super().__init__()
-        self.live, self.peak, self.phase, self.peak_phase, self.seen = 0, 0, "", "", {}
-
-    def reset_peak(self):
-        self.peak, self.peak_phase = self.live, self.phase
-
-    def _add(self, t):
-        st = t.untyped_storage()
-        key = id(st)  # torch keeps one Python object per live storage, so its id is stable while it lives
-        if key in self.seen:
-            return
-        nbytes = st.nbytes()
-
-        def freed(_, key=key, nbytes=nbytes):
-            self.seen.pop(key, None)
-            self.live -= nbytes
-        self.seen[key] = weakref.ref(st, freed)
-        self.live += nbytes
-        if self.live > self.peak:
-            self.peak, self.peak_phase = self.live, self.phase
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor):
-                self._add(t)
-        return out
-
-
-def storage_bytes(tensors):
-    """Bytes of the distinct storages behind some tensors."""
-    seen = {}
-    for t in tensors:
-        if isinstance(t, torch.Tensor):
-            seen[id(t.untyped_storage())] = t.untyped_storage().nbytes()
-    return sum(seen.values())
-
-
-def count_step(make_model, make_inputs, amp, fake=True, gpu_like=None):
-    """Run two training steps (the first creates the AdamW state) under a StorageCounter and describe the second:
-    {weights, grads, adam, batch, activations (kept for backward at the end of forward), peak, phase, end_fwd,
-    end_bwd, transient (how far the peak rises above the larger of the two plateaus)}, in bytes. fake=True runs under FakeTensorMode (no real memory is used); gpu_like (default: = fake)
-    swaps in the GPU's attention and dropout kernels."""
-    gpu_like = fake if gpu_like is None else gpu_like
-    with (FakeTensorMode() if fake else contextlib.nullcontext()), (gpu_kernels() if gpu_like else contextlib.nullcontext()):
-        counter = StorageCounter()
-        with counter:
-            model = make_model()
-            opt = new_optimizer(model)
-            b = make_inputs()
-            for _ in range(2):
-                start = counter.live
-                counter.phase = "forward"
-                counter.reset_peak()
-                loss = forward_loss(model, b, amp)
-                end_fwd = counter.live
-                counter.phase = "backward"
-                loss.backward()
-                end_bwd = counter.live
-                grads = storage_bytes(p.grad for p in model.parameters())
-                counter.phase = "optimizer"
-                optimizer_step(model, opt)
-                del loss
-            weights = storage_bytes([*model.parameters(), *model.buffers()])
-            adam = storage_bytes(v for s in opt.state.values() for v in s.values())
-            batch = storage_bytes(b.values())
-    return dict(weights=weights, grads=grads, adam=adam, batch=batch, activations=end_fwd - start, peak=counter.peak,
-                phase=counter.peak_phase, end_fwd=end_fwd, end_bwd=end_bwd, transient=counter.peak - max(end_fwd, end_bwd))
-
+# memory: the align step counted storage by storage (benchmarks/memcount.py), and run for real on a GPU
 
 def gpu_peak(stem, amp, ckpt, args):
     """--device cuda: the real step at paper scale, torch.cuda.max_memory_allocated of the second step (bytes)."""
@@ -230,11 +81,12 @@ def gpu_peak(stem, amp, ckpt, args):
 
 
 def section_memory(args):
-    print(f"\n## Peak training memory of align.py: batch {args.batch}, crop {'x'.join(map(str, args.crop))}, BERT-base, AdamW")
-    print("Counted exactly under FakeTensorMode (no real memory): bytes of every tensor storage from its creation to its "
-          "release, with the GPU's attention and dropout kernels; GiB = 2^30 bytes. activations: kept for the backward "
-          "pass at the end of the forward; transient: how far the peak rises above that plateau or the end of the backward "
-          "(recomputation, gradient buffers, temporaries). A real GPU adds the CUDA context "
+    print(f"\n## Peak training memory of align.py: batch {args.batch}, crop {'x'.join(map(str, args.crop))}, "
+          "BERT-base, AdamW")
+    print("Counted exactly under FakeTensorMode (no real memory): bytes of every tensor storage from its creation to "
+          "its release, with the GPU's attention and dropout kernels; GiB = 2^30 bytes. activations: kept for the "
+          "backward pass at the end of the forward; transient: how far the peak rises above that plateau or the end of "
+          "the backward (recomputation, gradient buffers, temporaries). A real GPU adds the CUDA context "
           "(~0.3-0.5 GiB, outside max_memory_allocated), cuDNN workspaces and allocator fragmentation (~0.5-1 GiB).")
     results = {}
     for tokens in args.tokens:
@@ -261,7 +113,8 @@ def section_memory(args):
                 row += " |"
             ok = "" if target is None else ("holds" if peak <= target * GiB else "MISSED")
             print(f"{row} {'' if target is None else f'<= {target}'} | {ok} |  [{time.time() - t0:.0f} s]", flush=True)
-        r = count_step(lambda: build(4, False, text_ckpt=False), lambda: make_batch(args.batch, args.crop, tokens), False)
+        r = count_step(lambda: build(4, False, text_ckpt=False), lambda: make_batch(args.batch, args.crop, tokens),
+                       False)
         print(f"(lite (default) without the text-encoder checkpointing that align.py --lite turns on: "
               f"{r['activations'] / GiB:.2f} GiB of activations, peak {r['peak'] / GiB:.2f} GiB)")
     return results
@@ -283,7 +136,8 @@ def step_flops(stem, ckpt, batch, crop, tokens):
 
 
 def all_flops(args):
-    return {(stem, ckpt): step_flops(stem, ckpt, args.batch, args.crop, args.tokens[0]) for stem in (2, 4) for ckpt in (False, True)}
+    return {(stem, ckpt): step_flops(stem, ckpt, args.batch, args.crop, args.tokens[0])
+            for stem in (2, 4) for ckpt in (False, True)}
 
 
 def time_steps(model, b, amp, steps, device):
@@ -316,14 +170,16 @@ def section_flops(args):
              f"{'x'.join(map(str, crop))}, {tokens} tokens, {args.steps} step(s) after a warm-up")
     print(f"GFLOP per sample at batch {args.batch}, crop {'x'.join(map(str, args.crop))}, {args.tokens[0]} tokens; "
           f"speed on {where}")
-    peak = args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if on_gpu and k in torch.cuda.get_device_name()), None)
+    peak = args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if on_gpu and k in torch.cuda.get_device_name()),
+                                    None)
     print("| model | flags | GFLOP/sample | of which vision | of which text | samples/s | achieved TFLOP/s |"
           + (" of peak |" if on_gpu else " est. paper-scale samples/s here |"))
     print("|" + " --- |" * 8)
     speed = {}
     for name, stem, amp, ckpt, _ in CONFIGS:
         f = flops[(stem, ckpt)]
-        cells = f"| {name} | {flag(amp, ckpt)} | {f['align'] / 1e9:,.0f} | {f['vision'] / 1e9:,.0f} | {f['text'] / 1e9:,.0f} |"
+        cells = (f"| {name} | {flag(amp, ckpt)} | {f['align'] / 1e9:,.0f} | {f['vision'] / 1e9:,.0f} | "
+                 f"{f['text'] / 1e9:,.0f} |")
         if (amp and not on_gpu) or (args.quick and ckpt and not on_gpu):
             why = "bf16 Conv3d has no fast CPU kernel: ~25x slower than fp32 here" if amp else "--quick"
             print(f"{cells} not measured ({why}) | | |", flush=True)
@@ -407,15 +263,17 @@ def section_preprocess(args, consumers):
         print(f"| data.py preprocess_volume (nibabel + torch trilinear) | {a:.2f} | |")
         if chain is not None:
             m = statistics.median(theirs)
-            print(f"| MONAI {monai.__version__}: LoadImage, Orientation, Spacing, ScaleIntensityRange, ResizeWithPadOrCrop "
+            print(f"| MONAI {monai.__version__}: LoadImage, Orientation, Spacing, ScaleIntensityRange, "
+                  "ResizeWithPadOrCrop "
                   f"| {m:.2f} | ours {m / a:.1f}x faster ({'holds' if m / a >= 2 else 'MISSED'}: target >= 2x) |")
             # Same window on both: ours (D, H, W) int16 HU -> [-1, 1]; MONAI's is (1, x, y, z).
             diff = np.abs(D.normalize(stored, "chest") - np.asarray(out)[0].transpose(2, 1, 0)) * 600  # in HU
             tol_mean, tol_p99 = 2.0, 10.0
             ok = diff.mean() <= tol_mean and np.percentile(diff, 99) <= tol_p99
-            print(f"Outputs compared voxel by voxel in HU (both windowed to [-1000, 200]): mean |diff| {diff.mean():.2f}, "
-                  f"99th percentile {np.percentile(diff, 99):.1f}, max {diff.max():.0f} (at edges: data.py spans the input "
-                  f"extent with the rounded size, MONAI keeps exactly 1.5 mm, a shift of up to 0.1 voxel), "
+            print(f"Outputs compared voxel by voxel in HU (both windowed to [-1000, 200]): mean |diff| "
+                  f"{diff.mean():.2f}, 99th percentile {np.percentile(diff, 99):.1f}, max {diff.max():.0f} (at edges: "
+                  f"data.py spans the input extent with the rounded size, MONAI keeps exactly 1.5 mm, a shift of up to "
+                  f"0.1 voxel), "
                   f"{(diff <= 10).mean():.2%} within 10 HU; tolerance mean <= {tol_mean}, p99 <= {tol_p99}: "
                   f"{'equal within it' if ok else 'NOT EQUAL'}")
         # Reading: random training crops from the cache, as VolumeReportDataset does for every sample.
@@ -450,7 +308,8 @@ def section_preprocess(args, consumers):
 def stage1(flops, stem, ckpt):
     """FLOPs per sample of each stage with these flags: pretrain_vision.py (the align step's vision share),
     pretrain_text.py (the text share without the checkpointing align.py --lite adds) and align.py."""
-    return {"vision": flops[(stem, ckpt)]["vision"], "text": flops[(2, ckpt)]["text"], "align": flops[(stem, ckpt)]["align"]}
+    return {"vision": flops[(stem, ckpt)]["vision"], "text": flops[(2, ckpt)]["text"],
+            "align": flops[(stem, ckpt)]["align"]}
 
 
 def gpu_rates(flops, args):
@@ -460,9 +319,9 @@ def gpu_rates(flops, args):
 
 def section_schedule(args, flops):
     n, epochs = 47149, 5
-    print(f"\n## The paper's schedule on CT-RATE ({n:,} training volumes; vision, text, alignment, {epochs} epochs each) "
-          f"on a 24 GB-class GPU: {args.ref_tflops:g} TFLOP/s bf16 peak (RTX 3090) x {args.efficiency:.0%} assumed "
-          f"efficiency, {args.tokens[0]} tokens; estimated from the FLOPs, not measured")
+    print(f"\n## The paper's schedule on CT-RATE ({n:,} training volumes; vision, text, alignment, {epochs} epochs "
+          f"each) on a 24 GB-class GPU: {args.ref_tflops:g} TFLOP/s bf16 peak (RTX 3090) x {args.efficiency:.0%} "
+          f"assumed efficiency, {args.tokens[0]} tokens; estimated from the FLOPs, not measured")
     print("| model | flags | vision stage 1 (h) | text stage 1 (h) | alignment (h) | total GPU-hours | paper |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for name, stem, amp, ckpt, _ in CONFIGS:
@@ -481,17 +340,22 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--only", nargs="+", choices=["memory", "flops", "preprocess", "schedule"],
                    help="run only these sections (default: all; schedule needs the FLOPs, which it counts itself)")
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="cuda: real peak memory and speed at paper scale")
-    p.add_argument("--quick", action="store_true", help="fewer timed runs (no --grad-ckpt speed rows on CPU, one repeat)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                   help="cuda: real peak memory and speed at paper scale")
+    p.add_argument("--quick", action="store_true",
+                   help="fewer timed runs (no --grad-ckpt speed rows on CPU, one repeat)")
     p.add_argument("--batch", type=int, default=10, help="batch size (the paper's: 10)")
     p.add_argument("--crop", type=int, nargs=3, default=[96, 192, 192], help="training crop D H W (the chest preset's)")
     p.add_argument("--tokens", type=int, nargs="+", default=[512, 128],
                    help="report lengths in tokens to count memory at (the first is used for FLOPs and the schedule)")
-    p.add_argument("--steps", type=int, default=None, help="timed training steps per configuration, after one warm-up (default: 1 on CPU, 5 on a GPU)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="timed training steps per configuration, after one warm-up (default: 1 on CPU, 5 on a GPU)")
     p.add_argument("--repeats", type=int, default=3, help="preprocessing runs per pipeline (median)")
     p.add_argument("--workdir", default="out/bench", help="where the generated volume and the test cache go")
-    p.add_argument("--peak-tflops", type=float, default=None, help="--device cuda: the card's bf16 dense peak, if not in the table")
-    p.add_argument("--ref-tflops", type=float, default=71.0, help="schedule: reference 24 GB GPU's bf16 dense peak (RTX 3090: 71)")
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help="--device cuda: the card's bf16 dense peak, if not in the table")
+    p.add_argument("--ref-tflops", type=float, default=71.0,
+                   help="schedule: reference 24 GB GPU's bf16 dense peak (RTX 3090: 71)")
     p.add_argument("--efficiency", type=float, default=0.3, help="schedule: assumed fraction of that peak achieved")
     args = p.parse_args()
     args.crop = tuple(args.crop)
@@ -521,7 +385,8 @@ def main():
             (s, a, c), r = max(speed.items(), key=lambda kv: kv[1])
             rates = [(f"align.py {'lite' if s == 4 else 'standard'} {flag(a, c)}, measured", r)]
         else:
-            est, lite = f"estimated at {args.ref_tflops:g} TFLOP/s x {args.efficiency:.0%}", gpu_rates(flops[(4, False)], args)
+            est = f"estimated at {args.ref_tflops:g} TFLOP/s x {args.efficiency:.0%}"
+            lite = gpu_rates(flops[(4, False)], args)
             rates = [(f"align.py --lite --amp (the fastest align configuration), {est}", lite["align"]),
                      (f"pretrain_vision.py --lite --amp (the fastest stage), {est}", lite["vision"])]
         section_preprocess(args, rates)

@@ -18,7 +18,7 @@ CLI (bad input stops with one line naming the file and row, never a traceback):
   python data.py ctrate --reports train_reports.csv --labels train_labels.csv \\
       --volumes CT-RATE/dataset/train --metadata train_metadata.csv --out ctrate/manifest.csv
 """
-import argparse, csv, io, json, os, re, shutil, sys  # noqa: E401
+import argparse, csv, json, os, re, shutil, sys  # noqa: E401
 from dataclasses import dataclass, replace
 from multiprocessing import Pool
 from pathlib import Path
@@ -456,53 +456,10 @@ class VolumeReportDataset(torch.utils.data.Dataset):
 
 # ----------------------------------------------------------------------------- CT-RATE
 def ctrate_manifest(reports_csv, labels_csv, volumes_dir, out_csv, metadata_csv=None):
-    """CT-RATE reports + labels (+ metadata) -> a generic manifest of the volumes found under
-    volumes_dir (CT-RATE's train/train_1/train_1_a/ folders, or flat). v1 volumes get spacing and
-    rescale from the metadata; v2 *_fixed volumes never do (they already hold HU)."""
-    header, rows = read_csv(reports_csv)
-    require({"VolumeName", "Findings_EN", "Impressions_EN"} <= set(header),
-            f"{reports_csv}: needs columns VolumeName, Findings_EN, Impressions_EN")
-    text = {}  # volume name -> findings + "\n" + impression
-    for r, row in enumerate(rows, 1):
-        require(volume_key(row["VolumeName"]) not in text,
-                f"{reports_csv} row {r}: duplicate VolumeName")
-        parts = [(row[c] or "").strip() for c in ("Findings_EN", "Impressions_EN")]
-        text[volume_key(row["VolumeName"])] = "\n".join(p for p in parts if p)
-    ids, names, values = read_labels(labels_csv)
-    labels = {volume_key(i): v for i, v in zip(ids, values)}
-    for a, b, f in ((text, labels, labels_csv), (labels, text, reports_csv)):
-        lost = [k for k in a if k not in b]
-        require(not lost, f"{f}: no row for volume {''.join(lost[:1])} ({len(lost)} ids differ between "
-                          f"{reports_csv} and {labels_csv})")
-    meta = {volume_key(row.get("VolumeName") or ""): (r, row)
-            for r, row in enumerate(read_csv(metadata_csv)[1] if metadata_csv else [], 1)}
-    require(Path(volumes_dir).is_dir(), f"{volumes_dir}: not a folder")
-    files = {volume_key(f): os.path.join(d, f) for d, _, fs in os.walk(volumes_dir)
-             for f in fs if f.endswith((".nii.gz", ".nii"))}  # name -> path, whatever the layout
-    out = []
-    for key, report in text.items():
-        path = files.get(key) or files.get(key + "_fixed")
-        if path is None:
-            continue
-        spacing = slope = intercept = ""
-        if not is_fixed(path) and key in meta:  # v1: header spacing and raw values need the metadata
-            r, m = meta[key]
-            where = f"{metadata_csv} row {r} (id {key}), column"
-            xyz = _floats(m.get("XYSpacing") or "", 2, f"{where} 'XYSpacing'", True) + \
-                _floats(m.get("ZSpacing") or "", 1, f"{where} 'ZSpacing'", True)
-            spacing = ",".join(str(s) for s in xyz)  # full precision
-            slope, intercept = ((m.get(c) or "").strip() for c in ("RescaleSlope", "RescaleIntercept"))
-        split = key.split("_")[0] if key.split("_")[0] in ("train", "valid") else "train"
-        out.append([key, os.path.relpath(path, Path(out_csv).parent), report, split, spacing, slope,
-                    intercept] + ["" if np.isnan(v) else str(int(v)) for v in labels[key]])
-    require(out, f"{volumes_dir}: none of the {len(text)} volumes of {reports_csv} is there")
-    Path(out_csv).parent.mkdir(parents=True, exist_ok=True)
-    buf = io.StringIO()
-    csv.writer(buf).writerows([["id", "image", "report", "split", "spacing", "rescale_slope",
-                                "rescale_intercept"] + names] + out)
-    write_atomic(out_csv, buf.getvalue())
-    print(f"wrote {out_csv}: {len(out)} volumes ({sum(is_fixed(r[1]) for r in out)} v2 *_fixed, "
-          f"already HU); {len(text) - len(out)} reports without a volume file skipped")
+    """CT-RATE reports + labels (+ metadata) -> a generic manifest of the volumes found under volumes_dir
+    (ctrate.py holds the converter: one data set's file layout, not part of the recipe)."""
+    from ctrate import ctrate_manifest as convert
+    return convert(reports_csv, labels_csv, volumes_dir, out_csv, metadata_csv)
 
 # ----------------------------------------------------------------------------- CLI
 def main(argv=None):
@@ -577,4 +534,5 @@ def ensure_demo(path):
     return path
 
 if __name__ == "__main__":
+    sys.modules["data"] = sys.modules[__name__]  # `import data` in ctrate.py and demo.py: this module, one DataError
     run_main(main)

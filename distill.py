@@ -26,7 +26,7 @@ Examples:
   OPENAI_API_KEY=... python distill.py --api-base http://localhost:8000/v1 --model Qwen/Qwen2.5-7B-Instruct \\
       --reports ct_rate_reports.csv --concurrency 32
 """
-import argparse, csv, hashlib, io, json, os, random, re, sys, threading, time
+import argparse, contextlib, csv, hashlib, io, json, os, random, re, sys, threading, time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
@@ -35,8 +35,8 @@ import numpy as np
 import requests
 from tqdm import tqdm
 
-from data import (CHEST_CT_SYNONYMS, DataError, ensure_demo, load_table, read_labels, resolve_label_set,
-                  run_main, volume_key, write_atomic)
+from data import (CHEST_CT_SYNONYMS, ID_COLUMNS, DataError, ensure_demo, load_table, read_labels, require,
+                  resolve_label_set, run_main, volume_key, write_atomic)
 
 # -----------------------------------------------------------------------------
 # config
@@ -92,9 +92,8 @@ def response_schema(names, kind="json_schema"):
     # "json_schema" form; llama-cpp-python's server refuses it (HTTP 500) but takes "json_object" + "schema".
     prop = {"type": "string", "enum": list(VALUES)}
     schema = {"type": "object", "properties": {n: prop for n in names}, "required": names, "additionalProperties": False}
-    if kind == "json_object":
-        return {"type": "json_object", "schema": schema}
-    return {"type": "json_schema", "json_schema": {"name": "labels", "strict": True, "schema": schema}}
+    return ({"type": "json_object", "schema": schema} if kind == "json_object" else
+            {"type": "json_schema", "json_schema": {"name": "labels", "strict": True, "schema": schema}})
 
 def parse_answer(text, names):
     """Labels from an answer: the first JSON object anywhere in it (code fences, prose around). ValueError says why not."""
@@ -102,11 +101,9 @@ def parse_answer(text, names):
         raise ValueError("the answer is empty")
     obj, dec = None, json.JSONDecoder()
     for m in re.finditer(r"\{", text):  # a server that ignores response_format may wrap the JSON in prose or fences
-        try:
+        with contextlib.suppress(json.JSONDecodeError):  # not JSON from this brace on: try the next one
             obj = dec.raw_decode(text, m.start())[0]
             break
-        except json.JSONDecodeError:
-            continue
     if not isinstance(obj, dict):
         raise ValueError("no JSON object found in the answer")
     missing = [n for n in names if n not in obj]
@@ -141,8 +138,7 @@ def phrase_regex(phrase):
 
 def rules_label(text, patterns):
     """{label: 1/0/-1/None} for one report; per label, a positive mention beats an uncertain one beats a negative one."""
-    out = {n: None for n in patterns}
-    rank = {None: 0, 0: 1, -1: 2, 1: 3}
+    out, rank = {n: None for n in patterns}, {None: 0, 0: 1, -1: 2, 1: 3}  # present > uncertain > absent > none
     for sentence in re.split(r"(?<=[.!?])\s+|\n+|\"", text.lower()):
         for clause in SCOPE_END.split(sentence):
             for name, regexes in patterns.items():
@@ -203,23 +199,17 @@ def write_csv(path, header, rows):
 
 def read_reports(args):
     """(ids, texts, manifest Table or None). Manifests go through data.load_table; other CSVs are read here."""
-    path = Path(args.reports)
-    if args.reports == "data/demo":
-        ensure_demo(path)
-    if not path.exists():
-        raise DataError(f"{path}: no such file or folder")
-    if path.is_dir():
-        table = load_table(path)
-        return list(table.ids), list(table.reports), table
-    raw = path.read_bytes().decode("utf-8-sig", errors="replace")
+    path = ensure_demo(Path(args.reports)) if args.reports == "data/demo" else Path(args.reports)  # built if missing
+    require(path.exists(), f"{path}: no such file or folder")
+    raw = "" if path.is_dir() else path.read_bytes().decode("utf-8-sig", errors="replace")
     header, *rows = list(csv.reader(io.StringIO(raw, newline=""))) or [[]]
-    if "report" in header and not (args.text_column or args.id_column):
-        table = load_table(path)  # the generic manifest: its labels are the default reference
+    if path.is_dir() or ("report" in header and not (args.text_column or args.id_column)):
+        table = load_table(path)  # a generic manifest (or its folder): its labels are the default reference
         return list(table.ids), list(table.reports), table
     bad = [i for i, r in enumerate(rows, 1) if "\ufffd" in "".join(r)]  # row 1 = first row after the header, as in data.py
     if bad:
         print(f"warning: {path}: bytes that are not UTF-8 replaced by U+FFFD in rows {bad[:10]}{' ...' if len(bad) > 10 else ''}")
-    idc = args.id_column or next((c for c in ("id", "VolumeName", "AccessionNo", "NoteAcc_DEID") if c in header), None)
+    idc = args.id_column or next((c for c in ID_COLUMNS if c in header), None)
     ctrate = not args.text_column and {"Findings_EN", "Impressions_EN"} <= set(header)
     txc = args.text_column or next((c for c in ("report_text", "text", "Findings_EN") if c in header), None)
     if not set(filter(None, [idc, txc])) <= set(header) or txc is None:
@@ -229,28 +219,25 @@ def read_reports(args):
     # CT-RATE reports: the text a radiologist reads is findings + impression
     texts = [f"{f}\n{i}" for f, i in zip(col("Findings_EN"), col("Impressions_EN"))] if ctrate else col(txc)
     dup = next((i for i, k in Counter(ids).items() if k > 1 or not i), None)
-    if dup is not None:
-        raise DataError(f"{path}: duplicate or empty id {dup!r}")
+    require(dup is None, f"{path}: duplicate or empty id {dup!r}")
     return ids, texts, None
 
 def main():
     args = get_args()
-    t0 = time.time()
-    out = Path(args.out)
+    t0, out = time.time(), Path(args.out)
     names, raw_defs = resolve_label_set(args.labels)
     # "definition | syn, syn" in a label file: split once here, used by both the prompt and the rules.
     defs = {n: (raw_defs.get(n, "").split("|")[0].strip(),
                 [s.strip() for s in raw_defs.get(n, "").partition("|")[2].split(",") if s.strip()]) for n in names}
     ids, texts, table = read_reports(args)
-    if args.limit:
-        ids, texts = ids[:args.limit], texts[:args.limit]
+    ids, texts = ids[:args.limit or None], texts[:args.limit or None]  # --limit N: the first N only
     print(f"reports: {len(ids)} from {args.reports} | labels: {len(names)} ({args.labels}) | backend: {args.backend}")
     # Reference labels for the agreement table, read now: a wrong file fails in a second, not after the LLM bill.
     ref = None  # volume_key(id) -> (C,) labels; ids match with or without a file extension
     if args.reference:  # any label CSV holding (at least) our label columns
         ref_ids, ref_names, ref_vals = read_labels(args.reference)
-        if set(names) - set(ref_names):
-            raise DataError(f"{args.reference}: no column for label(s) {sorted(set(names) - set(ref_names))[:5]}")
+        require(set(names) <= set(ref_names), f"{args.reference}: no column for label(s) "
+                                              f"{sorted(set(names) - set(ref_names))[:5]}")
         ref = {volume_key(i): v for i, v in zip(ref_ids, ref_vals[:, [ref_names.index(n) for n in names]])}
         unmatched = [rid for rid in ids if volume_key(rid) not in ref]
         if len(unmatched) == len(ids):
@@ -264,7 +251,6 @@ def main():
 
     # -----------------------------------------------------------------------------
     # label every report: rules at once, llm through the cache and a thread pool
-
     # An empty report has nothing to label: sending it would only buy a hallucination.
     results, failures = {}, {rid: "empty report" for rid, text in zip(ids, texts) if not text.strip()}
     todo = [(rid, text) for rid, text in zip(ids, texts) if rid not in failures]
@@ -273,9 +259,8 @@ def main():
         for rid, text in tqdm(todo, desc="rules", unit="report", disable=len(todo) < 1000):
             results[rid] = rules_label(text, patterns)
     else:
-        if not args.api_base or not args.model:
-            raise DataError("the llm backend needs --api-base and --model (or OPENAI_BASE_URL / OPENAI_MODEL); "
-                            "--backend rules labels offline")
+        require(args.api_base and args.model, "the llm backend needs --api-base and --model (or OPENAI_BASE_URL / "
+                                              "OPENAI_MODEL); --backend rules labels offline")
         url = args.api_base.rstrip("/") + "/chat/completions"
         headers = {"Content-Type": "application/json"} | ({"Authorization": f"Bearer {API_KEY}"} if API_KEY else {})
         system = system_prompt(names, defs)
@@ -285,8 +270,7 @@ def main():
             {"response_format": response_schema(names, fmt[0])} if fmt[0] != "none" else {})
         fmt = [args.response_format]  # shared by the worker threads; downgraded once if the server refuses it
         if args.dry_run:
-            if not todo:
-                raise DataError("no non-empty report to show a request for")
+            require(todo, "no non-empty report to show a request for")
             shown = {k: ("Bearer [REDACTED]" if k == "Authorization" else v) for k, v in headers.items()}
             print(f"POST {url}\nheaders: {json.dumps(shown)}\n"
                   + redact(json.dumps(body([{"role": "system", "content": system}, {"role": "user", "content": todo[0][1]}]), indent=2)))
@@ -306,8 +290,7 @@ def main():
         todo = [(rid, text) for rid, text in todo if rid not in results]
         print(f"cache: {len(results)} answered before ({cache_path}{f', {torn} unreadable lines skipped' if torn else ''}); "
               f"{len(todo)} to ask {args.model} at {args.api_base} (prompt {version})")
-        lock, tokens = threading.Lock(), [0]
-        cache_file = open(cache_path, "a", encoding="utf-8")
+        lock, tokens, cache_file = threading.Lock(), [0], open(cache_path, "a", encoding="utf-8")
         cache_file.write("\n" if lines and not lines.endswith("\n") else "")  # after a torn last line, never glued onto it
 
         def label_one(rid, text):
@@ -347,8 +330,7 @@ def main():
                 return labels
             raise Failed(f"invalid answer after {args.max_fixes + 1} tries: {error}")
 
-        t_llm = time.time()
-        pool = ThreadPoolExecutor(args.concurrency)
+        t_llm, pool = time.time(), ThreadPoolExecutor(args.concurrency)
         try:
             with tqdm(total=len(todo), desc="llm", unit="report") as bar:
                 futures = {pool.submit(label_one, rid, text): rid for rid, text in todo}
@@ -367,14 +349,12 @@ def main():
 
     # -----------------------------------------------------------------------------
     # write labels.csv and failures.csv atomically (a half-written labels file would poison every later stage)
-
     out.mkdir(parents=True, exist_ok=True)
     write_csv(out / "labels.csv", ["id"] + names, [[rid] + [CODE[results[rid][n]] for n in names] for rid in ids if rid in results])
     write_csv(out / "failures.csv", ["id", "reason"], [[rid, failures[rid]] for rid in ids if rid in failures])
 
     # -----------------------------------------------------------------------------
     # agreement with reference labels: present vs rest (accuracy, F1, kappa) and a 3x3 confusion matrix per label
-
     common = [rid for rid in ids if rid in results and ref is not None and volume_key(rid) in ref]
     if common:
         from sklearn.metrics import cohen_kappa_score  # here: a restart after a kill should not wait for sklearn
@@ -409,7 +389,6 @@ def main():
 
     # -----------------------------------------------------------------------------
     # final summary
-
     print(f"labelled {len(results)}/{len(ids)} reports -> {out / 'labels.csv'} | failures: {len(failures)} -> {out / 'failures.csv'}"
           f" | {time.time() - t0:.1f} s")
     print("".join(f"  failed {rid}: {failures[rid]}\n" for rid in list(failures)[:5]), end="")

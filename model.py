@@ -415,15 +415,13 @@ def per_label_auc(y, scores):
     from sklearn.metrics import roc_auc_score  # lazy: training scripts need no sklearn import
     y, scores = np.asarray(y, dtype=np.float64), np.asarray(scores, dtype=np.float64)
     if not np.isfinite(scores).all():  # a diverged model: no AUC is computed from NaN scores
-        raise DataError(f"{(~np.isfinite(scores)).any(1).sum()} of {len(scores)} rows have non-finite scores (diverged weights? lower --lr)")
+        raise DataError(f"{(~np.isfinite(scores)).any(1).sum()} of {len(scores)} rows have non-finite scores "
+                        "(diverged weights? lower --lr)")
     aucs = []
     for c in range(y.shape[1]):
         keep = (y[:, c] == 0) | (y[:, c] == 1)  # nan compares False, so it drops out too
-        yc = y[keep, c]
-        if yc.size == 0 or yc.min() == yc.max():
-            aucs.append(None)
-            continue
-        aucs.append(float(roc_auc_score(yc, scores[keep, c])))
+        yc = y[keep, c]  # no AUC without both classes
+        aucs.append(None if yc.size == 0 or yc.min() == yc.max() else float(roc_auc_score(yc, scores[keep, c])))
     defined = [a for a in aucs if a is not None]
     return aucs, (float(np.mean(defined)) if defined else None)
 

@@ -1,8 +1,8 @@
-"""bench.py's memory counter: a Linear layer against a hand count, and fake tensors against a real run."""
+"""bench.py's memory counter (benchmarks/memcount.py): a Linear layer by hand, fake tensors against a real run."""
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-import bench as B
+from benchmarks import memcount as B
 
 TINY_BERT = dict(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
                  max_position_embeddings=64, type_vocab_size=2, pad_token_id=0)
