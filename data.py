@@ -497,7 +497,7 @@ def make_demo(out_dir, n_train=1000, n_valid=100, n_test=100, seed=0):
     """The synthetic demo set (demo.py holds the generator: it is not part of the recipe)."""
     from demo import make_demo as build
     build(out_dir, n_train=n_train, n_valid=n_valid, n_test=n_test, seed=seed)
-    preprocess_dataset(out_dir)  # the cache takes seconds here and makes every epoch much faster
+    preprocess_dataset(out_dir, workers=min(4, os.cpu_count() or 1))  # under a minute; every epoch reads it
     return out_dir
 
 def pick_labels(table, path=None):
