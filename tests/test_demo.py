@@ -78,7 +78,8 @@ def test_files_manifest_and_headers(small):
     assert len({r["id"] for r in rows}) == 20 and all(re.fullmatch(r"demo_(train|valid|test)_\d{4}", r["id"]) for r in rows)
     info = json.loads((small / "dataset.json").read_text())
     assert {k: info[k] for k in ("preset", "text_model", "n", "seed")} == {"preset": "demo", "text_model": "scratch", "n": 20, "seed": 0}
-    assert set(info) <= {"preset", "text_model", "n", "seed", "train"}  # "train": flags the stage scripts may apply
+    assert set(info) <= {"preset", "version", "text_model", "n", "seed", "train"}  # "train": flags the stage scripts may apply
+    assert isinstance(info["version"], int)  # ensure_demo() rebuilds a set whose version is not demo.py's
     codes, affines = set(), set()
     for r in rows:
         assert r["image"] == f"volumes/{r['id']}.nii.gz" and all(r[k] in ("1", "0", "-1", "") for k in LABELS)
@@ -180,13 +181,13 @@ def _ml(v, region, lo, hi, vox):  # volume (mL) of voxels with lo < HU < hi insi
     return float(((v > lo) & (v < hi) & region).sum() * vox)
 
 
-def _nodules(v, lung, sp):  # compact solid blobs of nodule size and density inside the lungs
+def _nodules(v, lung, sp):  # compact solid blobs of nodule size (up to 28 mm, 11.5 mL) and density inside the lungs
     lab, _ = ndimage.label((v > -300) & (v < 300) & lung)
     count = 0
     for i, sl in enumerate(ndimage.find_objects(lab), 1):
         m = lab[sl] == i
         extent = max((x.stop - x.start) * s for x, s in zip(sl, sp))
-        count += 0.2 < m.sum() * np.prod(sp) / 1000 < 8 and 15 < v[sl][m].mean() < 45 and extent <= 36
+        count += 0.2 < m.sum() * np.prod(sp) / 1000 < 12.5 and 15 < v[sl][m].mean() < 45 and extent <= 36
     return count
 
 
