@@ -526,7 +526,7 @@ def ensure_demo(path):
     demo.py (its version); an older one is replaced, cache included (the ids repeat). -> path."""
     from demo import DEMO_VERSION
     info = Path(path) / "dataset.json"
-    old = info.is_file() and json.loads(info.read_text()).get("version") != DEMO_VERSION
+    old = info.is_file() and dataset_defaults(path).get("version") != DEMO_VERSION
     if old or not info.is_file():
         print(f"building the synthetic demo set in {path} ({'replacing an older version' if old else 'once'})")
         shutil.rmtree(Path(path) / "cache-demo", ignore_errors=True)

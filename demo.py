@@ -98,8 +98,8 @@ def _phantom(g, rng, f):
     v[(np.abs(g["r"] + 5) < 45) & (g["a"] > -45) & (g["a"] < bh - 14) & (g["z"] > -95)] = -90  # mediastinal fat
     if "Lymphadenopathy" in f:  # enlarged nodes in the mediastinal fat (paratracheal, subcarinal, AP window)
         sites, rad = [(15, 10, 65), (0, -5, 42), (-15, 8, 52), (10, -10, 30)], U(14, 18, 4) * f["Lymphadenopathy"]
-        for i in range(4):
-            v[_ell(g, sites[i], (rad[i], rad[i], 1.4 * rad[i]))] = 60
+        for c, r in zip(sites, rad):
+            v[_ell(g, c, (r, r, 1.4 * r))] = 60
         det["Lymphadenopathy"] = f" with nodes up to {round(2 * rad.max())} mm"
     # Heart (optionally enlarged, optionally with fluid around it) and aorta are carved out of the lungs,
     # so nothing drawn in the lungs is painted over later.
