@@ -3,7 +3,7 @@
 Everything the stage scripts share about *models* lives here (data handling lives in data.py):
 
     ResNet3D            3D ResNet-18 vision encoder, (B, C, D, H, W) -> (B, 512)
-    TextEncoder         BERT trunk, [CLS] embedding, (B, L) token ids -> (B, H)
+    TextEncoder         BERT trunk, [CLS] or sentence-averaged embedding, (B, L) token ids -> (B, H)
     build_text          a text encoder + tokenizer + a plain-dict description (text_cfg)
     Stage1Model         encoder + linear head to the labels (stages 2a and 2b)
     GreenRFM            both encoders, projections to a shared 768-d space, shared classifier (stage 3)
@@ -55,11 +55,10 @@ class BasicBlock(nn.Module):
 class ResNet3D(nn.Module):
     """3D ResNet-18: (B, in_channels, D, H, W) -> (B, 512), about 33 M parameters.
 
-    stem=2 is the standard model, stem=4 the lite one (8x fewer voxels after the stem; the only
-    architectural difference). grad_ckpt=True recomputes the stem and each block in the backward pass to
-    save activation memory. Caveat: the recomputation runs BatchNorm in training mode a second time, so its
-    running statistics are updated twice per step (momentum effectively applied twice). Training
-    outputs and gradients are unchanged; only the eval-time statistics drift a little faster.
+    stem=2 is the standard model, stem=4 the lite one (8x fewer voxels after the stem; the only architectural
+    difference). grad_ckpt=True recomputes the stem and each block in the backward pass (less memory). Caveat:
+    the recomputation runs BatchNorm a second time, so its running statistics are updated twice per step;
+    outputs and gradients are unchanged, only the eval-time statistics drift a little faster.
     """
 
     def __init__(self, in_channels=1, stem=2, widths=(64, 128, 256, 512), grad_ckpt=False):
@@ -76,10 +75,8 @@ class ResNet3D(nn.Module):
             stages.append(nn.Sequential(BasicBlock(c_in, c_out, stride=1 if i == 0 else 2), BasicBlock(c_out, c_out)))
             c_in = c_out
         self.stages = nn.ModuleList(stages)
-        # Kaiming init for convs; BN starts at gamma 1, beta 0 (torchvision's default). Zeroing each block's
-        # last gamma (Goyal et al. 2017) was tried and dropped: every block then starts as the identity, the
-        # strided 1x1 shortcuts see one voxel in 8 per stage, and on the demo set the net learned markedly
-        # slower (a 2-stage net found consolidation within 60 steps with gamma 1, not at all with gamma 0).
+        # Kaiming init for convs; BN gamma 1, beta 0. Zeroing each block's last gamma (Goyal et al. 2017) made every
+        # block start as the identity and the net learn markedly slower on the demo set (tried and dropped).
         for m in self.modules():
             if isinstance(m, nn.Conv3d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
@@ -103,13 +100,18 @@ BERT_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_he
 
 
 class TextEncoder(nn.Module):
-    """BERT trunk (no pooler): input_ids (B, L), attention_mask (B, L) -> [CLS] last hidden state (B, H)."""
+    """BERT trunk (no pooler): input_ids (B, L), attention_mask (B, L) -> report embedding (B, H). cfg "pooling":
+    "cls" (the paper's) = the [CLS] token's last hidden state; "sentence" = each sentence encoded on its own, its
+    words averaged, then the sentences averaged: a one-sentence prompt is encoded like the report sentence it echoes."""
 
     def __init__(self, cfg):
         super().__init__()
         from transformers import BertConfig, BertModel
         self.bert = BertModel(BertConfig(**cfg["bert"]), add_pooling_layer=False)
-        self.out_dim = self.bert.config.hidden_size
+        self.out_dim, self.pooling = self.bert.config.hidden_size, cfg.get("pooling", "cls")
+        vocab = {t: i for i, t in enumerate(cfg["vocab"])}
+        self.special = [vocab["[CLS]"], vocab["[SEP]"]]
+        self.ends = [vocab[t] for t in (".", ":", ";") if t in vocab]  # what ends a sentence (or a heading)
 
     def gradient_checkpointing_enable(self):
         """Recompute each BERT layer in the backward pass (no BatchNorm here, so no side effects)."""
@@ -121,8 +123,25 @@ class TextEncoder(nn.Module):
         self.bert.config.use_cache = False  # BERT keeps no cache anyway; silences a warning
 
     def forward(self, input_ids, attention_mask):
-        hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, L, H)
-        return hidden[:, 0]  # position 0 is [CLS]
+        if self.pooling == "cls":  # position 0 is [CLS]
+            return self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state[:, 0]
+        # Segments (B, L): a sentence ends at its "." (or ":", ";"); [CLS] and [SEP] stand alone.
+        special = torch.isin(input_ids, torch.tensor(self.special, device=input_ids.device))
+        stop = special | torch.isin(input_ids, torch.tensor(self.ends, device=input_ids.device))
+        start = special | torch.cat([torch.ones_like(stop[:, :1]), stop[:, :-1]], 1)  # a segment begins after a stop
+        seg, idx = torch.cumsum(start, 1) - 1, torch.arange(input_ids.shape[1], device=input_ids.device)
+        pos = idx - torch.cummax(torch.where(start, idx, 0), 1).values  # positions restart at 0 in every segment
+        real, eye = attention_mask.bool(), torch.eye(len(idx), dtype=torch.bool, device=idx.device)
+        # Block-diagonal attention (B, 1, L, L): a token sees the real tokens of its own segment (and itself).
+        allow = (((seg[:, :, None] == seg[:, None, :]) & real[:, None, :]) | eye)[:, None]
+        if self.bert.config._attn_implementation == "eager":  # eager attention adds the mask to the scores
+            allow = torch.zeros(allow.shape, device=allow.device).masked_fill(~allow, torch.finfo(torch.float32).min)
+        hidden = self.bert(input_ids=input_ids, attention_mask=allow, position_ids=pos).last_hidden_state  # (B, L, H)
+        # Mean over each sentence's words, then over the sentences ([CLS], [SEP] and padding left out).
+        member = F.one_hot(seg).to(hidden.dtype) * (real & ~special)[..., None]  # (B, L, S segments)
+        n = member.sum(1)[..., None]  # (B, S, 1) words per segment
+        sent, has = torch.einsum("bls,blh->bsh", member, hidden) / n.clamp(min=1), (n > 0).to(hidden.dtype)  # (B, S, H)
+        return (sent * has).sum(1) / has.sum(1).clamp(min=1)  # (B, H); zeros for a text without words
 
 
 def tokenizer_from_cfg(text_cfg):
@@ -139,7 +158,7 @@ def tokenizer_from_cfg(text_cfg):
                                    sep_token="[SEP]", mask_token="[MASK]", model_max_length=text_cfg["max_len"])
 
 
-def build_text(source, reports=None, max_len=512, vocab_size=4000):
+def build_text(source, reports=None, max_len=512, vocab_size=4000, pooling="cls"):
     """-> (TextEncoder, tokenizer, text_cfg). Never runs a repository's own code (no trust_remote_code).
 
     source "scratch": a small BERT (2 layers, 128-d) and a WordPiece vocabulary trained on `reports`
@@ -162,7 +181,7 @@ def build_text(source, reports=None, max_len=512, vocab_size=4000):
         vocab = SPECIAL_TOKENS + chars + ["##" + c for c in chars] + sorted(set(words) - set(chars))
         bert = dict(vocab_size=len(vocab), hidden_size=128, num_hidden_layers=2, num_attention_heads=2,
                     intermediate_size=512, max_position_embeddings=max(512, max_len), pad_token_id=0)
-        text_cfg = {"bert": bert, "vocab": vocab, "lowercase": True, "max_len": max_len, "source": source}
+        text_cfg = {"bert": bert, "vocab": vocab, "lowercase": True, "max_len": max_len, "source": source, "pooling": pooling}
         return TextEncoder(text_cfg), tokenizer_from_cfg(text_cfg), text_cfg
 
     # BertTokenizer rather than AutoTokenizer: a BERT trunk always uses WordPiece, and repositories
@@ -177,20 +196,12 @@ def build_text(source, reports=None, max_len=512, vocab_size=4000):
     if max_len > bert["max_position_embeddings"]:
         raise ValueError(f"{source}: max_len {max_len} exceeds its {bert['max_position_embeddings']} positions")
     text_cfg = {"bert": bert, "vocab": [t for t, _ in items], "lowercase": bool(getattr(hf_tok, "do_lower_case", True)),
-                "max_len": max_len, "source": source}
+                "max_len": max_len, "source": source, "pooling": pooling}
     # Rebuild from text_cfg and copy the weights in strictly: proves that a checkpoint's text_cfg alone
     # reproduces this architecture, and casts half-precision hub weights to float32.
     encoder = TextEncoder(text_cfg)
     encoder.bert.load_state_dict(pretrained.state_dict(), strict=True)
     return encoder, tokenizer_from_cfg(text_cfg), text_cfg
-
-
-def tokenize(tokenizer, texts, max_len):
-    """-> input_ids (B, L), attention_mask (B, L), n_truncated; L = longest in the batch, at most max_len."""
-    texts = list(texts)
-    lengths = [len(ids) for ids in tokenizer(texts, verbose=False)["input_ids"]]  # untruncated, with [CLS]/[SEP]
-    enc = tokenizer(texts, padding=True, truncation=True, max_length=max_len, return_tensors="pt")
-    return enc["input_ids"], enc["attention_mask"], sum(n > max_len for n in lengths)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -226,8 +237,7 @@ class GreenRFM(nn.Module):
         return self.txt_proj(self.text(input_ids, attention_mask))  # (B, L) -> (B, H) -> (B, 768)
 
     def forward(self, x, input_ids, attention_mask):
-        """-> (img, txt, img_logits, txt_logits), the first four arguments of align_loss.
-        One forward call for both towers keeps DistributedDataParallel's gradient hooks simple."""
+        """-> (img, txt, img_logits, txt_logits) for align_loss; one call for both towers keeps DDP's hooks simple."""
         img, txt = self.encode_image(x), self.encode_text(input_ids, attention_mask)
         return img, txt, self.classifier(img), self.classifier(txt)
 
@@ -243,10 +253,6 @@ def build_model(model_config):
         return GreenRFM(ResNet3D(**model_config["vision"]), TextEncoder(model_config["text"]), num_labels,
                         model_config.get("embed_dim", 768))
     raise ValueError(f"unknown model kind {kind!r}; expected one of {STAGES}")
-
-
-def n_params(module):
-    return sum(p.numel() for p in module.parameters())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -302,13 +308,9 @@ def _plain(x):
 
 def unwrap(model):
     """The plain module inside DistributedDataParallel (.module) and/or torch.compile (._orig_mod)."""
-    while True:
-        if hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        elif isinstance(getattr(model, "module", None), nn.Module):
-            model = model.module
-        else:
-            return model
+    while hasattr(model, "_orig_mod") or isinstance(getattr(model, "module", None), nn.Module):
+        model = model._orig_mod if hasattr(model, "_orig_mod") else model.module
+    return model
 
 
 def save_checkpoint(path, *, stage, model, model_config, args, label_names, optimizer=None, step=0, epoch=0,
@@ -382,9 +384,8 @@ def model_from_checkpoint(path, stage=None, label_names=None):
 
 
 def load_encoder_from_stage1(model, ckpt, part=None, where=None):
-    """Copy a stage-1 encoder (ckpt["model"]["encoder.*"]) into GreenRFM's .vision or .text, strictly.
-    part ("vision" | "text") defaults to the checkpoint's stage; `where` (the file) names it in errors.
-    The stage-1 head is dropped: stage 3 has its own shared classifier."""
+    """Copy a stage-1 encoder (ckpt["model"]["encoder.*"]) into GreenRFM's .vision or .text, strictly; part defaults
+    to the checkpoint's stage, `where` (the file) names it in errors. The head is dropped (stage 3 has its own)."""
     part = part or ckpt["stage"]
     where = where or f"stage-1 {part} checkpoint"
     if part not in ("vision", "text") or ckpt["stage"] != part:
@@ -428,9 +429,8 @@ def per_label_auc(y, scores):
 
 @torch.no_grad()
 def prompt_latents(model, tokenizer, label_names, template, max_len, device):
-    """Text latents of each label's positive and negative prompt -> (C, 2, 768).
-    Computed once for all prompts (not per volume); template is a PROMPT_TEMPLATES key
-    or a (positive, negative) pair. Eval mode so dropout does not perturb the latents."""
+    """Text latents of each label's positive and negative prompt -> (C, 2, 768), once for all volumes; template is
+    a PROMPT_TEMPLATES key or a (positive, negative) pair. Eval mode so dropout does not perturb the latents."""
     pos, neg = PROMPT_TEMPLATES[template] if isinstance(template, str) else template
     # "Pleural effusion" -> "There is pleural effusion."; "renal_cyst" -> "There is renal cyst."
     texts = [t.format(x=n.lower().replace("_", " ")) for n in label_names for t in (pos, neg)]  # 2C prompts

@@ -48,6 +48,9 @@ def main():
     g = p.add_argument_group("model")
     g.add_argument("--text-model", default=None, help=f"Hugging Face name or local folder of a BERT model, or 'scratch' (a small BERT with a "
                    f"vocabulary trained on the training reports); default: the data set's dataset.json, else {CXR_BERT}")
+    g.add_argument("--pooling", default="cls", choices=["cls", "sentence"],
+                   help="report embedding: 'cls' = the [CLS] token's (the paper's); 'sentence' = each sentence encoded alone, "
+                        "token-averaged, then sentences averaged (prompts are single sentences; see model.TextEncoder)")
     g.add_argument("--max-len", type=int, default=512, help="maximum tokens per report (CT reports often exceed 128); longer ones are cut")
     g.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing of the BERT layers")
     g = p.add_argument_group("optimization (paper defaults)")
@@ -132,7 +135,7 @@ def main():
     total_steps = steps_per_epoch * args.epochs
 
     # -----------------------------------------------------------------------------
-    # model: BERT encoder ([CLS] embedding) + a linear head to the C labels
+    # model: BERT encoder ([CLS] or sentence-averaged embedding, --pooling) + a linear head to the C labels
     C = len(table.label_names)
     source = args.text_model or D.dataset_defaults(args.data).get("text_model", CXR_BERT)
     # "scratch" learns its WordPiece vocabulary from the training reports only (no peeking at valid).
@@ -140,13 +143,14 @@ def main():
         text_cfg = M.load_checkpoint(out / "last.pt", stage=STAGE, label_names=table.label_names)["model_config"]["text"]
         encoder, tokenizer = M.TextEncoder(text_cfg), M.tokenizer_from_cfg(text_cfg)
     else:
-        encoder, tokenizer, text_cfg = M.build_text(source, reports=train_t.reports, max_len=args.max_len)
+        encoder, tokenizer, text_cfg = M.build_text(source, reports=train_t.reports, max_len=args.max_len, pooling=args.pooling)
     model_config = {"kind": STAGE, "num_labels": C, "text": text_cfg}
     model = M.Stage1Model(encoder, C)
     if args.grad_ckpt:
         model.encoder.gradient_checkpointing_enable()
     model.to(device)
-    log(f"model: {source}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters, max {args.max_len} tokens")
+    log(f"model: {source}, {text_cfg.get('pooling', 'cls')} pooling, {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters, "
+        f"max {args.max_len} tokens")
     # How many reports does the token cap cut short? (the authors' 128 would cut most CT reports)
     lengths = [len(ids) for ids in tokenizer(list(train_t.reports), truncation=False)["input_ids"]]
     log(f"tokens per training report: median {int(np.median(lengths))}, {sum(n > args.max_len for n in lengths)} of "

@@ -19,6 +19,14 @@ REPORTS = [
 TINY_VISION = {"in_channels": 1, "stem": 4, "widths": [8, 16, 32, 64]}
 
 
+def tokenize(tokenizer, texts, max_len):
+    """-> input_ids (B, L), attention_mask (B, L), n_truncated; L = longest in the batch, at most max_len
+    (what the stage scripts do, with the count pretrain_text.py reports)."""
+    lengths = [len(ids) for ids in tokenizer(list(texts), verbose=False)["input_ids"]]  # untruncated, with [CLS]/[SEP]
+    enc = tokenizer(list(texts), padding=True, truncation=True, max_length=max_len, return_tensors="pt")
+    return enc["input_ids"], enc["attention_mask"], sum(n > max_len for n in lengths)
+
+
 @pytest.fixture(scope="module")
 def scratch_text():
     return M.build_text("scratch", REPORTS, max_len=64)
@@ -32,7 +40,7 @@ def test_resnet_shapes_and_size(stem):
     with torch.no_grad():
         out = net(torch.randn(2, 1, 32, 64, 64))
     assert out.shape == (2, 512) and net.out_dim == 512
-    assert 32e6 < M.n_params(net) < 34e6
+    assert 32e6 < sum(p.numel() for p in net.parameters()) < 34e6
 
 
 def test_resnet_multichannel_input():
@@ -124,10 +132,11 @@ def test_align_loss_is_clip_plus_mean_bce():
 
 def test_scratch_text_encoder(scratch_text):
     enc, tok, cfg = scratch_text
-    assert set(cfg) == {"bert", "vocab", "lowercase", "max_len", "source"} and cfg["source"] == "scratch"
+    assert set(cfg) == {"bert", "vocab", "lowercase", "max_len", "source", "pooling"} and cfg["source"] == "scratch"
+    assert cfg["pooling"] == "cls"
     words = tok.tokenize("Bronchiectasis, EMPHYSEMA and interlobular septal thickening; cardiomegaly.")
     assert "[UNK]" not in words and "bronchiectasis" in words and "emphysema" in words
-    ids, mask, n_trunc = M.tokenize(tok, REPORTS[:3], max_len=64)
+    ids, mask, n_trunc = tokenize(tok, REPORTS[:3], max_len=64)
     assert ids.shape == mask.shape and ids.shape[0] == 3 and n_trunc == 0
     assert (ids[:, 0] == tok.cls_token_id).all()
     enc.eval()
@@ -136,9 +145,33 @@ def test_scratch_text_encoder(scratch_text):
     assert out.shape == (3, 128) and enc.out_dim == 128
 
 
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_sentence_pooling_is_the_mean_of_sentences_encoded_alone(scratch_text, attn):
+    _, tok, cfg = scratch_text
+    cfg = dict(cfg, pooling="sentence", bert=dict(cfg["bert"], _attn_implementation=attn))
+    torch.manual_seed(0)
+    enc = M.TextEncoder(cfg).eval()
+    texts = ["Bronchiectasis; there is no pleural effusion. Cardiomegaly.", "Emphysema is present.", ""]
+    ids, mask, _ = tokenize(tok, texts, 64)  # padded to the longest text
+
+    def alone(sentence):  # reference: the plain BERT on the sentence's tokens only, positions from 0
+        s_ids = torch.tensor([tok.convert_tokens_to_ids(tok.tokenize(sentence))])
+        return enc.bert(input_ids=s_ids).last_hidden_state[0].mean(0)  # (H,)
+    with torch.no_grad():
+        out = enc(ids, mask)  # (3, H)
+        ref0 = torch.stack([alone("Bronchiectasis;"), alone("there is no pleural effusion."), alone("Cardiomegaly.")]).mean(0)
+        torch.testing.assert_close(out[0], ref0)
+        torch.testing.assert_close(out[1], alone("Emphysema is present."))  # a one-sentence prompt
+        torch.testing.assert_close(out[2], torch.zeros_like(out[2]))  # no words: the zero vector, not NaN
+        # Padding and the other texts of the batch change nothing.
+        torch.testing.assert_close(enc(*tokenize(tok, texts[1:2], 64)[:2])[0], out[1])
+    # The pooling travels in the config: a rebuilt encoder pools the same way.
+    assert M.TextEncoder(cfg).pooling == "sentence" and M.TextEncoder({k: v for k, v in cfg.items() if k != "pooling"}).pooling == "cls"
+
+
 def test_tokenize_counts_truncated(scratch_text):
     _, tok, _ = scratch_text
-    ids, mask, n_trunc = M.tokenize(tok, ["no effusion", " ".join(REPORTS[:4])], max_len=16)
+    ids, mask, n_trunc = tokenize(tok, ["no effusion", " ".join(REPORTS[:4])], max_len=16)
     assert ids.shape == (2, 16) and n_trunc == 1
     assert ids[1, -1].item() == tok.sep_token_id  # truncation keeps the final [SEP]
     assert mask[0].sum().item() < 16 and (ids[0][mask[0] == 0] == tok.pad_token_id).all()
@@ -160,7 +193,7 @@ def test_text_gradient_checkpointing_same_output_and_grads(scratch_text):
     ckpt.load_state_dict(plain.state_dict())
     ckpt.gradient_checkpointing_enable()
     plain.train(), ckpt.train()  # checkpointing is only active in training mode; dropout is off
-    ids, mask, _ = M.tokenize(tok, REPORTS[:2], 64)
+    ids, mask, _ = tokenize(tok, REPORTS[:2], 64)
     out_p, out_c = plain(ids, mask), ckpt(ids, mask)
     torch.testing.assert_close(out_c, out_p)
     out_p.square().sum().backward()
@@ -190,7 +223,7 @@ def test_build_text_from_local_pretrained_dir(tmp_path):
     assert cfg["vocab"] == words and cfg["lowercase"] is True and cfg["bert"]["hidden_size"] == 32
     assert tok(texts)["input_ids"] == ref_ids and "[UNK]" not in tok.tokenize(texts[0])
     assert M.tokenizer_from_cfg(cfg)(texts)["input_ids"] == ref_ids
-    ids, mask, _ = M.tokenize(tok, texts, 64)
+    ids, mask, _ = tokenize(tok, texts, 64)
     enc.eval()
     with torch.no_grad():  # the pretrained weights were loaded, not re-initialised
         torch.testing.assert_close(enc(ids, mask), bert(input_ids=ids, attention_mask=mask).last_hidden_state[:, 0])
@@ -211,7 +244,7 @@ def _configs(text_cfg):
 def _inputs(kind, tok):
     torch.manual_seed(1)
     x = torch.randn(2, 1, 16, 32, 32)
-    ids, mask, _ = M.tokenize(tok, REPORTS[:2], 64)
+    ids, mask, _ = tokenize(tok, REPORTS[:2], 64)
     return {"vision": (x,), "text": (ids, mask), "align": (x, ids, mask)}[kind]
 
 
