@@ -31,7 +31,7 @@ def test_whole_recipe_at_toy_size(tmp_path):
     r = run(tmp_path, "pretrain_vision.py", "--lite", *TOY)
     assert "labels: out/distill/labels.csv" in r.stdout  # stage 1 reads the distilled labels by default
     r = run(tmp_path, "pretrain_text.py", "--max-len", "256", *TOY)
-    assert "labels: out/distill/labels.csv" in r.stdout
+    assert "labels: out/distill/labels.csv" in r.stdout and "sentence pooling" in r.stdout
 
     # align finds both stage-1 checkpoints at their default paths and copies them in.
     r = run(tmp_path, "align.py", "--lite", *TOY)
@@ -42,6 +42,8 @@ def test_whole_recipe_at_toy_size(tmp_path):
     aligned = torch.load(tmp_path / "out/align-lite/best.pt", weights_only=True)
     vision = torch.load(tmp_path / "out/vision-lite/best.pt", weights_only=True)
     assert aligned["stage"] == "align" and aligned["model_config"]["vision"]["stem"] == 4
+    # The demo recommends sentence-level text encoding; stage 1 applied it and stage 3 rebuilt it from the checkpoint.
+    assert aligned["model_config"]["text"]["pooling"] == "sentence"
     # The aligned model started from the stage-1 weights: the stem moved only a little at lr 1e-5.
     delta = (aligned["model"]["vision.stem.0.weight"] - vision["model"]["encoder.stem.0.weight"]).abs().max()
     assert delta < 1e-2
@@ -57,7 +59,8 @@ def test_align_without_stage1_warns_and_trains(tmp_path):
     r = run(tmp_path, "align.py", "--lite", *TOY)
     assert "WARNING: no vision checkpoint at out/vision-lite/best.pt" in r.stdout
     assert "WARNING: no text checkpoint at out/text/best.pt" in r.stdout
-    assert (tmp_path / "out/align-lite/best.pt").is_file()
+    aligned = torch.load(tmp_path / "out/align-lite/best.pt", weights_only=True)
+    assert aligned["model_config"]["text"]["pooling"] == "sentence"  # --pooling, from the demo's recommended flags
 
 
 def test_align_refuses_a_checkpoint_of_another_stage(tmp_path):
