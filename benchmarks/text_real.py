@@ -9,6 +9,7 @@ seeded 80/20 split. On the same split and in the same run:
     macro AUC read back from the checkpoint.
 
   python benchmarks/text_real.py                                  # scratch encoder, 15 epochs, lr 1e-3
+  python benchmarks/text_real.py --pooling sentence                # each sentence encoded on its own
   python benchmarks/text_real.py --text-model /path/to/minilm --lr 5e-5 --epochs 4
 """
 import argparse
@@ -35,6 +36,7 @@ p.add_argument("--text-model", default="scratch", help="passed to pretrain_text.
 p.add_argument("--lr", type=float, default=1e-3, help="passed to pretrain_text.py")
 p.add_argument("--epochs", type=int, default=15, help="passed to pretrain_text.py")
 p.add_argument("--max-len", type=int, default=512, help="passed to pretrain_text.py")
+p.add_argument("--pooling", default="cls", choices=["cls", "sentence"], help="passed to pretrain_text.py")
 p.add_argument("--seed", type=int, default=0, help="split seed")
 args = p.parse_args()
 
@@ -64,7 +66,7 @@ tfidf_aucs, tfidf_macro = M.per_label_auc(va.labels, scores)
 # The real script on the same split.
 cmd = [sys.executable, str(ROOT / "pretrain_text.py"), "--data", str(work), "--out", str(work / "out"),
        "--text-model", args.text_model, "--lr", str(args.lr), "--epochs", str(args.epochs), "--max-len", str(args.max_len),
-       "--log-every", "50"]
+       "--pooling", args.pooling, "--log-every", "50"]
 print(" ".join(cmd), flush=True)
 subprocess.run(cmd, check=True)
 ck = torch.load(work / "out" / "best.pt", weights_only=True)
