@@ -186,9 +186,10 @@ def test_tokenizer_from_cfg_roundtrip(scratch_text):
     assert {k: v.shape for k, v in again.state_dict().items()} == {k: v.shape for k, v in enc.state_dict().items()}
 
 
-def test_text_gradient_checkpointing_same_output_and_grads(scratch_text):
+@pytest.mark.parametrize("pooling", ["cls", "sentence"])
+def test_text_gradient_checkpointing_same_output_and_grads(scratch_text, pooling):
     _, tok, cfg = scratch_text
-    cfg = dict(cfg, bert=dict(cfg["bert"], hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
+    cfg = dict(cfg, pooling=pooling, bert=dict(cfg["bert"], hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
     plain, ckpt = M.TextEncoder(cfg), M.TextEncoder(cfg)
     ckpt.load_state_dict(plain.state_dict())
     ckpt.gradient_checkpointing_enable()
