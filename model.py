@@ -109,9 +109,9 @@ class TextEncoder(nn.Module):
         from transformers import BertConfig, BertModel
         self.bert = BertModel(BertConfig(**cfg["bert"]), add_pooling_layer=False)
         self.out_dim, self.pooling = self.bert.config.hidden_size, cfg.get("pooling", "cls")
-        vocab = {t: i for i, t in enumerate(cfg["vocab"])}
-        self.special = [vocab["[CLS]"], vocab["[SEP]"]]
-        self.ends = [vocab[t] for t in (".", ":", ";") if t in vocab]  # what ends a sentence (or a heading)
+        if self.pooling == "sentence":  # the token ids that end a sentence (or a heading), and [CLS], [SEP]
+            vocab = {t: i for i, t in enumerate(cfg["vocab"])}
+            self.special, self.ends = [vocab["[CLS]"], vocab["[SEP]"]], [vocab[t] for t in ".:;" if t in vocab]
 
     def gradient_checkpointing_enable(self):
         """Recompute each BERT layer in the backward pass (no BatchNorm here, so no side effects)."""
