@@ -60,7 +60,7 @@ def main():
     g.add_argument("--vision-ckpt", default=None, help="stage-1 vision checkpoint (default out/vision[-lite]/best.pt)")
     g.add_argument("--text-ckpt", default="out/text/best.pt", help="stage-1 text checkpoint")
     g.add_argument("--text-model", default=None, help="text encoder used only when there is no text checkpoint (as in pretrain_text.py)")
-    g.add_argument("--pooling", default="cls", choices=["cls", "sentence"], help="report embedding, used only when there is no text checkpoint (as in pretrain_text.py)")
+    g.add_argument("--pooling", default="cls", choices=M.POOLINGS, help="report embedding, used only when there is no text checkpoint (as in pretrain_text.py)")
     g.add_argument("--max-len", type=int, default=512, help="maximum tokens per report")
     g.add_argument("--embed-dim", type=int, default=768, help="size of the shared latent space")
     g.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing in both encoders (less memory, more compute)")

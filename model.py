@@ -25,6 +25,7 @@ from torch.utils.checkpoint import checkpoint
 from data import DataError
 
 STAGES = ("vision", "text", "align")
+POOLINGS = ("cls", "sentence")  # TextEncoder report embeddings: the paper's [CLS], or sentence by sentence
 CKPT_KEYS = ("stage", "model", "model_config", "args", "label_names", "optimizer", "step", "epoch", "best_metric")
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
@@ -109,6 +110,8 @@ class TextEncoder(nn.Module):
         from transformers import BertConfig, BertModel
         self.bert = BertModel(BertConfig(**cfg["bert"]), add_pooling_layer=False)
         self.out_dim, self.pooling = self.bert.config.hidden_size, cfg.get("pooling", "cls")
+        if self.pooling not in POOLINGS:  # never a silent fallback to another pooling
+            raise ValueError(f"text pooling {self.pooling!r} is not one of {POOLINGS}")
         if self.pooling == "sentence":  # the token ids that end a sentence (or a heading), and [CLS], [SEP]
             vocab = {t: i for i, t in enumerate(cfg["vocab"])}
             self.special, self.ends = [vocab["[CLS]"], vocab["[SEP]"]], [vocab[t] for t in ".:;" if t in vocab]
@@ -171,9 +174,8 @@ def build_text(source, reports=None, max_len=512, vocab_size=4000, pooling="cls"
         from tokenizers import normalizers, pre_tokenizers
         if not reports:
             raise ValueError("build_text('scratch') needs reports to train a WordPiece vocabulary on")
-        # A deterministic in-domain vocabulary: the most frequent whole words (so "bronchiectasis" stays one
-        # token) plus every character and its "##" continuation as a fallback for unseen words. (The
-        # `tokenizers` WordPiece trainer breaks ties in hash order: its vocabulary changes between runs.)
+        # A deterministic in-domain vocabulary: the most frequent whole words ("bronchiectasis" stays one token) plus
+        # every character and its "##" continuation (the `tokenizers` trainer breaks ties in hash order: not stable).
         norm, pre = normalizers.BertNormalizer(lowercase=True), pre_tokenizers.BertPreTokenizer()
         counts = Counter(w for r in reports for w, _ in pre.pre_tokenize_str(norm.normalize_str(r)))
         chars = sorted({c for w in counts for c in w})
@@ -220,8 +222,7 @@ class Stage1Model(nn.Module):
 
 
 class GreenRFM(nn.Module):
-    """Both encoders projected to a shared space, one classifier for both latents. No L2 normalisation:
-    the paper found that keeping feature magnitudes helps, so latents and dot products stay raw."""
+    """Both encoders projected to a shared space, one classifier for both latents; no L2 normalisation (raw dot products)."""
 
     def __init__(self, vision, text, num_labels, embed_dim=768):
         super().__init__()
@@ -410,9 +411,8 @@ PROMPT_TEMPLATES = {
 
 
 def per_label_auc(y, scores):
-    """ROC AUC per label and their mean. y (N, C): 1/0 reference, nan or -1 = no reference
-    (those rows are ignored for that label); scores (N, C). A label with one class (or none)
-    has no AUC: None, left out of the macro mean (never 0.5). Returns (aucs, macro or None)."""
+    """ROC AUC per label and their mean -> (aucs, macro or None). y (N, C): 1/0, nan or -1 = no reference (row ignored
+    for that label); scores (N, C). A label with one class (or none) has no AUC: None, left out of the mean (never 0.5)."""
     from sklearn.metrics import roc_auc_score  # lazy: training scripts need no sklearn import
     y, scores = np.asarray(y, dtype=np.float64), np.asarray(scores, dtype=np.float64)
     if not np.isfinite(scores).all():  # a diverged model: no AUC is computed from NaN scores

@@ -48,7 +48,7 @@ def main():
     g = p.add_argument_group("model")
     g.add_argument("--text-model", default=None, help=f"Hugging Face name or local folder of a BERT model, or 'scratch' (a small BERT with a "
                    f"vocabulary trained on the training reports); default: the data set's dataset.json, else {CXR_BERT}")
-    g.add_argument("--pooling", default="cls", choices=["cls", "sentence"],
+    g.add_argument("--pooling", default="cls", choices=M.POOLINGS,
                    help="report embedding: 'cls' = the [CLS] token's (the paper's); 'sentence' = each sentence encoded alone, "
                         "token-averaged, then sentences averaged (prompts are single sentences; see model.TextEncoder)")
     g.add_argument("--max-len", type=int, default=512, help="maximum tokens per report (CT reports often exceed 128); longer ones are cut")

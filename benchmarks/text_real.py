@@ -36,7 +36,7 @@ p.add_argument("--text-model", default="scratch", help="passed to pretrain_text.
 p.add_argument("--lr", type=float, default=1e-3, help="passed to pretrain_text.py")
 p.add_argument("--epochs", type=int, default=15, help="passed to pretrain_text.py")
 p.add_argument("--max-len", type=int, default=512, help="passed to pretrain_text.py")
-p.add_argument("--pooling", default="cls", choices=["cls", "sentence"], help="passed to pretrain_text.py")
+p.add_argument("--pooling", default="cls", choices=M.POOLINGS, help="passed to pretrain_text.py")
 p.add_argument("--seed", type=int, default=0, help="split seed")
 args = p.parse_args()
 

@@ -167,6 +167,8 @@ def test_sentence_pooling_is_the_mean_of_sentences_encoded_alone(scratch_text, a
         torch.testing.assert_close(enc(*tokenize(tok, texts[1:2], 64)[:2])[0], out[1])
     # The pooling travels in the config: a rebuilt encoder pools the same way.
     assert M.TextEncoder(cfg).pooling == "sentence" and M.TextEncoder({k: v for k, v in cfg.items() if k != "pooling"}).pooling == "cls"
+    with pytest.raises(ValueError, match="pooling 'max'"):  # an unknown pooling is an error, never a fallback
+        M.TextEncoder(dict(cfg, pooling="max"))
 
 
 def test_tokenize_counts_truncated(scratch_text):
