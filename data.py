@@ -4,8 +4,8 @@
     -> load_table()         Table: ids, image paths, reports, splits, labels (N, C), nan = not mentioned
     -> preprocess_volume()  NIfTI -> canonical (D, H, W) HU at the preset spacing, air-padded or
                             center-cropped to the preset's stored size; cached as <cache>/<id>.npy
-    -> VolumeReportDataset  random (train) or center (eval) crop + intensity window -> {"image"
-                            (1, D, H, W), "report", "targets" (C,), "mask" (C,), "id", "index"}
+    -> VolumeReportDataset  random (train) or center (eval) crop + intensity windows -> {"image"
+                            (K windows, D, H, W), "report", "targets" (C,), "mask" (C,), "id", "index"}
 Orientation: nibabel's closest canonical orientation, RAS+ (array axis x points to the patient's
 Right, y Anterior, z Superior), then (x, y, z) -> (z, y, x): D runs inferior -> superior (the body's
 long axis), H posterior -> anterior, W left -> right, whatever affine the scanner wrote. Spacing is
@@ -280,9 +280,17 @@ PRESETS = {
     "chest": dict(spacing=(1.5, 1.5, 3.0), size=(120, 240, 240), crop=(96, 192, 192), intensity="chest"),
     "abdomen": dict(spacing=(1.5, 1.5, 3.0), size=(180, 280, 280), crop=(144, 224, 224), intensity="abdomen"),
     "mri": dict(spacing=(1.5, 1.5, 3.0), size=(120, 240, 240), crop=(96, 192, 192), intensity="mri"),
-    "demo": dict(spacing=(4.0, 4.0, 8.0), size=(28, 64, 64), crop=(24, 56, 56), intensity="chest"),
+    # The demo reads four windows: at its 4x4x8 mm the paper's window alone left lymph nodes, calcium and
+    # emphysema near chance after a CPU run of 200 steps (see WINDOWS and the README).
+    "demo": dict(spacing=(4.0, 4.0, 8.0), size=(28, 64, 64), crop=(24, 56, 56), intensity="chest-multi"),
 }
 AIR_HU = -1024
+# CT intensity rules: HU windows (lo, hi), each clipped and mapped linearly onto [-1, 1], one input channel per
+# window. "chest" is the paper's single window, in which lymph nodes (60 HU) in fat (-90), calcium on contrast
+# blood (140) and emphysema (-950) in lung (-850) differ by a tenth of the range at most. "chest-multi" adds the
+# windows a radiologist pages through: mediastinal, lung and calcium/bone.
+WINDOWS = {"chest": ((-1000, 200),), "abdomen": ((-1000, 1000),),
+           "chest-multi": ((-1000, 200), (-160, 240), (-1000, -700), (200, 1200))}
 
 def get_preset(preset):
     """A preset name, or a dict like PRESETS' values -> that dict."""
@@ -330,15 +338,28 @@ def pad_or_crop(vol, size, fill=AIR_HU, start=None):
     start = start or [(n - s) // 2 for n, s in zip(vol.shape, size)]
     return vol[tuple(slice(a, a + s) for a, s in zip(start, size))]
 
+def input_channels(preset):
+    """Channels of the network input under a preset: one per CT window; MRI 1."""
+    return len(WINDOWS.get(get_preset(preset)["intensity"], [None]))
+
+def require_channels(vision_cfg, preset, where):
+    """An encoder built for another number of input channels than the preset's windows: one clear line."""
+    k, have = input_channels(preset), vision_cfg.get("in_channels", 1)
+    require(have == k, f"{where}: a vision encoder for {have} input channel(s), but preset "
+                       f"{preset if isinstance(preset, str) else 'custom'} gives {k} ({get_preset(preset)['intensity']}); "
+                       f"pass the preset it was trained with (--preset)")
+
 def normalize(vol, intensity):
-    """Intensity window -> float32. chest: HU clip [-1000, 200] -> [-1, 1]; abdomen: clip
-    [-1000, 1000] / 1000; mri: clip to the volume's 1st-99th percentiles, then z-score."""
-    vol = np.array(vol, dtype=np.float32)  # a copy, windowed in place (no full-size temporaries)
-    if intensity == "chest":
-        return np.divide(np.add(np.clip(vol, -1000, 200, out=vol), 400, out=vol), 600, out=vol)
-    if intensity == "abdomen":
-        return np.divide(np.clip(vol, -1000, 1000, out=vol), 1000, out=vol)
-    require(intensity == "mri", f"unknown intensity preset {intensity!r} (chest, abdomen, mri)")
+    """Intensity rule -> float32 (D, H, W), or (K, D, H, W) for K windows. A CT window (lo, hi) clips HU
+    to it and maps it linearly onto [-1, 1] (chest: (x + 400) / 600; abdomen: x / 1000); mri: clip to the
+    volume's 1st-99th percentiles, then z-score."""
+    if intensity in WINDOWS:
+        out = []
+        for lo, hi in WINDOWS[intensity]:
+            w = np.clip(vol, lo, hi).astype(np.float32)  # a new array, then shifted and scaled in place
+            out.append(np.divide(np.subtract(w, (lo + hi) / 2, out=w), (hi - lo) / 2, out=w))
+        return out[0] if len(out) == 1 else np.stack(out)
+    require(intensity == "mri", f"unknown intensity rule {intensity!r} ({', '.join(WINDOWS)}, mri)")
     vol = np.clip(vol, *np.percentile(vol, [1, 99]))
     return ((vol - vol.mean()) / max(float(vol.std()), 1e-6)).astype(np.float32)
 
@@ -408,7 +429,7 @@ def preprocess_dataset(data, cache_dir=None, preset=None, workers=1):
 
 # ----------------------------------------------------------------------------- dataset
 class VolumeReportDataset(torch.utils.data.Dataset):
-    """Table rows -> {"image" (1, D, H, W) float32 at the crop size (if images), "report",
+    """Table rows -> {"image" (K, D, H, W) float32 (K = input_channels(preset)) at the crop size (if images), "report",
     "targets" (C,), "mask" (C,), "id", "index"}. Reads <cache_dir>/<id>.npy where it exists."""
 
     def __init__(self, table, preset, train, cache_dir=None, images=True, seed=0, uncertain="mask"):
@@ -451,7 +472,8 @@ class VolumeReportDataset(torch.utils.data.Dataset):
                 start = [int(rng.integers(0, max(n, s) - s + 1)) for n, s in zip(vol.shape, crop)]
             # Exactly the crop size (air-padded) so batches stack; CT is windowed after cropping (fewer voxels).
             vol = pad_or_crop(vol, crop, 0.0 if window == "mri" else AIR_HU, start)
-            item["image"] = torch.from_numpy(normalize(vol, window) if window != "mri" else np.ascontiguousarray(vol))[None]
+            x = np.ascontiguousarray(vol) if window == "mri" else normalize(vol, window)  # (D, H, W) or (K, D, H, W)
+            item["image"] = torch.from_numpy(x if x.ndim == 4 else x[None])  # (K, D, H, W)
         return item
 
 # ----------------------------------------------------------------------------- CT-RATE
@@ -506,6 +528,8 @@ def pick_labels(table, path=None):
     if path:
         return table.with_labels(path), str(path)
     if Path(DISTILL_LABELS).is_file():
+        if Path(DISTILL_LABELS).stat().st_mtime < Path(table.source).stat().st_mtime:  # e.g. a rebuilt demo set
+            return table, f"the manifest label columns (not {DISTILL_LABELS}: older than {table.source}; run distill.py again)"
         try:
             return table.with_labels(DISTILL_LABELS), DISTILL_LABELS
         except DataError as e:  # labels of another data set: say so, and use the manifest's own

@@ -248,6 +248,7 @@ def main():
     # -----------------------------------------------------------------------------
     # model: strict load of an aligned checkpoint (anything else is one clear error line), prompts
     model, ckpt = M.model_from_checkpoint(args.ckpt, stage="align")
+    D.require_channels(ckpt["model_config"]["vision"], preset, args.ckpt)
     model.to(device).eval()
     text_cfg = ckpt["model_config"]["text"]
     tokenizer = M.tokenizer_from_cfg(text_cfg)

@@ -51,7 +51,6 @@ def main():
                    help="train on random crops of the stored volume (translation augmentation); --no-random-crop: centre crops")
     g = p.add_argument_group("model")
     g.add_argument("--lite", action="store_true", help="lite model: stride-4 patchify stem (the 6 GB configuration)")
-    g.add_argument("--in-channels", type=int, default=1, help="input channels (e.g. several MRI sequences)")
     g.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing per ResNet block and of the stem (less memory, ~30%% more compute)")
     g.add_argument("--init", default=None, help="optional external encoder weights (a state dict file) loaded before training")
     g = p.add_argument_group("optimization (paper defaults)")
@@ -138,7 +137,8 @@ def main():
     # model: 3D ResNet-18 encoder + a linear head to the C labels
     C = len(table.label_names)
     model_config = {"kind": STAGE, "num_labels": C,
-                    "vision": {"in_channels": args.in_channels, "stem": 4 if args.lite else 2, "widths": [64, 128, 256, 512]}}
+                    "vision": {"in_channels": D.input_channels(preset),  # one per intensity window of the preset
+                               "stem": 4 if args.lite else 2, "widths": [64, 128, 256, 512]}}
     model = M.build_model(model_config)
     if args.init:  # e.g. weights converted from a video model; printed so nothing loads silently
         try:
@@ -157,7 +157,7 @@ def main():
         log(f"init: {args.init} ({len(missing)} missing, {len(unexpected)} unexpected keys)")
     model.encoder.grad_ckpt = args.grad_ckpt
     model.to(device)
-    log(f"model: 3D ResNet-18, stem {model_config['vision']['stem']}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters")
+    log(f"model: 3D ResNet-18, {model_config['vision']['in_channels']} input channel(s), stem {model_config['vision']['stem']}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters")
 
     # -----------------------------------------------------------------------------
     # optimizer, cosine schedule (stepped per iteration), resume

@@ -234,11 +234,12 @@ def demo_table(tmp_path):
 
 
 def test_dataset_shapes_determinism_and_center(demo_table):
-    crop = data.PRESETS["demo"]["crop"]
+    crop, k = data.PRESETS["demo"]["crop"], data.input_channels("demo")  # the demo reads 4 windows
+    assert k == 4
     train = data.VolumeReportDataset(demo_table, "demo", train=True, seed=3)
     for i in range(2):
         item = train[i]
-        assert item["image"].shape == (1, *crop) and item["image"].dtype == torch.float32
+        assert item["image"].shape == (k, *crop) and item["image"].dtype == torch.float32
         assert item["image"].min() >= -1 and item["image"].max() <= 1
     assert train[1]["targets"].tolist() == [0] and train[1]["mask"].tolist() == [0]  # uncertain masked
     assert train[0]["report"] == "s" and train[0]["id"] == "small" and train[0]["index"] == 0
@@ -249,12 +250,14 @@ def test_dataset_shapes_determinism_and_center(demo_table):
     train.set_epoch(0)
     assert torch.equal(a, train[1]["image"])
     ev = data.VolumeReportDataset(demo_table, "demo", train=False)
-    stored = data.normalize(data.preprocess_volume(demo_table.images[1], "demo"), "chest")
-    assert stored.shape == data.PRESETS["demo"]["size"]
-    center = stored[2:26, 4:60, 4:60]  # (28, 64, 64) -> (24, 56, 56)
-    np.testing.assert_array_equal(ev[1]["image"][0].numpy(), center)
+    hu = data.preprocess_volume(demo_table.images[1], "demo")
+    stored = data.normalize(hu, "chest-multi")
+    assert stored.shape == (k, *data.PRESETS["demo"]["size"])
+    center = stored[:, 2:26, 4:60, 4:60]  # (4, 28, 64, 64) -> (4, 24, 56, 56)
+    np.testing.assert_array_equal(ev[1]["image"].numpy(), center)
+    np.testing.assert_array_equal(center[0], data.normalize(hu, "chest")[2:26, 4:60, 4:60])  # the paper's window first
     batch = torch.utils.data.default_collate([ev[0], ev[1]])  # any sizes stack
-    assert batch["image"].shape == (2, 1, *crop)
+    assert batch["image"].shape == (2, k, *crop)
     text_only = data.VolumeReportDataset(demo_table, "demo", train=True, images=False)
     assert "image" not in text_only[0]
 
@@ -286,6 +289,17 @@ def test_pad_or_crop_and_normalize():
     hu = np.array([-2000, -1000, -400, 200, 900], np.float32)
     np.testing.assert_allclose(data.normalize(hu, "chest"), [-1, -1, 0, 1, 1])
     np.testing.assert_allclose(data.normalize(hu, "abdomen"), [-1, -1, -0.4, 0.2, 0.9])
+    # Four windows, one row each, worked by hand: [-1000, 200], mediastinal [-160, 240], lung [-1000, -700],
+    # calcium/bone [200, 1200]; each clips, then maps its range linearly onto [-1, 1].
+    np.testing.assert_allclose(data.normalize(hu, "chest-multi"), [[-1, -1, 0, 1, 1], [-1, -1, -1, 0.8, 1],
+                                                                   [-1, -1, 1, 1, 1], [-1, -1, -1, -1, 0.4]])
+    assert data.normalize(hu.astype(np.int16), "chest-multi").dtype == np.float32  # the cache holds int16 HU
+    assert [data.input_channels(p) for p in ("chest", "abdomen", "mri", "demo")] == [1, 1, 1, 4]
+    with pytest.raises(DataError, match="unknown intensity rule 'ct'"):
+        data.normalize(hu, "ct")
+    data.require_channels({"in_channels": 4}, "demo", "x.pt")
+    with pytest.raises(DataError, match="x.pt: a vision encoder for 1 input channel.*preset demo gives 4"):
+        data.require_channels({"in_channels": 1}, "demo", "x.pt")
     mri = data.normalize(np.random.default_rng(0).gamma(2, 100, (20, 20, 20)), "mri")
     assert abs(mri.mean()) < 1e-4 and abs(mri.std() - 1) < 1e-3
 
@@ -320,3 +334,19 @@ def test_ctrate_manifest(tmp_path):
         data.ctrate_manifest(reports, labels, tmp_path / "dataset", out, meta)
     r = run_cli("ctrate", "--reports", reports, "--labels", labels, "--volumes", str(tmp_path), "--out", str(out))
     assert r.returncode == 2 and "valid_3_a_1" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_pick_labels_prefers_fresh_distilled_labels(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # DISTILL_LABELS is relative to where a stage runs
+    write_csv(tmp_path / "manifest.csv", ["id", "image", "report", "A"], [["a", "a.nii.gz", "r", "1"], ["b", "b.nii.gz", "r", "0"]])
+    table = data.load_table(tmp_path)
+    assert data.pick_labels(table)[1] == "the manifest label columns"  # nothing distilled yet
+    (tmp_path / "out" / "distill").mkdir(parents=True)
+    write_csv(tmp_path / data.DISTILL_LABELS, ["id", "A"], [["a", "0"], ["b", "1"]])
+    t, used = data.pick_labels(table)
+    assert used == data.DISTILL_LABELS and t.labels[:, 0].tolist() == [0, 1]
+    # A data set rebuilt after distillation (same ids, new reports): the stale labels are not used silently.
+    os.utime(tmp_path / data.DISTILL_LABELS, (1e9, 1e9))
+    t, used = data.pick_labels(table)
+    assert t.labels[:, 0].tolist() == [1, 0] and "older than" in used and "run distill.py again" in used
+    assert data.pick_labels(table, data.DISTILL_LABELS)[0].labels[:, 0].tolist() == [0, 1]  # --labels: as asked

@@ -174,7 +174,7 @@ def test_evaluate_script_end_to_end(tmp_path):
     table = data.load_table(tmp_path / "demo")
     text, _, text_cfg = M.build_text("scratch", table.reports, max_len=64)
     cfg = {"kind": "align", "num_labels": len(table.label_names), "embed_dim": 768, "text": text_cfg,
-           "vision": {"in_channels": 1, "stem": 4, "widths": [8, 16, 16, 16]}}
+           "vision": {"in_channels": data.input_channels("demo"), "stem": 4, "widths": [8, 16, 16, 16]}}
     net = M.build_model(cfg)
     ckpt = tmp_path / "align.pt"
     M.save_checkpoint(ckpt, stage="align", model=net, model_config=cfg, args={"preset": "demo"},
@@ -194,3 +194,9 @@ def test_evaluate_script_end_to_end(tmp_path):
     r = run("--ckpt", str(tmp_path / "vision.pt"))  # wrong stage: one line, no traceback, exit 2
     assert r.returncode == 2 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert "vision" in r.stderr and "align" in r.stderr
+    one = dict(cfg, vision=dict(cfg["vision"], in_channels=1))  # an encoder for the paper's single window
+    M.save_checkpoint(tmp_path / "one.pt", stage="align", model=M.build_model(one), model_config=one, args={},
+                      label_names=table.label_names)
+    r = run("--ckpt", str(tmp_path / "one.pt"))  # the demo preset gives 4 windows: refused, one line
+    assert r.returncode == 2 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert "1 input channel" in r.stderr and "gives 4" in r.stderr
