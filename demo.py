@@ -26,7 +26,7 @@ from data import CHEST_CT_LABELS
 # reached validation macro AUC 0.84 after 200 steps on centre crops against 0.69 on random crops.
 # The text encoder encodes each sentence on its own (--pooling sentence): the zero-shot prompts are single
 # sentences, and a report-level [CLS] never learns what one sentence means (test zero-shot 0.63 -> 0.79).
-DEMO_VERSION = 3  # bumped when the generator changes: ensure_demo() then rebuilds an existing demo set
+DEMO_VERSION = 4  # bumped when the generator changes: ensure_demo() then rebuilds an existing demo set
 DEMO_TRAIN = {"text": {"lr": 1e-3, "epochs": 5, "pooling": "sentence"},
               "vision-lite": {"lr": 1e-3, "epochs": 2, "random_crop": False},
               "align-lite": {"lr": 1e-4, "epochs": 1, "random_crop": False, "pooling": "sentence"}}
@@ -60,6 +60,9 @@ DEMO_OTHER = ["Trachea and both main bronchi are patent.", "Thyroid gland is unr
 # Findings are drawn larger, and several of them more numerous, than typical in patients: a plaque or
 # nodule spans a few of the demo's 4x4x8 mm voxels, and every finding changes enough voxels for a CPU run
 # of a few hundred steps to learn it.
+# Coronary arteries as paths of directions from the heart centre (r, a, z): the left anterior descending
+# artery down the front towards the apex, the right coronary artery in the right atrioventricular groove.
+DEMO_CORONARY = (((-0.2, 0.9, 0.5), (-0.5, 0.7, -0.5)), ((0.6, 0.6, 0.5), (0.9, 0.3, -0.3)))
 # Lung ellipsoids (centre, semi-axes) in mm: right lung first.
 DEMO_LUNGS = (((48, -5, 0), (38, 58, 85)), ((-50, -5, -5), (35, 56, 80)))
 
@@ -115,6 +118,9 @@ def _phantom(g, rng, f):
     core = [_ell(g, c, np.multiply(s, 0.75 * k)) & ~near for c, s in DEMO_LUNGS]  # where lesions are centred
     lung = lungs[0] | lungs[1]
     v[lung] = -850
+    if "Lymphadenopathy" in f:  # and hilar nodes, one at each lung root (drawn over the lungs)
+        for c, r in zip([(22, -5, 15), (-30, -5, 10)], rad):
+            v[_ell(g, c, (r, r, 1.4 * r))] = 60
     v[_tube(g, [(0, 10, 55), (0, 12, 200)], 9)] = -1000  # trachea down to the carina
 
     def blobs(name, hu, n, rmin, rmax, zone=True):  # n balls centred in one lung's core, clipped to that lung
@@ -125,7 +131,8 @@ def _phantom(g, rng, f):
             v[_ell(g, p, (rad,) * 3) & lungs[side]] = hu
         det[name] = lobe(side, p[2])
         return rad
-    if "Emphysema" in f:  # bullous low-density regions, upper lobes
+    if "Emphysema" in f:  # upper-lobe predominant: the upper lobes lose density, with bullae in them
+        v[lung & (g["z"] > 15)] = -850 - 80 * f["Emphysema"]
         blobs("Emphysema", -1000, int(rng.integers(6, 10)), 18, 26, g["z"] > 15)
         det["Emphysema"] = " predominantly in the upper lobes"
     if "Lung opacity" in f:  # ground-glass patch
@@ -133,7 +140,7 @@ def _phantom(g, rng, f):
     if "Consolidation" in f:  # dense airspace region in the lateral mid/upper lung
         blobs("Consolidation", 35, 1, 28, 36, (np.abs(g["r"]) > 45) & (g["z"] > 0) & (g["z"] < 45) & (g["a"] > -30))
     if "Lung nodule" in f:
-        n = int(rng.integers(2, 5))
+        n = int(rng.integers(4, 8))
         rad = blobs("Lung nodule", 30, n, 10, 14)
         det["Lung nodule"] = (f" measuring {round(2 * rad)} mm" if n == 1 else f" ({n} nodules, up to {round(2 * rad)} mm)"
                               ) + det["Lung nodule"]
@@ -158,17 +165,18 @@ def _phantom(g, rng, f):
     v[_ell(g, hc, hs - 8)] = 140
     v[aorta] = 140  # ascending aorta, arch, descending aorta left of the spine; contrast-enhanced
     if "Arterial wall calcification" in f:  # plaques bulging out of the wall of the arch and descending aorta
-        for _ in range(int(rng.integers(8, 15) * f["Arterial wall calcification"] + 0.5)):
+        for _ in range(int(rng.integers(12, 20) * f["Arterial wall calcification"] + 0.5)):
             i = int(rng.integers(2, 5))
             p, d = aorta_path[i] + U() * (aorta_path[i + 1] - aorta_path[i]), aorta_path[i + 1] - aorta_path[i]
             u = rng.normal(size=3); u -= (u @ d) / (d @ d) * d; u /= np.linalg.norm(u)
             v[_ell(g, p + 16 * u, (U(5, 7),) * 3)] = U(800, 1200)
         det["Arterial wall calcification"] = " of the aortic arch and descending aorta"
-    if "Coronary artery wall calcification" in f:  # bright spots on the anterior heart surface
-        for _ in range(int(rng.integers(4, 9) * f["Coronary artery wall calcification"] + 0.5)):
-            u = rng.normal(size=3); u[1] = abs(u[1]); u /= np.linalg.norm(u)
+    if "Coronary artery wall calcification" in f:  # plaques along the coronary arteries on the heart surface
+        for _ in range(int(rng.integers(6, 12) * f["Coronary artery wall calcification"] + 0.5)):
+            p, q = DEMO_CORONARY[int(rng.integers(2))]
+            u = np.add(p, U() * np.subtract(q, p)); u /= np.linalg.norm(u)
             v[_ell(g, hc + (hs + 3) * u, (U(5.5, 7),) * 3)] = U(800, 1200)
-        det["Coronary artery wall calcification"] = " in the left anterior descending artery"
+        det["Coronary artery wall calcification"] = " in the coronary arteries"
     if "Hiatal hernia" in f:  # stomach above the diaphragm behind the heart: wall, fluid, air-fluid level
         c, s = np.array([-5, -15, -78]), np.array([25, 22, 20]) * f["Hiatal hernia"]
         v[_ell(g, c, s)] = 40
