@@ -161,7 +161,8 @@ def main():
                               f"needs stem {4 if args.lite else 2}; pass the matching --vision-ckpt")
         D.require_channels(vision_cfg, preset, vision_ckpt)
     else:  # one input channel per intensity window of the preset
-        vck, vision_cfg = None, {"in_channels": D.input_channels(preset), "stem": 4 if args.lite else 2, "widths": [64, 128, 256, 512]}
+        vck, vision_cfg = None, {"in_channels": D.input_channels(preset), "stem": 4 if args.lite else 2,
+                                 "widths": [64, 128, 256, 512]}
         log(f"WARNING: no vision checkpoint at {vision_ckpt}: the image encoder starts from random initialisation "
             f"(run pretrain_vision.py{' --lite' if args.lite else ''} first for the full recipe)")
     text_path = Path(args.text_ckpt)

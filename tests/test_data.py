@@ -338,7 +338,8 @@ def test_ctrate_manifest(tmp_path):
 
 def test_pick_labels_prefers_fresh_distilled_labels(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # DISTILL_LABELS is relative to where a stage runs
-    write_csv(tmp_path / "manifest.csv", ["id", "image", "report", "A"], [["a", "a.nii.gz", "r", "1"], ["b", "b.nii.gz", "r", "0"]])
+    write_csv(tmp_path / "manifest.csv", ["id", "image", "report", "A"],
+              [["a", "a.nii.gz", "r", "1"], ["b", "b.nii.gz", "r", "0"]])
     table = data.load_table(tmp_path)
     assert data.pick_labels(table)[1] == "the manifest label columns"  # nothing distilled yet
     (tmp_path / "out" / "distill").mkdir(parents=True)
