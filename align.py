@@ -261,7 +261,7 @@ def main():
         loader = DataLoader(train_ds, batch_sampler=batches, num_workers=args.workers, pin_memory=device.type == "cuda",
                             generator=torch.Generator().manual_seed(args.seed + epoch))  # keeps the global RNG untouched
         for i, b in enumerate(loader):
-            x = b["image"].to(device, non_blocking=True)  # (B, 1, D, H, W)
+            x = b["image"].to(device, non_blocking=True)  # (B, K windows, D, H, W)
             ids, att = tokens(b["report"])  # (B, L) each
             y, m = b["targets"].to(device), b["mask"].to(device)  # (B, C) each
             last_micro = (i + 1) % args.accum == 0

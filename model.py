@@ -232,7 +232,7 @@ class GreenRFM(nn.Module):
         self.classifier = nn.Linear(embed_dim, num_labels)  # shared: same label semantics in both modalities
 
     def encode_image(self, x):
-        return self.img_proj(self.vision(x))  # (B, 1, D, H, W) -> (B, 512) -> (B, 768)
+        return self.img_proj(self.vision(x))  # (B, K windows, D, H, W) -> (B, 512) -> (B, 768)
 
     def encode_text(self, input_ids, attention_mask):
         return self.txt_proj(self.text(input_ids, attention_mask))  # (B, L) -> (B, H) -> (B, 768)
