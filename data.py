@@ -287,7 +287,7 @@ PRESETS = {
 AIR_HU = -1024
 # CT intensity rules: HU windows (lo, hi), each clipped and mapped linearly onto [-1, 1], one input channel per
 # window. "chest" is the paper's single window, in which lymph nodes (60 HU) in fat (-90), calcium on contrast
-# blood (140) and emphysema (-950) in lung (-850) differ by a tenth of the range at most. "chest-multi" adds the
+# blood (140) and emphysema (-950) in lung (-850) differ by an eighth of the range at most. "chest-multi" adds the
 # windows a radiologist pages through: mediastinal, lung and calcium/bone.
 WINDOWS = {"chest": ((-1000, 200),), "abdomen": ((-1000, 1000),),
            "chest-multi": ((-1000, 200), (-160, 240), (-1000, -700), (200, 1200))}
