@@ -2,7 +2,7 @@
 CT-RATE's CSVs -> a generic manifest (see data.py for the manifest format).
 
 `python data.py ctrate --reports R.csv --labels L.csv --volumes DIR --metadata M.csv --out ctrate/manifest.csv`
-calls ctrate_manifest() below, as does data.ctrate_manifest. It is kept out of data.py because it reads one data
+calls ctrate_manifest() below. It is kept out of data.py because it reads one data
 set's file layout and is not part of the recipe: a fork for another data set writes its manifest its own way.
 """
 import csv

@@ -18,7 +18,7 @@ CLI (bad input stops with one line naming the file and row, never a traceback):
   python data.py ctrate --reports train_reports.csv --labels train_labels.csv \\
       --volumes CT-RATE/dataset/train --metadata train_metadata.csv --out ctrate/manifest.csv
 """
-import argparse, csv, json, os, re, shutil, sys  # noqa: E401
+import argparse, csv, json, os, re, sys  # noqa: E401
 from dataclasses import dataclass, replace
 from multiprocessing import Pool
 from pathlib import Path
@@ -280,15 +280,13 @@ PRESETS = {
     "chest": dict(spacing=(1.5, 1.5, 3.0), size=(120, 240, 240), crop=(96, 192, 192), intensity="chest"),
     "abdomen": dict(spacing=(1.5, 1.5, 3.0), size=(180, 280, 280), crop=(144, 224, 224), intensity="abdomen"),
     "mri": dict(spacing=(1.5, 1.5, 3.0), size=(120, 240, 240), crop=(96, 192, 192), intensity="mri"),
-    # The demo reads four windows: at its 4x4x8 mm the paper's window alone left lymph nodes, calcium and
-    # emphysema near chance after a CPU run of 200 steps (see WINDOWS and the README).
     "demo": dict(spacing=(4.0, 4.0, 8.0), size=(28, 64, 64), crop=(24, 56, 56), intensity="chest-multi"),
 }
 AIR_HU = -1024
 # CT intensity rules: HU windows (lo, hi), each clipped and mapped linearly onto [-1, 1], one input channel per
 # window. "chest" is the paper's single window, in which lymph nodes (60 HU) in fat (-90), calcium on contrast
 # blood (140) and emphysema (-950) in lung (-850) differ by an eighth of the range at most. "chest-multi" adds the
-# windows a radiologist pages through: mediastinal, lung and calcium/bone.
+# windows a radiologist pages through: mediastinal, lung and calcium/bone (the demo's: see the README).
 WINDOWS = {"chest": ((-1000, 200),), "abdomen": ((-1000, 1000),),
            "chest-multi": ((-1000, 200), (-160, 240), (-1000, -700), (200, 1200))}
 
@@ -476,13 +474,6 @@ class VolumeReportDataset(torch.utils.data.Dataset):
             item["image"] = torch.from_numpy(x if x.ndim == 4 else x[None])  # (K, D, H, W)
         return item
 
-# ----------------------------------------------------------------------------- CT-RATE
-def ctrate_manifest(reports_csv, labels_csv, volumes_dir, out_csv, metadata_csv=None):
-    """CT-RATE reports + labels (+ metadata) -> a generic manifest of the volumes found under volumes_dir
-    (ctrate.py holds the converter: one data set's file layout, not part of the recipe)."""
-    from ctrate import ctrate_manifest as convert
-    return convert(reports_csv, labels_csv, volumes_dir, out_csv, metadata_csv)
-
 # ----------------------------------------------------------------------------- CLI
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -504,23 +495,18 @@ def main(argv=None):
     c.add_argument("--metadata", help="CT-RATE metadata CSV (spacing and rescale of v1 volumes)")
     c.add_argument("--out", required=True, help="manifest CSV to write")
     args = ap.parse_args(argv)
-    if args.command == "demo":
+    if args.command == "demo":  # demo.py and ctrate.py hold one data set each: not part of the recipe
+        from demo import make_demo
         make_demo(args.out, args.n_train, args.n_valid, args.n_test, seed=args.seed)
     elif args.command == "preprocess":  # exit 1 when a volume failed (they are listed above)
         sys.exit(1 if preprocess_dataset(args.data, args.cache, args.preset, args.workers) else 0)
     else:
+        from ctrate import ctrate_manifest
         ctrate_manifest(args.reports, args.labels, args.volumes, args.out, args.metadata)
 
-# ----------------------------------------------------------------------------- demo set
-DEMO_DIR = "data/demo"  # where every stage looks for (and builds) the demo set by default
+# ----------------------------------------------------------------------------- stage defaults
+DEMO_DIR = "data/demo"  # where every stage looks for (and builds, demo.ensure_demo) the demo set by default
 DISTILL_LABELS = "out/distill/labels.csv"  # where distill.py writes labels, read by later stages by default
-
-def make_demo(out_dir, n_train=1000, n_valid=100, n_test=100, seed=0):
-    """The synthetic demo set (demo.py holds the generator: it is not part of the recipe)."""
-    from demo import make_demo as build
-    build(out_dir, n_train=n_train, n_valid=n_valid, n_test=n_test, seed=seed)
-    preprocess_dataset(out_dir, workers=min(4, os.cpu_count() or 1))  # under a minute; every epoch reads it
-    return out_dir
 
 def pick_labels(table, path=None):
     """The labels a stage trains on: `path` when given (it must cover every id), else distill.py's output
@@ -544,18 +530,6 @@ def training_defaults(path, stage):
         from demo import DEMO_TRAIN
         return DEMO_TRAIN.get(stage, {})
     return dataset_defaults(path).get("train", {}).get(stage, {}) if manifest_path(path).is_file() else {}
-
-def ensure_demo(path):
-    """Build the demo set at `path` unless it is complete (dataset.json is written last) and made by this
-    demo.py (its version); an older one is replaced, cache included (the ids repeat). -> path."""
-    from demo import DEMO_VERSION
-    info = Path(path) / "dataset.json"
-    old = info.is_file() and dataset_defaults(path).get("version") != DEMO_VERSION
-    if old or not info.is_file():
-        print(f"building the synthetic demo set in {path} ({'replacing an older version' if old else 'once'})")
-        shutil.rmtree(Path(path) / "cache-demo", ignore_errors=True)
-        make_demo(path)
-    return path
 
 if __name__ == "__main__":
     sys.modules["data"] = sys.modules[__name__]  # `import data` in ctrate.py and demo.py: this module, one DataError

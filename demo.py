@@ -1,8 +1,9 @@
 """
 The synthetic chest-CT demo set: what every stage, test and first-time user runs on.
 
-`python data.py demo --out data/demo` calls make_demo() below. It is kept out of data.py because it
-is a data generator, not part of the recipe: a fork for a new modality can ignore this file.
+`python data.py demo --out data/demo` calls make_demo() below, and every stage calls ensure_demo() when it
+runs on the default data/demo. It is kept out of data.py because it is a data generator, not part of the
+recipe: a fork for a new modality can ignore this file.
 
 Each volume is a phantom built in millimetres (body, two lungs near -850 HU, heart, aorta, spine)
 with up to 13 of the 18 CT-RATE findings drawn as 3D structures, stored as int16 HU NIfTI with a real
@@ -12,12 +13,14 @@ negated, uncertain and irrelevant sentences in varied phrasing) and ground-truth
 """
 import csv
 import json
+import os
+import shutil
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 
-from data import CHEST_CT_LABELS
+from data import CHEST_CT_LABELS, dataset_defaults, preprocess_dataset
 
 # Training flags the demo set recommends (written to its dataset.json; the stage scripts apply them under
 # the command line and print them). A CPU run has a few hundred steps, against about 23,000 on CT-RATE, so
@@ -246,7 +249,8 @@ def _demo_case(rng, lps):
 
 
 def make_demo(out_dir, n_train=1000, n_valid=100, n_test=100, seed=0):
-    """Write out_dir/volumes/*.nii.gz, manifest.csv (id,image,report,split + 18 labels) and dataset.json."""
+    """Write out_dir/volumes/*.nii.gz, manifest.csv (id,image,report,split + 18 labels) and dataset.json, then
+    fill the preprocessed cache (under a minute; every epoch reads it). -> out_dir"""
     out = Path(out_dir)
     (out / "volumes").mkdir(parents=True, exist_ok=True)
     cases = [(sp, j) for sp, n in (("train", n_train), ("valid", n_valid), ("test", n_test)) for j in range(1, n + 1)]
@@ -264,4 +268,17 @@ def make_demo(out_dir, n_train=1000, n_valid=100, n_test=100, seed=0):
     info = {"preset": "demo", "version": DEMO_VERSION, "text_model": "scratch", "n": len(rows), "seed": seed,
             "train": DEMO_TRAIN}
     (out / "dataset.json").write_text(json.dumps(info, indent=1) + "\n")
+    preprocess_dataset(out, workers=min(4, os.cpu_count() or 1))
     return out
+
+
+def ensure_demo(path):
+    """Build the demo set at `path` unless it is complete (dataset.json is written last) and made by this
+    demo.py (its version); an older one is replaced, cache included (the ids repeat). -> path."""
+    info = Path(path) / "dataset.json"
+    old = info.is_file() and dataset_defaults(path).get("version") != DEMO_VERSION
+    if old or not info.is_file():
+        print(f"building the synthetic demo set in {path} ({'replacing an older version' if old else 'once'})")
+        shutil.rmtree(Path(path) / "cache-demo", ignore_errors=True)
+        make_demo(path)
+    return path

@@ -35,8 +35,9 @@ import numpy as np
 import requests
 from tqdm import tqdm
 
-from data import (CHEST_CT_SYNONYMS, ID_COLUMNS, DataError, ensure_demo, load_table, read_labels, require,
-                  resolve_label_set, run_main, volume_key, write_atomic)
+from data import (CHEST_CT_SYNONYMS, ID_COLUMNS, DataError, load_table, read_labels, require, resolve_label_set,
+                  run_main, volume_key, write_atomic)
+from demo import ensure_demo
 
 # -----------------------------------------------------------------------------
 # config

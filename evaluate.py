@@ -41,6 +41,7 @@ from scipy.stats import rankdata
 from sklearn.metrics import accuracy_score, f1_score, precision_score, roc_curve
 
 import data as D
+from demo import ensure_demo
 import model as M
 
 # -----------------------------------------------------------------------------
@@ -232,7 +233,7 @@ def main():
     # -----------------------------------------------------------------------------
     # data: the evaluated split, its reference labels, the preset and cache
     if args.data == "data/demo":
-        D.ensure_demo(args.data)
+        ensure_demo(args.data)
     table = D.load_table(args.data)
     preset = args.preset or D.dataset_defaults(args.data).get("preset") or "chest"  # dataset.json
     cache = Path(args.cache or Path(table.source).parent / f"cache-{preset}")  # used where it exists

@@ -30,6 +30,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
 
 import data as D
+from demo import ensure_demo
 import model as M
 
 STAGE = "text"
@@ -112,7 +113,7 @@ def main():
     # -----------------------------------------------------------------------------
     # data
     if master and args.data == D.DEMO_DIR:
-        D.ensure_demo(args.data)
+        ensure_demo(args.data)
     if ddp:
         dist.barrier()  # the other ranks wait until rank 0 has built the demo set
     table = D.load_table(args.data)

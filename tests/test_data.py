@@ -12,6 +12,7 @@ import pytest
 import torch
 from conftest import ROOT, SAMPLE
 
+import ctrate
 import data
 from data import DataError
 
@@ -321,7 +322,7 @@ def test_ctrate_manifest(tmp_path):
     meta = write_csv(tmp_path / "meta.csv", ["VolumeName", "XYSpacing", "ZSpacing", "RescaleSlope", "RescaleIntercept"],
                      [[f"valid_{k}_a_1.nii.gz", "[0.68359375, 0.68359375]", "1.5", "1", "-1024"] for k in (1, 2, 3)])
     out = tmp_path / "ctrate" / "manifest.csv"
-    data.ctrate_manifest(reports, labels, tmp_path / "dataset", out, meta)
+    ctrate.ctrate_manifest(reports, labels, tmp_path / "dataset", out, meta)
     t = data.load_table(out)
     assert t.ids == ["valid_1_a_1", "valid_2_a_1"] and t.splits == ["valid", "valid"]
     assert t.reports == ["Nodule seen.\nNodule.", "Clear lungs.\nNormal."]
@@ -331,7 +332,7 @@ def test_ctrate_manifest(tmp_path):
     assert all(os.path.exists(p) for p in t.images)
     write_csv(labels, ["VolumeName"] + data.CHEST_CT_LABELS, rows[:2])
     with pytest.raises(DataError, match=r"labels\.csv: no row for volume valid_3_a_1"):
-        data.ctrate_manifest(reports, labels, tmp_path / "dataset", out, meta)
+        ctrate.ctrate_manifest(reports, labels, tmp_path / "dataset", out, meta)
     r = run_cli("ctrate", "--reports", reports, "--labels", labels, "--volumes", str(tmp_path), "--out", str(out))
     assert r.returncode == 2 and "valid_3_a_1" in r.stderr and "Traceback" not in r.stderr
 

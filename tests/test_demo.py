@@ -1,5 +1,5 @@
 """Synthetic demo set: files and manifest, determinism, labels that agree with the reports, findings visible in
-the voxels. Uses data.make_demo once it exists, else the draft in .plan/demo_draft.py."""
+the voxels, and ensure_demo() (demo.py)."""
 import csv
 import json
 import re
@@ -14,7 +14,7 @@ from scipy import ndimage
 ROOT = Path(__file__).resolve().parents[1]
 
 
-from data import make_demo  # noqa: E402  (the real CLI path: data.make_demo -> demo.py)
+from demo import make_demo  # noqa: E402  (what `python data.py demo` and ensure_demo() call)
 LABELS = ["Medical material", "Arterial wall calcification", "Cardiomegaly", "Pericardial effusion",
           "Coronary artery wall calcification", "Hiatal hernia", "Lymphadenopathy", "Emphysema", "Atelectasis",
           "Lung nodule", "Lung opacity", "Pulmonary fibrotic sequela", "Pleural effusion", "Mosaic attenuation pattern",
@@ -55,18 +55,18 @@ def default(tmp_path_factory):
 def test_ensure_demo_replaces_an_older_version(tmp_path, monkeypatch):
     """A demo set from an older demo.py is rebuilt, its cache dropped (the ids repeat: stale volumes would be
     read for new labels); a current one is left alone."""
-    import data
+    import demo
     from demo import DEMO_VERSION
     d = tmp_path / "demo"
     (d / "cache-demo").mkdir(parents=True)
     (d / "cache-demo" / "demo_train_0001.npy").write_bytes(b"stale")
     (d / "dataset.json").write_text(json.dumps({"preset": "demo", "version": DEMO_VERSION - 1}))
     built = []
-    monkeypatch.setattr(data, "make_demo", built.append)
-    data.ensure_demo(d)
+    monkeypatch.setattr(demo, "make_demo", built.append)
+    demo.ensure_demo(d)
     assert built == [d] and not (d / "cache-demo").exists()
     (d / "dataset.json").write_text(json.dumps({"preset": "demo", "version": DEMO_VERSION}))
-    data.ensure_demo(d)
+    demo.ensure_demo(d)
     assert built == [d]
 
 

@@ -217,13 +217,8 @@ def test_rules_custom_label_file(tmp_path, run_here):
     assert [row["Splenomegaly"] for row in read_csv(tmp_path / "out/distill/labels.csv")] == ["1", "0", ""]
 
 def test_rules_on_demo_agrees(tmp_path):
-    data = pytest.importorskip("data")
-    if not hasattr(data, "make_demo"):
-        pytest.skip("data.make_demo not available yet")
-    try:
-        data.make_demo(tmp_path / "demo", n_train=40, n_valid=10, n_test=10)
-    except NotImplementedError:
-        pytest.skip("data.make_demo not implemented yet")
+    from demo import make_demo
+    make_demo(tmp_path / "demo", n_train=40, n_valid=10, n_test=10)
     r = run(["--backend", "rules", "--reports", tmp_path / "demo"], tmp_path)
     assert r.returncode == 0, r.stderr
     report = json.loads((tmp_path / "out/distill/agreement.json").read_text())
