@@ -70,7 +70,10 @@ def main():
     g.add_argument("--batch-size", type=int, default=10, help="volume-report pairs per optimizer step, over all processes")
     g.add_argument("--accum", type=int, default=1, help="gradient accumulation micro-steps (each micro-batch is its own contrastive batch)")
     g.add_argument("--lr", type=float, default=1e-5, help="peak AdamW learning rate")
-    g.add_argument("--min-lr", type=float, default=1e-6, help="cosine schedule floor, reached at the last step")
+    g.add_argument("--head-lr", type=float, default=None,
+                   help="peak learning rate of the layers this stage adds from random weights (the two projections and "
+                        "the shared classifier); default: --lr, one rate for everything as in the paper")
+    g.add_argument("--min-lr", type=float, default=1e-6, help="cosine schedule floor, reached at the last step (scaled alike for --head-lr)")
     g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
     g.add_argument("--clip", type=float, default=0.5, help="gradient norm clipping (0 = off)")
     g.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"], help="mixed precision (fp16 only on CUDA, with a GradScaler)")
@@ -201,12 +204,27 @@ def main():
 
     # -----------------------------------------------------------------------------
     # optimizer, cosine schedule (stepped per iteration), resume
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    # Two parameter groups: the encoders arrive trained by stage 1, while the projections and the shared classifier
+    # start from random weights. Adam moves a weight by about lr per step, so at the paper's 1e-5 the new layers
+    # need the paper's ~23,000 steps to leave their random start; --head-lr lets a short run train them faster
+    # without shaking the pretrained encoders. Both groups follow the same cosine curve, scaled by lr_scale.
+    new_layers = [p for n, p in model.named_parameters() if not n.startswith(("vision.", "text."))]
+    encoders = [p for n, p in model.named_parameters() if n.startswith(("vision.", "text."))]
+    head_scale = (args.head_lr or args.lr) / args.lr
+    opt = torch.optim.AdamW([{"params": encoders, "lr_scale": 1.0}, {"params": new_layers, "lr_scale": head_scale}],
+                            lr=args.lr, weight_decay=args.weight_decay)
+    log(f"learning rates: encoders {args.lr:g}, projections + classifier {args.lr * head_scale:g} (peak, cosine to {args.min_lr:g}"
+        f"{f' x {head_scale:g}' if head_scale != 1 else ''})")
     step, best, history = 0, -math.inf, []
     if args.resume and (out / "last.pt").exists():
         ck = M.load_checkpoint(out / "last.pt", stage=STAGE, label_names=table.label_names)
         model.load_state_dict(ck["model"])
+        if len(ck["optimizer"]["param_groups"]) != 2:  # encoders + new layers since the --head-lr split
+            raise D.DataError(f"{out / 'last.pt'}: saved by an older align.py with one optimizer group; "
+                              f"start afresh (without --resume) or pass another --out")
         opt.load_state_dict(ck["optimizer"])
+        for group, scale in zip(opt.param_groups, (1.0, head_scale)):  # this command's --head-lr, not the saved one
+            group["lr_scale"] = scale
         step, best = ck["step"], ck["best_metric"] if ck["best_metric"] is not None else -math.inf
         torch.set_rng_state(ck["extra"]["rng"])
         history = ck["extra"].get("history", [])
@@ -291,7 +309,7 @@ def main():
                 continue
             if not dropped:
                 for group in opt.param_groups:
-                    group["lr"] = lr_at(step)
+                    group["lr"] = lr_at(step) * group["lr_scale"]
                 if args.clip:  # the paper clips at 0.5: the raw dot products of the CLIP loss can spike
                     scaler.unscale_(opt)
                     torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)

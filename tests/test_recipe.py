@@ -47,6 +47,23 @@ def test_whole_recipe_at_toy_size(tmp_path):
     # The aligned model started from the stage-1 weights: the stem moved only a little at lr 1e-5.
     delta = (aligned["model"]["vision.stem.0.weight"] - vision["model"]["encoder.stem.0.weight"]).abs().max()
     assert delta < 1e-2
+    # Two learning rates, as the demo recommends: the paper's 1e-5 for the encoders, 5e-4 for the layers stage 2
+    # adds. The second optimizer group holds exactly those four tensors and its rate is 50x the first's.
+    assert aligned["args"]["lr"] == 1e-5 and aligned["args"]["head_lr"] == 5e-4
+    assert "learning rates: encoders 1e-05, projections + classifier 0.0005" in r.stdout
+    enc_group, new_group = aligned["optimizer"]["param_groups"]
+    n_new = sum(not k.startswith(("vision.", "text.")) for k in aligned["model"])
+    assert n_new == 4 and len(new_group["params"]) == 4  # img_proj, txt_proj, classifier weight and bias
+    assert abs(new_group["lr"] / enc_group["lr"] - 50) < 1e-9
+
+    # A last.pt from before the two groups cannot be resumed into them: one line, no traceback.
+    old = torch.load(tmp_path / "out/align-lite/last.pt", weights_only=True)
+    groups = old["optimizer"]["param_groups"]
+    groups[0]["params"] += groups.pop()["params"]
+    (tmp_path / "old").mkdir()
+    torch.save(old, tmp_path / "old/last.pt")
+    r = run(tmp_path, "align.py", "--lite", *TOY, "--out", "old", "--resume", ok=False)
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [r.stderr.strip()] and "older align.py" in r.stderr
 
     r = run(tmp_path, "evaluate.py", "--bootstrap", "50")
     summary = json.loads((tmp_path / "out/eval/summary.json").read_text())
