@@ -65,6 +65,9 @@ def main():
     g.add_argument("--max-len", type=int, default=512, help="maximum tokens per report")
     g.add_argument("--embed-dim", type=int, default=768, help="size of the shared latent space")
     g.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing in both encoders (less memory, more compute)")
+    g.add_argument("--init-shared", default="random", choices=["random", "heads"],
+                   help="how the projections and the shared classifier start: random (the paper's), or heads: from the "
+                        "two stage-1 heads, so the classifier starts reading both latents as stage 1 did (needs both checkpoints)")
     g = p.add_argument_group("optimization (paper defaults)")
     g.add_argument("--epochs", type=int, default=5, help="training epochs")
     g.add_argument("--batch-size", type=int, default=10, help="volume-report pairs per optimizer step, over all processes")
@@ -189,6 +192,24 @@ def main():
         if ck is not None:
             M.load_encoder_from_stage1(model, ck, name, where=path)
             log(f"loaded {name} encoder: {path} (stage-1 step {ck['step']}, valid macro AUC {ck['best_metric']})")
+    # Where the shared space starts. "random": the layers' default initialisation, as in the paper. "heads": from
+    # the stage-1 heads H_img (C, 512) and H_txt (C, H). With A (E, C) orthonormal columns and a = 0.1:
+    #   img_proj = a A H_img, txt_proj = a A H_txt, classifier = A^T / a (bias: the mean of the two heads' biases)
+    # so classifier(img_proj(f)) = H_img f, the stage-1 read-out exactly, and an image-text dot product starts
+    # as a^2 (image logits) . (text logits): zero-shot begins from what both stage-1 heads know. a keeps those
+    # products moderate for the temperature-1 CLIP loss; the contrastive gradient then widens the rank-C space.
+    if args.init_shared == "heads" and (vck is None or tck is None):
+        log("note: --init-shared heads needs both stage-1 checkpoints: the projections and classifier start random")
+    elif args.init_shared == "heads":
+        if C > args.embed_dim:
+            raise D.DataError(f"--init-shared heads needs --embed-dim >= the {C} labels")
+        A = torch.linalg.qr(torch.randn(args.embed_dim, C, generator=torch.Generator().manual_seed(args.seed)))[0]
+        with torch.no_grad():
+            model.img_proj.weight.copy_(0.1 * A @ vck["model"]["head.weight"].float())  # (E, 512)
+            model.txt_proj.weight.copy_(0.1 * A @ tck["model"]["head.weight"].float())  # (E, H)
+            model.classifier.weight.copy_(A.T / 0.1)  # (C, E)
+            model.classifier.bias.copy_((vck["model"]["head.bias"] + tck["model"]["head.bias"]).float() / 2)
+        log("shared space: projections and classifier start from the stage-1 heads (--init-shared heads)")
     model.vision.grad_ckpt = args.grad_ckpt
     # --lite must fit 6 GB: at 512 tokens the fp32 BERT alone keeps ~3 GiB of activations for the backward pass, so
     # the lite configuration always recomputes its layers (exact: no BatchNorm in BERT; +17% FLOPs per lite step).
@@ -210,6 +231,8 @@ def main():
     # without shaking the pretrained encoders. Both groups follow the same cosine curve, scaled by lr_scale.
     new_layers = [p for n, p in model.named_parameters() if not n.startswith(("vision.", "text."))]
     encoders = [p for n, p in model.named_parameters() if n.startswith(("vision.", "text."))]
+    if args.lr <= 0 or (args.head_lr is not None and args.head_lr <= 0):
+        raise D.DataError(f"--lr {args.lr} / --head-lr {args.head_lr}: learning rates must be positive")
     head_scale = (args.head_lr or args.lr) / args.lr
     opt = torch.optim.AdamW([{"params": encoders, "lr_scale": 1.0}, {"params": new_layers, "lr_scale": head_scale}],
                             lr=args.lr, weight_decay=args.weight_decay)

@@ -56,6 +56,19 @@ def test_whole_recipe_at_toy_size(tmp_path):
     assert n_new == 4 and len(new_group["params"]) == 4  # img_proj, txt_proj, classifier weight and bias
     assert abs(new_group["lr"] / enc_group["lr"] - 50) < 1e-9
 
+    # --init-shared heads (the demo's recommendation): the projections and classifier start from the two stage-1
+    # heads. One step at lr 1e-12 leaves them where they started: the classifier reads each latent exactly as that
+    # encoder's stage-1 head did (W P = H), and W's rows are orthogonal with norm 1 / 0.1 (W W^T = 100 I).
+    assert "start from the stage-1 heads" in r.stdout
+    run(tmp_path, "align.py", "--lite", *TOY, "--out", "init", "--max-steps", "1", "--lr", "1e-12", "--head-lr", "1e-12")
+    sd = torch.load(tmp_path / "init/last.pt", weights_only=True)["model"]
+    text = torch.load(tmp_path / "out/text/best.pt", weights_only=True)["model"]
+    W = sd["classifier.weight"].double()
+    for proj, head in (("img_proj", vision), ("txt_proj", {"model": text})):
+        assert torch.allclose(W @ sd[f"{proj}.weight"].double(), head["model"]["head.weight"].double(), atol=1e-5)
+    assert torch.allclose(W @ W.T, 100 * torch.eye(len(W), dtype=torch.float64), atol=1e-3)
+    assert torch.allclose(sd["classifier.bias"], (vision["model"]["head.bias"] + text["head.bias"]) / 2, atol=1e-6)
+
     # A last.pt from before the two groups cannot be resumed into them: one line, no traceback.
     old = torch.load(tmp_path / "out/align-lite/last.pt", weights_only=True)
     groups = old["optimizer"]["param_groups"]
@@ -76,6 +89,7 @@ def test_align_without_stage1_warns_and_trains(tmp_path):
     r = run(tmp_path, "align.py", "--lite", *TOY)
     assert "WARNING: no vision checkpoint at out/vision-lite/best.pt" in r.stdout
     assert "WARNING: no text checkpoint at out/text/best.pt" in r.stdout
+    assert "note: --init-shared heads needs both stage-1 checkpoints" in r.stdout  # said, not silently skipped
     aligned = torch.load(tmp_path / "out/align-lite/best.pt", weights_only=True)
     assert aligned["model_config"]["text"]["pooling"] == "sentence"  # --pooling, from the demo's recommended flags
 
