@@ -9,6 +9,8 @@ Both stage-1 encoders are loaded and trained together, end to end, with two kind
   loss = L_clip + (BCE(classifier(image latent)) + BCE(classifier(text latent))) / 2
 No L2 normalisation anywhere (the paper found that keeping feature magnitude helps) and temperature 1.
 After training, zero-shot diagnosis compares each volume with "There is {x}." / "There is no {x}.".
+For short runs (the demo recommends both; the defaults are the paper's): --head-lr trains the new projections
+and classifier faster than the pretrained encoders, and --init-shared heads starts them from the stage-1 heads.
 
 Reads:  a data set (default data/demo, built on first use); stage-1 checkpoints
         out/vision[-lite]/best.pt and out/text/best.pt (a missing one is a warning: that encoder
