@@ -76,7 +76,7 @@ def main():
     g.add_argument("--accum", type=int, default=1, help="gradient accumulation micro-steps (each micro-batch is its own contrastive batch)")
     g.add_argument("--lr", type=float, default=1e-5, help="peak AdamW learning rate")
     g.add_argument("--head-lr", type=float, default=None,
-                   help="peak learning rate of the layers this stage adds from random weights (the two projections and "
+                   help="peak learning rate of the layers this stage adds (the two projections and "
                         "the shared classifier); default: --lr, one rate for everything as in the paper")
     g.add_argument("--min-lr", type=float, default=1e-6, help="cosine schedule floor, reached at the last step (scaled alike for --head-lr)")
     g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
@@ -205,11 +205,12 @@ def main():
     elif args.init_shared == "heads":
         if C > args.embed_dim:
             raise D.DataError(f"--init-shared heads needs --embed-dim >= the {C} labels")
-        A = torch.linalg.qr(torch.randn(args.embed_dim, C, generator=torch.Generator().manual_seed(args.seed)))[0]
+        a = 0.1
+        A = torch.linalg.qr(torch.randn(args.embed_dim, C, generator=torch.Generator().manual_seed(args.seed)))[0]  # (E, C)
         with torch.no_grad():
-            model.img_proj.weight.copy_(0.1 * A @ vck["model"]["head.weight"].float())  # (E, 512)
-            model.txt_proj.weight.copy_(0.1 * A @ tck["model"]["head.weight"].float())  # (E, H)
-            model.classifier.weight.copy_(A.T / 0.1)  # (C, E)
+            model.img_proj.weight.copy_(a * A @ vck["model"]["head.weight"].float())  # (E, 512)
+            model.txt_proj.weight.copy_(a * A @ tck["model"]["head.weight"].float())  # (E, H)
+            model.classifier.weight.copy_(A.T / a)  # (C, E)
             model.classifier.bias.copy_((vck["model"]["head.bias"] + tck["model"]["head.bias"]).float() / 2)
         log("shared space: projections and classifier start from the stage-1 heads (--init-shared heads)")
     model.vision.grad_ckpt = args.grad_ckpt
@@ -228,9 +229,9 @@ def main():
     # -----------------------------------------------------------------------------
     # optimizer, cosine schedule (stepped per iteration), resume
     # Two parameter groups: the encoders arrive trained by stage 1, while the projections and the shared classifier
-    # start from random weights. Adam moves a weight by about lr per step, so at the paper's 1e-5 the new layers
-    # need the paper's ~23,000 steps to leave their random start; --head-lr lets a short run train them faster
-    # without shaking the pretrained encoders. Both groups follow the same cosine curve, scaled by lr_scale.
+    # are new (random, or the stage-1 heads recombined above). Adam moves a weight by about lr per step, so at the
+    # paper's 1e-5 a random layer needs the paper's ~23,000 steps to learn; --head-lr lets a short run train the
+    # new layers faster without shaking the pretrained encoders. Both groups follow one cosine curve (x lr_scale).
     new_layers = [p for n, p in model.named_parameters() if not n.startswith(("vision.", "text."))]
     encoders = [p for n, p in model.named_parameters() if n.startswith(("vision.", "text."))]
     if args.lr <= 0 or (args.head_lr is not None and args.head_lr <= 0):
