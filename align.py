@@ -232,8 +232,10 @@ def main():
     # are new (random, or the stage-1 heads recombined above). Adam moves a weight by about lr per step, so at the
     # paper's 1e-5 a random layer needs the paper's ~23,000 steps to learn; --head-lr lets a short run train the
     # new layers faster without shaking the pretrained encoders. Both groups follow one cosine curve (x lr_scale).
-    new_layers = [p for n, p in model.named_parameters() if not n.startswith(("vision.", "text."))]
-    encoders = [p for n, p in model.named_parameters() if n.startswith(("vision.", "text."))]
+    groups = {True: [], False: []}  # is an encoder weight -> parameters
+    for n, p in model.named_parameters():
+        groups[n.startswith(("vision.", "text."))].append(p)
+    encoders, new_layers = groups[True], groups[False]
     if args.lr <= 0 or (args.head_lr is not None and args.head_lr <= 0):
         raise D.DataError(f"--lr {args.lr} / --head-lr {args.head_lr}: learning rates must be positive")
     head_scale = (args.head_lr or args.lr) / args.lr

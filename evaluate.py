@@ -204,7 +204,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("inputs")
     g.add_argument("--ckpt", default=default_ckpt, help="aligned checkpoint (stage 'align'), loaded strictly")
-    g.add_argument("--data", default="data/demo", help="manifest CSV or folder with manifest.csv (demo built if missing)")
+    g.add_argument("--data", default=D.DEMO_DIR, help="manifest CSV or folder with manifest.csv (demo built if missing)")
     g.add_argument("--split", default=None, help="split to evaluate (default: 'test' if present, else 'valid')")
     g.add_argument("--threshold-split", default="valid", help="split on which the second threshold set is picked ('none' to skip)")
     g.add_argument("--labels", default=None, help="reference label CSV replacing the manifest's labels, matched on id")
@@ -232,7 +232,7 @@ def main():
 
     # -----------------------------------------------------------------------------
     # data: the evaluated split, its reference labels, the preset and cache
-    if args.data == "data/demo":
+    if args.data == D.DEMO_DIR:
         ensure_demo(args.data)
     table = D.load_table(args.data)
     preset = args.preset or D.dataset_defaults(args.data).get("preset") or "chest"  # dataset.json
