@@ -1,10 +1,13 @@
 """
-CT-RATE's CSVs -> a generic manifest (see data.py for the manifest format).
+Stage 0 (data): CT-RATE's CSVs -> a generic manifest (see data.py for the manifest format).
 
-`python data.py ctrate --reports R.csv --labels L.csv --volumes DIR --metadata M.csv --out ctrate/manifest.csv`
-calls ctrate_manifest() below. It is kept out of data.py because it reads one data
-set's file layout and is not part of the recipe: a fork for another data set writes its manifest its own way.
+  python ctrate.py --reports train_reports.csv --labels train_labels.csv \\
+      --volumes CT-RATE/dataset/train --metadata train_metadata.csv --out ctrate/manifest.csv
+
+A script of its own, beside data.py (which it uses), because it reads one data set's file layout and is not
+part of the recipe: a fork for another data set writes its manifest its own way.
 """
+import argparse
 import csv
 import io
 import os
@@ -12,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data import _floats, is_fixed, read_csv, read_labels, require, volume_key, write_atomic
+from data import is_fixed, parse_floats, read_csv, read_labels, require, run_main, volume_key, write_atomic
 
 
 def ctrate_manifest(reports_csv, labels_csv, volumes_dir, out_csv, metadata_csv=None):
@@ -48,8 +51,8 @@ def ctrate_manifest(reports_csv, labels_csv, volumes_dir, out_csv, metadata_csv=
         if not is_fixed(path) and key in meta:  # v1: header spacing and raw values need the metadata
             r, m = meta[key]
             where = f"{metadata_csv} row {r} (id {key}), column"
-            xyz = _floats(m.get("XYSpacing") or "", 2, f"{where} 'XYSpacing'", True) + \
-                _floats(m.get("ZSpacing") or "", 1, f"{where} 'ZSpacing'", True)
+            xyz = parse_floats(m.get("XYSpacing") or "", 2, f"{where} 'XYSpacing'", True) + \
+                parse_floats(m.get("ZSpacing") or "", 1, f"{where} 'ZSpacing'", True)
             spacing = ",".join(str(s) for s in xyz)  # full precision
             slope, intercept = ((m.get(c) or "").strip() for c in ("RescaleSlope", "RescaleIntercept"))
         split = key.split("_")[0] if key.split("_")[0] in ("train", "valid") else "train"
@@ -63,3 +66,18 @@ def ctrate_manifest(reports_csv, labels_csv, volumes_dir, out_csv, metadata_csv=
     write_atomic(out_csv, buf.getvalue())
     print(f"wrote {out_csv}: {len(out)} volumes ({sum(is_fixed(r[1]) for r in out)} v2 *_fixed, "
           f"already HU); {len(text) - len(out)} reports without a volume file skipped")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--reports", required=True, help="CT-RATE reports CSV (VolumeName, Findings_EN, Impressions_EN)")
+    p.add_argument("--labels", required=True, help="CT-RATE multi-abnormality labels CSV")
+    p.add_argument("--volumes", required=True, help="folder holding the downloaded .nii.gz volumes (any layout)")
+    p.add_argument("--metadata", help="CT-RATE metadata CSV (spacing and rescale of v1 volumes)")
+    p.add_argument("--out", required=True, help="manifest CSV to write")
+    args = p.parse_args()
+    ctrate_manifest(args.reports, args.labels, args.volumes, args.out, args.metadata)
+
+
+if __name__ == "__main__":
+    run_main(main)

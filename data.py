@@ -12,13 +12,15 @@ long axis), H posterior -> anterior, W left -> right, whatever affine the scanne
 the header's (after reorientation) unless the manifest's `spacing` column ("x,y,z" mm) overrides it.
 Labels: 1 present, 0 absent, -1 uncertain, empty = not mentioned (uncertain/empty masked by default).
 
+Presets (spacing, stored size, crop, intensity rule) are named (PRESETS) or written as JSON: a data set's
+dataset.json {"preset": {...}} or `--preset my_preset.json`, so a new modality needs no code edit.
+
 CLI (bad input stops with one line naming the file and row, never a traceback):
-  python data.py demo --out data/demo                                   # synthetic demo set
-  python data.py preprocess --data data/demo --preset demo --workers 2  # fill the cache
-  python data.py ctrate --reports train_reports.csv --labels train_labels.csv \\
-      --volumes CT-RATE/dataset/train --metadata train_metadata.csv --out ctrate/manifest.csv
+  python data.py preprocess --data data/demo --workers 2               # fill the cache
+The data-set builders are scripts of their own: `python demo.py` (the synthetic demo set) and
+`python ctrate.py` (a CT-RATE manifest). This module imports no other module of the project.
 """
-import argparse, csv, json, os, re, sys  # noqa: E401
+import argparse, csv, hashlib, json, os, re, sys  # noqa: E401
 from dataclasses import dataclass, replace
 from multiprocessing import Pool
 from pathlib import Path
@@ -32,17 +34,20 @@ from tqdm import tqdm
 class DataError(Exception):
     """Bad input data; the message is one line naming the file and the row, ID or problem."""
 
+class UsageError(Exception):
+    """A bad command-line flag or flag combination; the message is one line naming the flag."""
+
 def require(ok, message):
     """Raise DataError(message) unless ok: every check of user input reads as one line."""
     if not ok:
         raise DataError(message)
 
 def run_main(fn):
-    """Run a script's main(): DataError -> one line on stderr, exit 2 (no traceback); Ctrl-C -> 130."""
+    """Run a script's main(): DataError or UsageError -> one line on stderr, exit 2 (no traceback); Ctrl-C -> 130."""
     try:
         return fn()
-    except DataError as e:  # raised in a DataLoader worker, it carries the worker's traceback: keep its last line
-        print("error:", re.sub(r"^[\w.]*DataError: ", "", str(e).strip().splitlines()[-1]), file=sys.stderr)
+    except (DataError, UsageError) as e:  # raised in a DataLoader worker, it carries the worker's traceback: keep its last line
+        print("error:", re.sub(r"^[\w.]*(DataError|UsageError): ", "", str(e).strip().splitlines()[-1]), file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         sys.exit(130)
@@ -188,7 +193,7 @@ def volume_key(name):
     """'train_1_a_1.nii.gz' -> 'train_1_a_1': ids match with or without a file extension."""
     return re.sub(r"\.(nii\.gz|nii|npy)$", "", str(name).strip())
 
-def _floats(text, n, where, positive=False):
+def parse_floats(text, n, where, positive=False):
     """"1.5,1.5,3" or "[0.68, 0.68]" -> a tuple of n finite (positive) floats."""
     try:
         out = tuple(float(x) for x in text.strip().strip("[]()").split(","))
@@ -262,9 +267,9 @@ def load_table(path):
         require(rid not in seen, f"{where}: duplicate id")
         seen.add(rid)
         if cell.get("spacing"):  # overrides the NIfTI header (CT-RATE v1)
-            meta["spacing"] = _floats(cell["spacing"], 3, f"{where}, column 'spacing'", positive=True)
+            meta["spacing"] = parse_floats(cell["spacing"], 3, f"{where}, column 'spacing'", positive=True)
         if cell.get("rescale_slope") or cell.get("rescale_intercept"):
-            meta["rescale"] = _floats(f"{cell.get('rescale_slope', '')},{cell.get('rescale_intercept', '')}",
+            meta["rescale"] = parse_floats(f"{cell.get('rescale_slope', '')},{cell.get('rescale_intercept', '')}",
                                       2, f"{where}, columns 'rescale_slope', 'rescale_intercept'")
         t.labels[r - 1] = [parse_label(cell[c], f"{where}, column {c!r}") for c in names]
         t.ids.append(rid)
@@ -290,10 +295,56 @@ AIR_HU = -1024
 WINDOWS = {"chest": ((-1000, 200),), "abdomen": ((-1000, 1000),),
            "chest-multi": ((-1000, 200), (-160, 240), (-1000, -700), (200, 1200))}
 
-def get_preset(preset):
-    """A preset name, or a dict like PRESETS' values -> that dict."""
-    require(isinstance(preset, dict) or preset in PRESETS, f"unknown preset {preset!r} ({list(PRESETS)})")
-    return preset if isinstance(preset, dict) else PRESETS[preset]
+def get_preset(preset, where="preset"):
+    """A preset name, or a dict like PRESETS' values (e.g. read from JSON) -> that dict, checked. Its "intensity" is
+    "mri", a WINDOWS name, or a list of HU windows [[lo, hi], ...]: one network input channel per window."""
+    if not isinstance(preset, dict):
+        require(preset in PRESETS, f"{where}: unknown preset {preset!r} (one of {list(PRESETS)}, or a JSON preset)")
+        return PRESETS[preset]
+    p = {k: preset.get(k) for k in ("spacing", "size", "crop", "intensity")}
+    for key, kind in (("spacing", float), ("size", int), ("crop", int)):
+        ok = isinstance(p[key], (list, tuple)) and len(p[key]) == 3 and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 and (kind is float or v == int(v)) for v in p[key])
+        require(ok, f"{where}: {key!r} must be 3 positive {'numbers (x, y, z mm)' if kind is float else 'integers (D, H, W)'}, got {p[key]!r}")
+        p[key] = tuple(kind(v) for v in p[key])
+    w = p["intensity"]
+    if isinstance(w, list):  # windows from JSON: [[lo, hi], ...]
+        require(w and all(isinstance(x, list) and len(x) == 2 and x[0] < x[1] for x in w),
+                f"{where}: 'intensity' windows must be [[lo, hi], ...] with lo < hi (HU), got {w!r}")
+        p["intensity"] = [[float(lo), float(hi)] for lo, hi in w]
+    else:
+        require(w == "mri" or w in WINDOWS, f"{where}: 'intensity' must be 'mri', one of {list(WINDOWS)} or a list of HU windows")
+    return p
+
+def windows(intensity):
+    """An intensity rule -> its HU windows [(lo, hi), ...], or None for MRI (z-score, one channel)."""
+    if intensity == "mri":
+        return None
+    require(not isinstance(intensity, str) or intensity in WINDOWS, f"unknown intensity rule {intensity!r} ({', '.join(WINDOWS)}, mri)")
+    return WINDOWS[intensity] if isinstance(intensity, str) else intensity
+
+def preset_name(preset):
+    """For messages and the default cache folder: the name, or "custom-<hash of the parameters>"."""
+    if isinstance(preset, str):
+        return preset
+    return "custom-" + hashlib.sha1(json.dumps(get_preset(preset), sort_keys=True).encode()).hexdigest()[:8]
+
+def resolve_preset(spec, data):
+    """The preset a stage uses: --preset (a name, or a .json file holding one preset dict), else the data set's
+    dataset.json "preset" (a name or a dict), else chest. Checked here, before any work -> a name or a dict."""
+    if spec is None:
+        where, spec = f"{manifest_path(data).parent / 'dataset.json'}", dataset_defaults(data).get("preset", "chest")
+    elif str(spec).endswith(".json"):
+        try:
+            where, spec = str(spec), json.loads(Path(spec).read_text())
+        except (OSError, ValueError) as e:
+            raise DataError(f"{spec}: cannot read a preset from it ({e})") from None
+    elif spec not in PRESETS:
+        raise UsageError(f"--preset {spec}: not one of {list(PRESETS)}, nor a .json file")
+    else:
+        where = f"--preset {spec}"
+    get_preset(spec, where)
+    return spec
 
 def is_fixed(path):
     """CT-RATE v2 volumes are named *_fixed(.nii.gz) and already hold HU."""
@@ -338,26 +389,25 @@ def pad_or_crop(vol, size, fill=AIR_HU, start=None):
 
 def input_channels(preset):
     """Channels of the network input under a preset: one per CT window; MRI 1."""
-    return len(WINDOWS.get(get_preset(preset)["intensity"], [None]))
+    return len(windows(get_preset(preset)["intensity"]) or [None])
 
 def require_channels(vision_cfg, preset, where):
     """An encoder built for another number of input channels than the preset's windows: one clear line."""
     k, have = input_channels(preset), vision_cfg.get("in_channels", 1)
     require(have == k, f"{where}: a vision encoder for {have} input channel(s), but preset "
-                       f"{preset if isinstance(preset, str) else 'custom'} gives {k} ({get_preset(preset)['intensity']}); "
+                       f"{preset_name(preset)} gives {k} ({get_preset(preset)['intensity']}); "
                        f"pass the preset it was trained with (--preset)")
 
 def normalize(vol, intensity):
     """Intensity rule -> float32 (D, H, W), or (K, D, H, W) for K windows. A CT window (lo, hi) clips HU
     to it and maps it linearly onto [-1, 1] (chest: (x + 400) / 600; abdomen: x / 1000); mri: clip to the
     volume's 1st-99th percentiles, then z-score."""
-    if intensity in WINDOWS:
+    if windows(intensity):
         out = []
-        for lo, hi in WINDOWS[intensity]:
+        for lo, hi in windows(intensity):
             w = np.clip(vol, lo, hi).astype(np.float32)  # a new array, then shifted and scaled in place
             out.append(np.divide(np.subtract(w, (lo + hi) / 2, out=w), (hi - lo) / 2, out=w))
         return out[0] if len(out) == 1 else np.stack(out)
-    require(intensity == "mri", f"unknown intensity rule {intensity!r} ({', '.join(WINDOWS)}, mri)")
     vol = np.clip(vol, *np.percentile(vol, [1, 99]))
     return ((vol - vol.mean()) / max(float(vol.std()), 1e-6)).astype(np.float32)
 
@@ -381,7 +431,7 @@ def check_cache(cache_dir, preset, create=False):
     want = {"spacing": list(p["spacing"]), "size": list(p["size"]), "intensity": p["intensity"]}
     if create and not f.is_file():
         f.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(f, json.dumps(dict(want, preset=preset if isinstance(preset, str) else "custom")))
+        write_atomic(f, json.dumps(dict(want, preset=preset_name(preset))))
     try:
         have = json.loads(f.read_text())
     except (OSError, ValueError) as e:
@@ -403,16 +453,16 @@ def _preprocess_one(job):
 
 def preprocess_dataset(data, cache_dir=None, preset=None, workers=1):
     """Cache every image of a manifest, skipping those already cached -> [(image, reason)] failed."""
-    preset = preset or dataset_defaults(data).get("preset", "chest")
+    preset = resolve_preset(preset, data)
     table = load_table(data)
-    cache_dir = Path(cache_dir or Path(table.source).parent / f"cache-{preset}")
+    cache_dir = Path(cache_dir or Path(table.source).parent / f"cache-{preset_name(preset)}")
     check_cache(cache_dir, preset, create=True)
     for stray in cache_dir.glob("*.npy.tmp*"):  # left behind by a killed run
         stray.unlink()
     jobs = [(img, m, preset, str(cache_file(cache_dir, i)))
             for i, img, m in zip(table.ids, table.images, table.meta) if img]
     todo = [j for j in jobs if not os.path.exists(j[3])]
-    print(f"{table.source} -> {cache_dir} (preset {preset}): {len(jobs)} volumes, "
+    print(f"{table.source} -> {cache_dir} (preset {preset_name(preset)}): {len(jobs)} volumes, "
           f"{len(jobs) - len(todo)} already cached, {len(table) - len(jobs)} rows without image")
     if workers > 1 and len(todo) > 1:  # one torch thread per process: the processes share the cores
         with Pool(workers, initializer=torch.set_num_threads, initargs=(1,)) as pool:
@@ -478,31 +528,13 @@ class VolumeReportDataset(torch.utils.data.Dataset):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True)
-    d = sub.add_parser("demo", help="write the synthetic demo set (volumes, manifest, dataset.json)")
-    d.add_argument("--out", default="data/demo", help="output folder")
-    d.add_argument("--seed", type=int, default=0, help="random seed of the generator")
-    for split, n in (("train", 1000), ("valid", 100), ("test", 100)):
-        d.add_argument(f"--n-{split}", type=int, default=n, help=f"{split} volumes")
     p = sub.add_parser("preprocess", help="resample and pad every volume of a manifest into a .npy cache")
     p.add_argument("--data", required=True, help="manifest CSV, or a folder holding manifest.csv")
     p.add_argument("--cache", help="cache folder (default: <manifest folder>/cache-<preset>)")
-    p.add_argument("--preset", choices=list(PRESETS), help="default: dataset.json's preset, else chest")
+    p.add_argument("--preset", help=f"one of {list(PRESETS)} or a .json preset file; default: dataset.json's preset, else chest")
     p.add_argument("--workers", type=int, default=1, help="parallel processes")
-    c = sub.add_parser("ctrate", help="turn CT-RATE's CSVs into a generic manifest")
-    c.add_argument("--reports", required=True, help="CT-RATE reports CSV (VolumeName, Findings_EN, ...)")
-    c.add_argument("--labels", required=True, help="CT-RATE multi-abnormality labels CSV")
-    c.add_argument("--volumes", required=True, help="folder holding the downloaded .nii.gz volumes")
-    c.add_argument("--metadata", help="CT-RATE metadata CSV (spacing and rescale of v1 volumes)")
-    c.add_argument("--out", required=True, help="manifest CSV to write")
     args = ap.parse_args(argv)
-    if args.command == "demo":  # demo.py and ctrate.py hold one data set each: not part of the recipe
-        from demo import make_demo
-        make_demo(args.out, args.n_train, args.n_valid, args.n_test, seed=args.seed)
-    elif args.command == "preprocess":  # exit 1 when a volume failed (they are listed above)
-        sys.exit(1 if preprocess_dataset(args.data, args.cache, args.preset, args.workers) else 0)
-    else:
-        from ctrate import ctrate_manifest
-        ctrate_manifest(args.reports, args.labels, args.volumes, args.out, args.metadata)
+    sys.exit(1 if preprocess_dataset(args.data, args.cache, args.preset, args.workers) else 0)  # failures listed above
 
 # ----------------------------------------------------------------------------- stage defaults
 DEMO_DIR = "data/demo"  # where every stage looks for (and builds, demo.ensure_demo) the demo set by default
@@ -523,14 +555,9 @@ def pick_labels(table, path=None):
     return table, "the manifest label columns"
 
 def training_defaults(path, stage):
-    """Training flags a data set recommends for a stage: dataset.json's {"train": {stage: {flag: value}}}; for
-    the default demo folder demo.py's own (it is built or rebuilt from demo.py before use). The scripts apply
-    them under the command line and print them."""
-    if str(path) == DEMO_DIR:
-        from demo import DEMO_TRAIN
-        return DEMO_TRAIN.get(stage, {})
+    """Training flags a data set recommends for a stage: dataset.json's {"train": {stage: {flag: value}}}. The stage
+    scripts apply them under the command line and print them."""
     return dataset_defaults(path).get("train", {}).get(stage, {}) if manifest_path(path).is_file() else {}
 
 if __name__ == "__main__":
-    sys.modules["data"] = sys.modules[__name__]  # `import data` in ctrate.py and demo.py: this module, one DataError
     run_main(main)

@@ -1,8 +1,11 @@
 """
-The synthetic chest-CT demo set: what every stage, test and first-time user runs on.
+Stage 0 (data): the synthetic chest-CT demo set that every stage, test and first-time user runs on.
 
-`python data.py demo --out data/demo` calls make_demo() below, and every stage calls ensure_demo() when it
-runs on the default data/demo. It is kept out of data.py because it is a data generator, not part of the
+  python demo.py --out data/demo            # 1,000 train / 100 valid / 100 test volumes, cache filled
+  python demo.py --out tiny --n-train 16 --n-valid 8 --n-test 8
+
+Every stage calls ensure_demo() when it runs on the default data/demo, so a user never has to run this by hand.
+It is a script of its own, beside data.py (which it uses), because it is a data generator and not part of the
 recipe: a fork for a new modality can ignore this file.
 
 Each volume is a phantom built in millimetres (body, two lungs near -850 HU, heart, aorta, spine)
@@ -11,6 +14,7 @@ affine (half RAS, half LPS as DICOM-derived files are) at slightly varying spaci
 reorientation and resampling are exercised. Each comes with a radiologist-style report (positive,
 negated, uncertain and irrelevant sentences in varied phrasing) and ground-truth labels in the manifest.
 """
+import argparse
 import csv
 import json
 import os
@@ -20,7 +24,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from data import CHEST_CT_LABELS, dataset_defaults, preprocess_dataset
+from data import CHEST_CT_LABELS, dataset_defaults, preprocess_dataset, run_main
 
 # Training flags the demo set recommends (written to its dataset.json; the stage scripts apply them under
 # the command line and print them). A CPU run has a few hundred steps, against about 23,000 on CT-RATE. The
@@ -287,3 +291,17 @@ def ensure_demo(path):
         shutil.rmtree(Path(path) / "cache-demo", ignore_errors=True)
         make_demo(path)
     return path
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="data/demo", help="output folder")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the generator")
+    for split, n in (("train", 1000), ("valid", 100), ("test", 100)):
+        p.add_argument(f"--n-{split}", type=int, default=n, help=f"{split} volumes")
+    args = p.parse_args()
+    make_demo(args.out, args.n_train, args.n_valid, args.n_test, seed=args.seed)
+
+
+if __name__ == "__main__":
+    run_main(main)

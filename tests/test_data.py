@@ -333,7 +333,8 @@ def test_ctrate_manifest(tmp_path):
     write_csv(labels, ["VolumeName"] + data.CHEST_CT_LABELS, rows[:2])
     with pytest.raises(DataError, match=r"labels\.csv: no row for volume valid_3_a_1"):
         ctrate.ctrate_manifest(reports, labels, tmp_path / "dataset", out, meta)
-    r = run_cli("ctrate", "--reports", reports, "--labels", labels, "--volumes", str(tmp_path), "--out", str(out))
+    r = subprocess.run([sys.executable, str(ROOT / "ctrate.py"), "--reports", reports, "--labels", labels, "--volumes",
+                        str(tmp_path), "--out", str(out)], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "valid_3_a_1" in r.stderr and "Traceback" not in r.stderr
 
 
