@@ -40,6 +40,7 @@ import torch
 from scipy.stats import rankdata
 from sklearn.metrics import accuracy_score, f1_score, precision_score, roc_curve
 
+import common
 import data as D
 from demo import ensure_demo
 import model as M
@@ -208,7 +209,7 @@ def main():
     g.add_argument("--split", default=None, help="split to evaluate (default: 'test' if present, else 'valid')")
     g.add_argument("--threshold-split", default="valid", help="split on which the second threshold set is picked ('none' to skip)")
     g.add_argument("--labels", default=None, help="reference label CSV replacing the manifest's labels, matched on id")
-    g.add_argument("--preset", default=None, help="preprocessing preset (default: dataset.json's, else chest)")
+    g.add_argument("--preset", default=None, help=f"preprocessing preset: one of {list(D.PRESETS)} or a .json preset file (default: dataset.json's, else chest)")
     g.add_argument("--cache", default=None, help="preprocessed cache folder (default <manifest folder>/cache-<preset>)")
     g = p.add_argument_group("protocol")
     g.add_argument("--protocol", default="all", choices=["all", *PROTOCOLS], help="label set: all labels of the checkpoint or a published one")
@@ -235,15 +236,15 @@ def main():
     if args.data == D.DEMO_DIR:
         ensure_demo(args.data)
     table = D.load_table(args.data)
-    preset = args.preset or D.dataset_defaults(args.data).get("preset") or "chest"  # dataset.json
-    cache = Path(args.cache or Path(table.source).parent / f"cache-{preset}")  # used where it exists
+    preset = D.resolve_preset(args.preset, args.data)  # --preset, else dataset.json's, else chest
+    cache = Path(args.cache or Path(table.source).parent / f"cache-{D.preset_name(preset)}")  # used where it exists
     split = args.split or ("test" if "test" in table.splits else "valid")
     thr_split = None if args.threshold_split in ("none", "", split) else args.threshold_split
     if thr_split not in table.splits:
         print(f"note: no second threshold split (--threshold-split {args.threshold_split}: "
               f"{'the evaluated split itself' if args.threshold_split == split else 'absent or none'})")
         thr_split = None
-    print(f"data {table.source}: split {split}, preset {preset}, unit {args.unit}, "
+    print(f"data {table.source}: split {split}, preset {D.preset_name(preset)}, unit {args.unit}, "
           f"cache {cache if cache.is_dir() else 'none (volumes preprocessed on the fly)'}")
 
     # -----------------------------------------------------------------------------
@@ -305,7 +306,7 @@ def main():
 
     ev = split_scores(split, labels_required=True)
     y, s = ev["y"], ev["scores"][args.template]  # (U, C) each
-    aucs, macro = M.per_label_auc(y, s)
+    aucs, macro = common.per_label_auc(y, s)
     ci, macro_ci = bootstrap_auc(y, s, args.bootstrap, args.seed) if args.bootstrap else (
         [(np.nan, np.nan)] * len(names), (np.nan, np.nan))
     thr_self = youden_thresholds(y, s)  # CT-CLIP: picked on the evaluated set itself
@@ -315,7 +316,7 @@ def main():
         tv = split_scores(thr_split, labels_required=False)
         thr_other = youden_thresholds(tv["y"], tv["scores"][args.template])
     m_other = threshold_metrics(y, s, thr_other)
-    by_score = {k: M.per_label_auc(y, v) for k, v in ev["scores"].items()}  # k -> (aucs, macro)
+    by_score = {k: common.per_label_auc(y, v) for k, v in ev["scores"].items()}  # k -> (aucs, macro)
     retrieval = recall_at_k(ev["txt"] @ ev["img"].T)  # (U, U): report latent vs every image latent
 
     # -----------------------------------------------------------------------------

@@ -1,22 +1,22 @@
-"""Shared model code for GreenRFM: encoders, the stage-1 and aligned models, losses, checkpoints.
+"""Shared model code for GreenRFM: encoders, the pre-training and aligned models, losses, checkpoints, zero-shot.
 
 Everything the stage scripts share about *models* lives here (data handling lives in data.py):
 
     ResNet3D            3D ResNet-18 vision encoder, (B, C, D, H, W) -> (B, 512)
     TextEncoder         BERT trunk, [CLS] or sentence-averaged embedding, (B, L) token ids -> (B, H)
     build_text          a text encoder + tokenizer + a plain-dict description (text_cfg)
-    Stage1Model         encoder + linear head to the labels (stages 2a and 2b)
+    EncoderClassifier   encoder + linear head to the labels: the model of pre-training (stages 2a and 2b)
     GreenRFM            both encoders, projections to a shared 768-d space, shared classifier (stage 3)
     build_model         any of the above from a plain dict (model_config), so checkpoints rebuild themselves
+    greenrfm_from_pretrained, init_shared_from_heads   how stage 3 starts from the two pre-trained models
     masked_bce, clip_loss, align_loss
-    save_checkpoint, load_checkpoint, model_from_checkpoint, load_encoder_from_stage1
+    load_checkpoint, model_from_checkpoint, load_pretrained_encoder   (common.save_checkpoint writes them)
+    PROMPT_TEMPLATES, prompt_latents, zero_shot_scores                 zero-shot diagnosis from prompt pairs
 
 Shapes: B batch, C channels (or labels for logits), D/H/W volume axes, L tokens, H text hidden size.
 """
-import os
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -108,6 +108,7 @@ class TextEncoder(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         from transformers import BertConfig, BertModel
+        self.cfg = cfg  # the plain dict it was built from (what a checkpoint stores as model_config["text"])
         self.bert = BertModel(BertConfig(**cfg["bert"]), add_pooling_layer=False)
         self.out_dim, self.pooling = self.bert.config.hidden_size, cfg.get("pooling", "cls")
         if self.pooling not in POOLINGS:  # never a silent fallback to another pooling
@@ -207,9 +208,9 @@ def build_text(source, reports=None, max_len=512, vocab_size=4000, pooling="cls"
 
 
 # ----------------------------------------------------------------------------------------------
-# Models: stage 1 (one encoder + linear head) and stage 3 (GreenRFM)
+# Models: pre-training (one encoder + linear head, stages 2a and 2b) and alignment (GreenRFM, stage 3)
 
-class Stage1Model(nn.Module):
+class EncoderClassifier(nn.Module):
     """Encoder + Linear(out_dim, C): forward(*inputs) -> logits (B, C). Inputs: a volume, or (ids, mask)."""
 
     def __init__(self, encoder, num_labels):
@@ -247,13 +248,49 @@ def build_model(model_config):
     """Build a model from its plain-dict description (what every checkpoint stores as "model_config")."""
     kind, num_labels = model_config["kind"], model_config["num_labels"]
     if kind == "vision":
-        return Stage1Model(ResNet3D(**model_config["vision"]), num_labels)
+        return EncoderClassifier(ResNet3D(**model_config["vision"]), num_labels)
     if kind == "text":
-        return Stage1Model(TextEncoder(model_config["text"]), num_labels)
+        return EncoderClassifier(TextEncoder(model_config["text"]), num_labels)
     if kind == "align":
         return GreenRFM(ResNet3D(**model_config["vision"]), TextEncoder(model_config["text"]), num_labels,
                         model_config.get("embed_dim", 768))
     raise ValueError(f"unknown model kind {kind!r}; expected one of {STAGES}")
+
+
+def greenrfm_from_pretrained(num_labels, embed_dim, vision_ckpt=None, text_ckpt=None, vision_cfg=None, text_encoder=None):
+    """Stage 3 starts from the two pre-trained models -> (GreenRFM, model_config). vision_ckpt / text_ckpt: the
+    checkpoints of stages 2a / 2b (load_checkpoint's dicts): the architecture is rebuilt from each one's
+    model_config and its encoder copied in strictly (its head is not: see init_shared_from_heads). Without a
+    checkpoint, vision_cfg (a ResNet3D config: random weights) or text_encoder (from build_text) is the start."""
+    model_config = {"kind": "align", "num_labels": num_labels, "embed_dim": embed_dim,
+                    "vision": vision_ckpt["model_config"]["vision"] if vision_ckpt else vision_cfg,
+                    "text": text_ckpt["model_config"]["text"] if text_ckpt else text_encoder.cfg}
+    model = build_model(model_config)
+    if text_ckpt is None:  # e.g. CXR-BERT's own weights, or a scratch BERT
+        model.text.load_state_dict(text_encoder.state_dict())
+    for ckpt in (vision_ckpt, text_ckpt):
+        if ckpt is not None:
+            load_pretrained_encoder(model, ckpt, where=ckpt.get("path"))
+    return model, model_config
+
+
+@torch.no_grad()
+def init_shared_from_heads(model, vision_head, text_head, scale=0.1, seed=0):
+    """--init-shared heads: start the projections and the shared classifier from the two pre-trained heads, given as
+    (weight, bias) pairs: H_img (C, 512) and H_txt (C, H). With A (E, C) orthonormal columns and a = scale:
+        img_proj = a A H_img,  txt_proj = a A H_txt,  classifier = A^T / a,  bias = mean of the two heads' biases
+    so classifier(img_proj(f)) = H_img f, the pre-trained read-out exactly, and an image-text dot product starts as
+    a^2 (image logits) . (text logits): zero-shot begins from what both heads know. A small a keeps those products
+    moderate for the temperature-1 CLIP loss; its gradient then widens the rank-C space. Needs E >= C."""
+    (h_img, b_img), (h_txt, b_txt) = vision_head, text_head
+    E, C = model.classifier.in_features, h_img.shape[0]
+    if C > E:
+        raise ValueError(f"--init-shared heads needs --embed-dim >= the {C} labels")
+    A = torch.linalg.qr(torch.randn(E, C, generator=torch.Generator().manual_seed(seed)))[0]  # (E, C)
+    model.img_proj.weight.copy_(scale * A @ h_img.float())  # (E, 512)
+    model.txt_proj.weight.copy_(scale * A @ h_txt.float())  # (E, H)
+    model.classifier.weight.copy_(A.T / scale)  # (C, E)
+    model.classifier.bias.copy_((b_img + b_txt).float() / 2)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -288,58 +325,14 @@ def align_loss(img, txt, img_logits, txt_logits, targets, mask):
 
 
 # ----------------------------------------------------------------------------------------------
-# Checkpoints: self-describing, plain values only (torch.load(weights_only=True) reads them), atomic
-
-def _plain(x):
-    """Convert args / configs / metrics to types weights_only unpickling accepts (Path -> str, ...)."""
-    if isinstance(x, torch.Tensor) or x is None or isinstance(x, (bool, int, float, str)):
-        return x
-    if isinstance(x, os.PathLike):
-        return str(x)
-    if isinstance(x, dict):
-        return {str(k): _plain(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_plain(v) for v in x]
-    if hasattr(x, "tolist"):  # numpy arrays and scalars
-        return x.tolist()
-    if hasattr(x, "__dict__"):  # argparse.Namespace
-        return _plain(vars(x))
-    return str(x)
-
+# Checkpoints: self-describing, plain values only, so torch.load(weights_only=True) reads them. They are written
+# (atomically) by common.save_checkpoint during training and read here, by every stage that needs a model.
 
 def unwrap(model):
     """The plain module inside DistributedDataParallel (.module) and/or torch.compile (._orig_mod)."""
     while hasattr(model, "_orig_mod") or isinstance(getattr(model, "module", None), nn.Module):
         model = model._orig_mod if hasattr(model, "_orig_mod") else model.module
     return model
-
-
-def save_checkpoint(path, *, stage, model, model_config, args, label_names, optimizer=None, step=0, epoch=0,
-                    best_metric=None, extra=None):
-    """Write a checkpoint atomically: a temporary file in the same folder, fsync, then os.replace.
-    A crash mid-save leaves the previous checkpoint intact (os.replace is atomic on one filesystem)."""
-    if stage not in STAGES:
-        raise ValueError(f"stage {stage!r} is not one of {STAGES}")
-    ckpt = {"stage": stage, "model": unwrap(model).state_dict(), "model_config": _plain(model_config),
-            "args": _plain(args), "label_names": [str(n) for n in label_names],
-            "optimizer": optimizer.state_dict() if optimizer is not None else None, "step": int(step),
-            "epoch": int(epoch), "best_metric": None if best_metric is None else float(best_metric)}
-    if extra is not None:
-        ckpt["extra"] = _plain(extra)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(ckpt, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)  # only still there if something failed
-    for stale in path.parent.glob(f".{path.name}.tmp*"):  # left by a run killed mid-save
-        stale.unlink(missing_ok=True)
-    return path
 
 
 def load_checkpoint(path, stage=None, label_names=None):
@@ -356,6 +349,7 @@ def load_checkpoint(path, stage=None, label_names=None):
     missing = [k for k in CKPT_KEYS if k not in ckpt] if isinstance(ckpt, dict) else list(CKPT_KEYS)
     if missing:
         raise DataError(f"{path}: not a GreenRFM checkpoint (expected {want}; missing keys {missing})")
+    ckpt["path"] = str(path)  # for messages (not saved back)
     if stage is not None and ckpt["stage"] != stage:
         raise DataError(f"{path}: expected a {stage!r} checkpoint, found a {ckpt['stage']!r} checkpoint")
     if label_names is not None and list(label_names) != ckpt["label_names"]:
@@ -365,7 +359,8 @@ def load_checkpoint(path, stage=None, label_names=None):
     return ckpt
 
 
-def _load_strict(module, state, where):
+def load_state_strict(module, state, where):
+    """module.load_state_dict(state, strict=True); a key or shape that does not fit is one line naming `where`."""
     try:
         module.load_state_dict(state, strict=True)
     except RuntimeError as e:
@@ -380,19 +375,19 @@ def model_from_checkpoint(path, stage=None, label_names=None):
         model = build_model(ckpt["model_config"])
     except (KeyError, TypeError, ValueError) as e:
         raise DataError(f"{path}: cannot rebuild the model from its model_config ({type(e).__name__}: {e})") from None
-    _load_strict(model, ckpt["model"], path)
+    load_state_strict(model, ckpt["model"], path)
     return model, ckpt
 
 
-def load_encoder_from_stage1(model, ckpt, part=None, where=None):
-    """Copy a stage-1 encoder (ckpt["model"]["encoder.*"]) into GreenRFM's .vision or .text, strictly; part defaults
+def load_pretrained_encoder(model, ckpt, part=None, where=None):
+    """Copy a pre-trained encoder (ckpt["model"]["encoder.*"]) into GreenRFM's .vision or .text, strictly; part defaults
     to the checkpoint's stage, `where` (the file) names it in errors. The head is dropped (stage 3 has its own)."""
     part = part or ckpt["stage"]
-    where = where or f"stage-1 {part} checkpoint"
+    where = where or f"pre-trained {part} checkpoint"
     if part not in ("vision", "text") or ckpt["stage"] != part:
-        raise DataError(f"{where}: expected a {part!r} stage-1 checkpoint, found a {ckpt['stage']!r} checkpoint")
+        raise DataError(f"{where}: expected a {part!r} pre-trained checkpoint, found a {ckpt['stage']!r} checkpoint")
     state = {k[len("encoder."):]: v for k, v in ckpt["model"].items() if k.startswith("encoder.")}
-    _load_strict(getattr(unwrap(model), part), state, where)
+    load_state_strict(getattr(unwrap(model), part), state, where)
     return part
 
 
@@ -408,23 +403,6 @@ PROMPT_TEMPLATES = {
     "present": ("{x} is present.", "{x} is not present."),
     "compatible": ("Findings are compatible with {x}.", "Findings are not compatible with {x}."),
 }
-
-
-def per_label_auc(y, scores):
-    """ROC AUC per label and their mean -> (aucs, macro or None). y (N, C): 1/0, nan or -1 = no reference (row ignored
-    for that label); scores (N, C). A label with one class (or none) has no AUC: None, left out of the mean (never 0.5)."""
-    from sklearn.metrics import roc_auc_score  # lazy: training scripts need no sklearn import
-    y, scores = np.asarray(y, dtype=np.float64), np.asarray(scores, dtype=np.float64)
-    if not np.isfinite(scores).all():  # a diverged model: no AUC is computed from NaN scores
-        raise DataError(f"{(~np.isfinite(scores)).any(1).sum()} of {len(scores)} rows have non-finite scores "
-                        "(diverged weights? lower --lr)")
-    aucs = []
-    for c in range(y.shape[1]):
-        keep = (y[:, c] == 0) | (y[:, c] == 1)  # nan compares False, so it drops out too
-        yc = y[keep, c]  # no AUC without both classes
-        aucs.append(None if yc.size == 0 or yc.min() == yc.max() else float(roc_auc_score(yc, scores[keep, c])))
-    defined = [a for a in aucs if a is not None]
-    return aucs, (float(np.mean(defined)) if defined else None)
 
 
 @torch.no_grad()

@@ -1,9 +1,9 @@
 """
-Stage 1a of GreenRFM: supervised pre-training of the 3D vision encoder.
+Stage 2a of GreenRFM: supervised pre-training of the 3D vision encoder.
 
 A 3D ResNet-18 reads a CT volume and predicts the distilled labels (present / absent; uncertain and
 not-mentioned entries are masked out of the loss). This "semantic-enforcing" supervision gives the
-encoder a clinically meaningful feature space before it is aligned with text in align.py.
+encoder a clinically meaningful feature space before it is aligned with text in align.py (stage 3).
 
 Reads:  a data set: manifest.csv (+ dataset.json) in --data (default data/demo, built on first use);
         volumes from the preprocessed cache (`python data.py preprocess`) when it exists;
@@ -16,278 +16,92 @@ Examples:
   python pretrain_vision.py --data ctrate/manifest.csv --amp bf16 --grad-ckpt     # one GPU
   torchrun --nproc_per_node 4 pretrain_vision.py --data ctrate/manifest.csv --amp bf16
 """
-import argparse
-import json
-import math
-import os
-import time
-from contextlib import nullcontext
-from pathlib import Path
-
-import numpy as np
 import torch
-import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
 
+import common
 import data as D
-from demo import ensure_demo
 import model as M
 
 STAGE = "vision"
 
 
-def main():
-    # -----------------------------------------------------------------------------
-    # config
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    g = p.add_argument_group("data")
-    g.add_argument("--data", default=D.DEMO_DIR, help="manifest.csv or its folder (default: the demo set, built if missing)")
-    g.add_argument("--labels", default=None, help="label CSV (id + label columns); default: out/distill/labels.csv if present, else the manifest's labels")
-    g.add_argument("--preset", default=None, help="preprocessing preset (chest, abdomen, mri, demo); default: the data set's dataset.json, else chest")
-    g.add_argument("--cache", default=None, help="preprocessed cache folder (default: <data>/cache-<preset>, used when it exists)")
-    g.add_argument("--uncertain", default="mask", choices=["mask", "positive", "negative"], help="how uncertain (-1) labels enter the loss")
-    g.add_argument("--workers", type=int, default=2, help="data loader worker processes")
-    g.add_argument("--random-crop", action=argparse.BooleanOptionalAction, default=True,
-                   help="train on random crops of the stored volume (translation augmentation); --no-random-crop: centre crops")
+def get_args():
+    p = common.parser(__doc__, lr=1e-4, weight_decay=1e-4, clip=0.0)  # the paper's stage-1 optimizer
     g = p.add_argument_group("model")
-    g.add_argument("--lite", action="store_true", help="lite model: stride-4 patchify stem (the 6 GB configuration)")
+    g.add_argument("--lite", action="store_true", help="lite model: stride-4 patchify stem (the 6 GB configuration); writes out/vision-lite")
     g.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing per ResNet block and of the stem (less memory, ~30%% more compute)")
     g.add_argument("--init", default=None, help="optional external encoder weights (a state dict file) loaded before training")
-    g = p.add_argument_group("optimization (paper defaults)")
-    g.add_argument("--epochs", type=int, default=5, help="training epochs")
-    g.add_argument("--batch-size", type=int, default=10, help="volumes per optimizer step, over all processes")
-    g.add_argument("--accum", type=int, default=1, help="gradient accumulation micro-steps per optimizer step")
-    g.add_argument("--lr", type=float, default=1e-4, help="peak AdamW learning rate")
-    g.add_argument("--min-lr", type=float, default=1e-6, help="cosine schedule floor, reached at the last step")
-    g.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay")
-    g.add_argument("--clip", type=float, default=0.0, help="gradient norm clipping (0 = off)")
-    g.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"], help="mixed precision (fp16 only on CUDA, with a GradScaler)")
-    g.add_argument("--compile", action="store_true", help="torch.compile the model")
-    g.add_argument("--seed", type=int, default=0, help="random seed (weights, shuffling, crops)")
-    g = p.add_argument_group("run")
-    g.add_argument("--out", default=None, help="output folder (default out/vision or out/vision-lite)")
-    g.add_argument("--resume", action="store_true", help="continue from <out>/last.pt")
-    g.add_argument("--log-every", type=int, default=10, help="log every N optimizer steps")
-    g.add_argument("--save-every", type=int, default=0, help="also save last.pt every N steps (0: once per epoch)")
-    g.add_argument("--max-steps", type=int, default=0, help="stop after N optimizer steps in total (0: run all epochs)")
-    g.add_argument("--skip-nonfinite", action="store_true", help="skip (and count) batches with a non-finite loss instead of stopping")
-    g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    # A data set may recommend training flags of its own in its dataset.json (the tiny demo set needs a
-    # higher learning rate and more epochs than CT-RATE); flags given on the command line still win.
-    pre = p.parse_known_args()[0]
-    tuned = D.training_defaults(pre.data, STAGE + ("-lite" if pre.lite else ""))
-    p.set_defaults(**tuned)
-    args = p.parse_args()
-    out = Path(args.out or ("out/vision-lite" if args.lite else "out/vision"))
+    return common.parse(p, STAGE)
+
+
+def main():
+    args = get_args()
+    run = common.setup(args, STAGE)  # processes, device, precision, seed
 
     # -----------------------------------------------------------------------------
-    # setup: processes, device, precision, seed
-    ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    if ddp:  # launched by torchrun: one process per GPU (or per CPU slot with gloo)
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-        rank, world = dist.get_rank(), dist.get_world_size()
-        device = torch.device(f"cuda:{os.environ['LOCAL_RANK']}" if torch.cuda.is_available() else "cpu")
-    else:
-        rank, world = 0, 1
-        device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    master = rank == 0
-    log = print if master else (lambda *a, **k: None)
-    # bf16 autocast works on CPU and GPU; fp16 needs CUDA and a GradScaler against underflow.
-    amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
-    if amp_dtype == torch.float16 and device.type != "cuda":
-        log("note: --amp fp16 needs CUDA; running in fp32")
-        amp_dtype = None
-    autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else nullcontext
-    scaler = torch.amp.GradScaler(enabled=amp_dtype == torch.float16)
-    torch.manual_seed(args.seed)  # same initial weights on every rank (DDP also broadcasts them)
-    if args.batch_size % (world * args.accum):
-        raise D.DataError(f"--batch-size {args.batch_size} is not divisible by processes x --accum = {world * args.accum}")
-    micro = args.batch_size // (world * args.accum)  # volumes per forward pass on one process
-
-    if tuned:
-        log(f"defaults recommended by the data set (dataset.json): {tuned}")
-
-    # -----------------------------------------------------------------------------
-    # data
-    if master and args.data == D.DEMO_DIR:
-        ensure_demo(args.data)
-    if ddp:
-        dist.barrier()  # the other ranks wait until rank 0 has built the demo set
-    table = D.load_table(args.data)
-    table, labels_used = D.pick_labels(table, args.labels)  # --labels, else distill.py's, else the manifest's
-    preset = args.preset or D.dataset_defaults(args.data).get("preset", "chest")
-    cache = args.cache or Path(table.source).parent / f"cache-{preset}"
-    train_t, valid_t = table.subset("train"), table.subset("valid")
-    if len(train_t) < args.batch_size:
-        raise D.DataError(f"{table.source}: {len(train_t)} training volumes, fewer than one batch of {args.batch_size}")
-    log(f"data: {table.source} ({len(train_t)} train / {len(valid_t)} valid volumes), preset {preset}, "
-        f"cache {cache if Path(cache).exists() else 'none (reading NIfTI)'}")
-    log(f"labels: {labels_used} ({len(table.label_names)} labels)")
-    train_ds = D.VolumeReportDataset(train_t, preset, train=args.random_crop, cache_dir=cache, seed=args.seed, uncertain=args.uncertain)
-    valid_ds = D.VolumeReportDataset(valid_t, preset, train=False, cache_dir=cache, uncertain=args.uncertain)
-    # One sampler for every case: with a single process it is a seeded shuffle, under torchrun each
-    # rank gets a disjoint shard. drop_last keeps every batch full (BatchNorm dislikes tiny batches).
-    sampler = DistributedSampler(train_ds, num_replicas=world, rank=rank, shuffle=True, seed=args.seed, drop_last=True)
-    steps_per_epoch = len(sampler) // (micro * args.accum)
-    total_steps = steps_per_epoch * args.epochs
+    # data: volumes and their labels (the reports are not read here)
+    table, preset, cache = common.load_data(run, images=True, reports=False)
+    train_ds = D.VolumeReportDataset(table.subset("train"), preset, train=args.random_crop, cache_dir=cache, seed=args.seed,
+                                     uncertain=args.uncertain)
+    valid_ds = D.VolumeReportDataset(table.subset("valid"), preset, train=False, cache_dir=cache, uncertain=args.uncertain)
 
     # -----------------------------------------------------------------------------
     # model: 3D ResNet-18 encoder + a linear head to the C labels
-    C = len(table.label_names)
-    model_config = {"kind": STAGE, "num_labels": C,
+    model_config = {"kind": STAGE, "num_labels": len(table.label_names),
                     "vision": {"in_channels": D.input_channels(preset),  # one per intensity window of the preset
                                "stem": 4 if args.lite else 2, "widths": [64, 128, 256, 512]}}
     model = M.build_model(model_config)
-    if args.init:  # e.g. weights converted from a video model; printed so nothing loads silently
-        try:
-            state = torch.load(args.init, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise D.DataError(f"{args.init}: not a readable state dict ({type(e).__name__})") from None
-        if isinstance(state, dict) and "stage" in state:  # one of ours: a vision checkpoint's encoder, nothing else
-            state = M.load_checkpoint(args.init, stage=STAGE)["model"]
-            state = {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}
-        try:
-            missing, unexpected = model.encoder.load_state_dict(state, strict=False)
-        except (RuntimeError, TypeError, AttributeError) as e:  # wrong shapes, or not a dict of tensors
-            raise D.DataError(f"{args.init}: does not fit the encoder ({str(e).strip().splitlines()[-1][:200]})") from None
-        if not set(state) & set(model.encoder.state_dict()):
-            raise D.DataError(f"{args.init}: none of its {len(state)} keys is an encoder weight (e.g. {list(state)[:2]})")
-        log(f"init: {args.init} ({len(missing)} missing, {len(unexpected)} unexpected keys)")
+    if args.init:
+        load_init(model, args.init, run.log)
     model.encoder.grad_ckpt = args.grad_ckpt
-    model.to(device)
-    log(f"model: 3D ResNet-18, {model_config['vision']['in_channels']} input channel(s), stem {model_config['vision']['stem']}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters")
+    model.to(run.device)
+    run.log(f"model: 3D ResNet-18, {model_config['vision']['in_channels']} input channel(s), stem {model_config['vision']['stem']}, "
+            f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters")
 
     # -----------------------------------------------------------------------------
-    # optimizer, cosine schedule (stepped per iteration), resume
+    # optimizer (cosine schedule, stepped per iteration: common.optimizer_step), then resume if asked
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    step, best, history = 0, -math.inf, []
-    if args.resume and (out / "last.pt").exists():
-        ck = M.load_checkpoint(out / "last.pt", stage=STAGE, label_names=table.label_names)
-        model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optimizer"])
-        step, best = ck["step"], ck["best_metric"] if ck["best_metric"] is not None else -math.inf
-        torch.set_rng_state(ck["extra"]["rng"])
-        history = ck["extra"].get("history", [])
-        log(f"resume: {out / 'last.pt'} at step {step}")
-    elif args.resume:
-        log(f"resume: no {out / 'last.pt'} yet, starting fresh")
-    train_model = DDP(model) if ddp else model
-    if args.compile:
-        train_model = torch.compile(train_model)
+    train_model = common.start(run, model, opt, train_ds, model_config, table.label_names, extra={"preset": preset})
 
-    def lr_at(s):  # cosine from --lr down to --min-lr over all steps
-        return args.min_lr + 0.5 * (args.lr - args.min_lr) * (1 + math.cos(math.pi * min(s / max(total_steps, 1), 1.0)))
-
-    def save(name, epoch, metrics):
-        M.save_checkpoint(out / name, stage=STAGE, model=model, model_config=model_config, args=vars(args),
-                          label_names=table.label_names, optimizer=opt, step=step, epoch=epoch,
-                          best_metric=None if best == -math.inf else best,
-                          extra={"rng": torch.get_rng_state(), "history": history, "metrics": metrics, "preset": preset})
-
-    @torch.no_grad()
-    def evaluate():  # per-label AUC on the validation split, on rank 0
-        model.eval()
-        scores, refs = [], []
-        for b in DataLoader(valid_ds, batch_size=micro, num_workers=args.workers,
-                            generator=torch.Generator()):  # own generator: the global RNG stays untouched (exact resume)
-            with autocast():
-                scores.append(torch.sigmoid(model(b["image"].to(device)).float()).cpu())
-            refs.append(torch.where(b["mask"] > 0, b["targets"], torch.nan))
-        model.train()
-        aucs, macro = M.per_label_auc(torch.cat(refs).numpy(), torch.cat(scores).numpy())
-        return {"auc": dict(zip(table.label_names, aucs)), "macro_auc": macro}
+    def probabilities(b):  # (B, C): the head's read-out of validation volumes, for the AUC at each epoch's end
+        with run.autocast():
+            return torch.sigmoid(model(b["image"].to(run.device)).float())
 
     # -----------------------------------------------------------------------------
     # training loop
-    if master:
-        out.mkdir(parents=True, exist_ok=True)
-    log(f"training: {args.epochs} epochs x {steps_per_epoch} steps, batch {args.batch_size} "
-        f"({world} process(es) x {micro} x accum {args.accum}), amp {args.amp}, device {device}")
-    model.train()
-    skipped, dropped, t0, seen, metrics = 0, False, time.time(), 0, {}
-    while step < total_steps and not (args.max_steps and step >= args.max_steps):
-        epoch, done = divmod(step, steps_per_epoch)
-        sampler.set_epoch(epoch)
-        train_ds.set_epoch(epoch)  # new random crops each epoch, reproducible from (seed, epoch, index)
-        # Skip the batches a resumed run has already seen this epoch, without loading them.
-        batches = list(BatchSampler(list(sampler), micro, drop_last=True))[done * args.accum:]
-        loader = DataLoader(train_ds, batch_sampler=batches, num_workers=args.workers, pin_memory=device.type == "cuda",
-                            generator=torch.Generator().manual_seed(args.seed + epoch))  # keeps the global RNG untouched
-        for i, b in enumerate(loader):
-            x = b["image"].to(device, non_blocking=True)  # (B, K windows, D, H, W)
-            y, m = b["targets"].to(device), b["mask"].to(device)  # (B, C) each
-            last_micro = (i + 1) % args.accum == 0
-            saved = [t.clone() for t in model.buffers()] if args.skip_nonfinite else []  # BatchNorm statistics
-            with (train_model.no_sync() if ddp and not last_micro else nullcontext()), autocast():
-                loss = M.masked_bce(train_model(x).float(), y, m)
-            bad = (~torch.isfinite(loss.detach())).float()  # (1,): 1 if this process's loss is not finite
-            if ddp:  # decided together: a process skipping alone would leave the others waiting for its gradients
-                dist.all_reduce(bad)
-            if bad:
-                where = f"batch ids {b['id']}" if not torch.isfinite(loss) else "on another process"
-                if not args.skip_nonfinite:
-                    raise D.DataError(f"non-finite loss at step {step}, {where} (use --skip-nonfinite to skip such batches)")
-                skipped += 1
-                log(f"skipped: non-finite loss at step {step}, {where}")
-                for t, old in zip(model.buffers(), saved):  # the forward pass updated them: undo, no trace left
-                    t.copy_(old)
-                dropped = True  # its optimizer step passes without an update: epochs and schedule stay in step
-            else:
-                scaler.scale(loss / args.accum).backward()
-                seen += len(x) * world
-            if not last_micro:
-                continue
-            if not dropped:
-                for group in opt.param_groups:
-                    group["lr"] = lr_at(step)
-                if args.clip:
-                    scaler.unscale_(opt)
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
-                scaler.step(opt)
-                scaler.update()
-            opt.zero_grad(set_to_none=True)
-            step, dropped = step + 1, False
-            if step % args.log_every == 0 or step == total_steps:
-                rate = seen / (time.time() - t0)
-                log(f"step {step}/{total_steps} | epoch {epoch + 1} | loss {loss.item():.4f} | lr {lr_at(step - 1):.2e} | {rate:.1f} samples/s")
-                history.append({"step": step, "loss": loss.item(), "lr": lr_at(step - 1)})
-            if master and args.save_every and step % args.save_every == 0 and step % steps_per_epoch:  # (epoch end: below)
-                save("last.pt", epoch, metrics)
-            if step >= total_steps or (args.max_steps and step >= args.max_steps):
-                break
-        # -------------------------------------------------------------------------
-        # end of epoch (or early stop): evaluate on rank 0, keep the best and the last checkpoint
-        if master:
-            metrics = evaluate() if len(valid_ds) else {"macro_auc": None}
-            macro = metrics["macro_auc"]
-            log(f"epoch {epoch + 1} | valid macro AUC {'undefined' if macro is None else f'{macro:.4f}'}")
-            history.append({"step": step, "epoch": epoch + 1, **metrics})
-            improved = macro is not None and macro > best
-            if improved:
-                best = macro
-            # best.pt first: killed in between, the run resumes from the old last.pt and evaluates again, so
-            # last.pt never remembers a best.pt that is not on disk (nor one left by an earlier run in --out)
-            if improved or best == -math.inf:
-                save("best.pt", epoch + 1, metrics)
-            save("last.pt", epoch + (step % steps_per_epoch == 0), metrics)
-            # rewritten whole from the history (which a resumed run reloads): no epoch lost or repeated
-            D.write_atomic(out / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in history if "epoch" in h))
-        if ddp:
-            dist.barrier()
+    for epoch, batches in common.epochs(run, train_ds):
+        for b, last_micro in batches:
+            x = b["image"].to(run.device, non_blocking=True)  # (B, K windows, D, H, W)
+            y, m = b["targets"].to(run.device), b["mask"].to(run.device)  # (B, C) each; m = 0 where unknown
+            with common.forward_context(run, last_micro):
+                loss = M.masked_bce(train_model(x).float(), y, m)  # uncertain and unmentioned labels masked out
+            common.backward(run, loss, b)  # a non-finite loss stops the run naming the batch (or is skipped)
+            if last_micro:
+                common.optimizer_step(run, loss)  # learning rate, clipping, step, log
+        common.end_of_epoch(run, common.validate(run, valid_ds, probabilities, table.label_names))
 
     # -----------------------------------------------------------------------------
     # summary
-    if master and metrics.get("auc"):
-        width = max(len(n) for n in table.label_names)
-        for name, auc in metrics["auc"].items():
-            log(f"  {name:<{width}}  {'undefined' if auc is None else f'{auc:.3f}'}")
-    log(f"done: {step} steps in {time.time() - t0:.0f} s, {skipped} non-finite batches skipped; "
-        f"best valid macro AUC {best if best > -math.inf else 'undefined'}; wrote {out / 'last.pt'}, {out / 'best.pt'}")
-    if ddp:
-        dist.destroy_process_group()
+    common.finish(run, "validation AUC per label (last epoch):")
+
+
+def load_init(model, path, log):
+    """--init: external encoder weights (e.g. converted from a video model), or the encoder of one of our vision
+    checkpoints, loaded non-strictly but said aloud: the counts of missing and unexpected keys are printed."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise D.DataError(f"{path}: not a readable state dict ({type(e).__name__})") from None
+    if isinstance(state, dict) and "stage" in state:  # one of ours: a vision checkpoint's encoder, nothing else
+        state = M.load_checkpoint(path, stage=STAGE)["model"]
+        state = {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}
+    try:
+        missing, unexpected = model.encoder.load_state_dict(state, strict=False)
+    except (RuntimeError, TypeError, AttributeError) as e:  # wrong shapes, or not a dict of tensors
+        raise D.DataError(f"{path}: does not fit the encoder ({str(e).strip().splitlines()[-1][:200]})") from None
+    if not set(state) & set(model.encoder.state_dict()):
+        raise D.DataError(f"{path}: none of its {len(state)} keys is an encoder weight (e.g. {list(state)[:2]})")
+    log(f"init: {path} ({len(missing)} missing, {len(unexpected)} unexpected keys)")
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ from sklearn.linear_model import LogisticRegression
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+import common  # noqa: E402
 import data as D  # noqa: E402
 import model as M  # noqa: E402
 
@@ -61,7 +62,7 @@ scores = np.zeros_like(va.labels)
 for c in range(len(names)):
     if len(set(tr.labels[:, c])) > 1:
         scores[:, c] = LogisticRegression(C=10, max_iter=2000).fit(Xtr, tr.labels[:, c]).predict_proba(Xva)[:, 1]
-tfidf_aucs, tfidf_macro = M.per_label_auc(va.labels, scores)
+tfidf_aucs, tfidf_macro = common.per_label_auc(va.labels, scores)
 
 # The real script on the same split.
 cmd = [sys.executable, str(ROOT / "pretrain_text.py"), "--data", str(work), "--out", str(work / "out"),

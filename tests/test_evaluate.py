@@ -10,6 +10,7 @@ import pytest
 import torch
 from sklearn.metrics import accuracy_score, f1_score, precision_score, roc_auc_score
 
+import common
 import evaluate as E
 import model as M
 from conftest import ROOT, SAMPLE
@@ -28,7 +29,7 @@ def _synthetic(n, c=3, seed=0):
 def test_per_label_auc_matches_sklearn_and_ignores_missing():
     y, s = _synthetic(40)
     y[0, 0], y[1, 0], y[2, 1] = np.nan, -1, np.nan  # no reference: dropped for that label only
-    aucs, macro = M.per_label_auc(y, s)
+    aucs, macro = common.per_label_auc(y, s)
     for c in range(3):
         keep = (y[:, c] == 0) | (y[:, c] == 1)
         assert aucs[c] == pytest.approx(roc_auc_score(y[keep, c], s[keep, c]))
@@ -39,7 +40,7 @@ def test_fast_auc_equals_sklearn_with_ties_and_missing():
     y, s = _synthetic(80, c=4, seed=5)
     s = np.round(s, 1)  # many ties
     y[:10, 0], y[10:20, 1], y[:, 3] = np.nan, -1, 1  # label 3: one class
-    aucs, _ = M.per_label_auc(y, s)
+    aucs, _ = common.per_label_auc(y, s)
     got = E.fast_auc(y, s)
     assert np.allclose(got[:3], aucs[:3]) and np.isnan(got[3]) and aucs[3] is None
 
@@ -48,10 +49,10 @@ def test_single_class_label_is_undefined_and_left_out_of_macro():
     y, s = _synthetic(30)
     y[:, 1] = 0  # one class only
     y[:5, 2] = np.nan
-    aucs, macro = M.per_label_auc(y, s)
+    aucs, macro = common.per_label_auc(y, s)
     assert aucs[1] is None and aucs[0] is not None and aucs[2] is not None
     assert macro == pytest.approx((aucs[0] + aucs[2]) / 2)
-    assert M.per_label_auc(np.zeros((4, 2)), np.ones((4, 2))) == ([None, None], None)
+    assert common.per_label_auc(np.zeros((4, 2)), np.ones((4, 2))) == ([None, None], None)
     thr = E.youden_thresholds(y, s)
     assert np.isnan(thr[1]) and E.threshold_metrics(y, s, thr)[1] is None
 
@@ -60,7 +61,7 @@ def test_bootstrap_interval_contains_estimate_and_narrows():
     widths = []
     for n in (50, 2000):
         y, s = _synthetic(n, seed=1)
-        aucs, macro = M.per_label_auc(y, s)
+        aucs, macro = common.per_label_auc(y, s)
         ci, macro_ci = E.bootstrap_auc(y, s, n_boot=200, seed=0)
         for a, (lo, hi) in zip(aucs, ci):
             assert lo <= a <= hi
@@ -175,7 +176,7 @@ def test_evaluate_script_end_to_end(tmp_path):
            "vision": {"in_channels": data.input_channels("demo"), "stem": 4, "widths": [8, 16, 16, 16]}}
     net = M.build_model(cfg)
     ckpt = tmp_path / "align.pt"
-    M.save_checkpoint(ckpt, stage="align", model=net, model_config=cfg, args={"preset": "demo"},
+    common.save_checkpoint(ckpt, stage="align", model=net, model_config=cfg, args={"preset": "demo"},
                       label_names=table.label_names)
     run = lambda *a: subprocess.run([sys.executable, str(ROOT / "evaluate.py"), "--data", str(tmp_path / "demo"),  # noqa: E731
                                      "--out", str(tmp_path / "eval"), "--workers", "0", "--bootstrap", "20", *a],
@@ -187,13 +188,13 @@ def test_evaluate_script_end_to_end(tmp_path):
     assert set(summary["retrieval"]) >= {"recall@1", "recall@100"} and summary["retrieval"]["recall@100"] is None
     assert (tmp_path / "eval" / "per_label.csv").read_text().count("\n") == 16 + 2  # header, 16 labels, macro
     assert "matplotlib" in r.stdout or (tmp_path / "eval" / "roc.png").exists()
-    M.save_checkpoint(tmp_path / "vision.pt", stage="vision", model=net, model_config=cfg, args={},
+    common.save_checkpoint(tmp_path / "vision.pt", stage="vision", model=net, model_config=cfg, args={},
                       label_names=table.label_names)
     r = run("--ckpt", str(tmp_path / "vision.pt"))  # wrong stage: one line, no traceback, exit 2
     assert r.returncode == 2 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert "vision" in r.stderr and "align" in r.stderr
     one = dict(cfg, vision=dict(cfg["vision"], in_channels=1))  # an encoder for the paper's single window
-    M.save_checkpoint(tmp_path / "one.pt", stage="align", model=M.build_model(one), model_config=one, args={},
+    common.save_checkpoint(tmp_path / "one.pt", stage="align", model=M.build_model(one), model_config=one, args={},
                       label_names=table.label_names)
     r = run("--ckpt", str(tmp_path / "one.pt"))  # the demo preset gives 4 windows: refused, one line
     assert r.returncode == 2 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1

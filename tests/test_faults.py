@@ -29,6 +29,7 @@ import pytest
 import torch
 
 import badinput as B
+import common
 import data
 import model as M
 from conftest import ROOT
@@ -214,7 +215,7 @@ def test_distill_survives_faults_and_kills(tmp_path):
 def tiny(tmp_path_factory):
     """A small demo set (16 train / 8 valid / 8 test): 4 steps an epoch at batch 4."""
     d = tmp_path_factory.mktemp("tiny")
-    r = subprocess.run([sys.executable, str(ROOT / "data.py"), "demo", "--out", str(d / "demo"), "--n-train", "16",
+    r = subprocess.run([sys.executable, str(ROOT / "demo.py"), "--out", str(d / "demo"), "--n-train", "16",
                         "--n-valid", "8", "--n-test", "8"], cwd=d, env=ENV, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     return d / "demo"
@@ -452,10 +453,10 @@ def tiny_checkpoints(d, reports):
                "align": {"kind": "align", "num_labels": 3, "vision": vision, "text": text_cfg, "embed_dim": 16}}
     paths = {}
     for stage, cfg in configs.items():
-        paths[stage] = M.save_checkpoint(d / f"{stage}.pt", stage=stage, model=M.build_model(cfg), model_config=cfg,
+        paths[stage] = common.save_checkpoint(d / f"{stage}.pt", stage=stage, model=M.build_model(cfg), model_config=cfg,
                                          args={}, label_names=B.LABELS, extra={"rng": None})
     cfg = dict(configs["vision"], num_labels=2)
-    paths["vision_AB"] = M.save_checkpoint(d / "vision_AB.pt", stage="vision", model=M.build_model(cfg), model_config=cfg,
+    paths["vision_AB"] = common.save_checkpoint(d / "vision_AB.pt", stage="vision", model=M.build_model(cfg), model_config=cfg,
                                            args={}, label_names=B.LABELS[:2])
     (d / "cut.pt").write_bytes(paths["align"].read_bytes()[:1000])
     paths["cut"] = d / "cut.pt"

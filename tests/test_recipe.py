@@ -23,17 +23,17 @@ def run(cwd, script, *args, ok=True):
 
 
 def test_whole_recipe_at_toy_size(tmp_path):
-    run(tmp_path, "data.py", "demo", "--out", "data/demo", "--n-train", "20", "--n-valid", "10", "--n-test", "10")
+    run(tmp_path, "demo.py", "--out", "data/demo", "--n-train", "20", "--n-valid", "10", "--n-test", "10")
 
     r = run(tmp_path, "distill.py", "--backend", "rules")
     assert (tmp_path / "out/distill/labels.csv").is_file() and "agreement" in r.stdout
 
     r = run(tmp_path, "pretrain_vision.py", "--lite", *TOY)
-    assert "labels: out/distill/labels.csv" in r.stdout  # stage 1 reads the distilled labels by default
+    assert "labels: out/distill/labels.csv" in r.stdout  # pre-training reads the distilled labels by default
     r = run(tmp_path, "pretrain_text.py", "--max-len", "256", *TOY)
     assert "labels: out/distill/labels.csv" in r.stdout and "sentence pooling" in r.stdout
 
-    # align finds both stage-1 checkpoints at their default paths and copies them in.
+    # align finds both pre-trained checkpoints at their default paths and copies them in.
     r = run(tmp_path, "align.py", "--lite", *TOY)
     assert "loaded vision encoder: out/vision-lite/best.pt" in r.stdout
     assert "loaded text encoder: out/text/best.pt" in r.stdout
@@ -42,12 +42,12 @@ def test_whole_recipe_at_toy_size(tmp_path):
     aligned = torch.load(tmp_path / "out/align-lite/best.pt", weights_only=True)
     vision = torch.load(tmp_path / "out/vision-lite/best.pt", weights_only=True)
     assert aligned["stage"] == "align" and aligned["model_config"]["vision"]["stem"] == 4
-    # The demo recommends sentence-level text encoding; stage 1 applied it and stage 3 rebuilt it from the checkpoint.
+    # The demo recommends sentence-level text encoding; stage 2b applied it and stage 3 rebuilt it from the checkpoint.
     assert aligned["model_config"]["text"]["pooling"] == "sentence"
-    # The aligned model started from the stage-1 weights: the stem moved only a little at lr 1e-5.
+    # The aligned model started from the pre-trained weights: the stem moved only a little at lr 1e-5.
     delta = (aligned["model"]["vision.stem.0.weight"] - vision["model"]["encoder.stem.0.weight"]).abs().max()
     assert delta < 1e-2
-    # Two learning rates, as the demo recommends: the paper's 1e-5 for the encoders, 5e-4 for the layers stage 2
+    # Two learning rates, as the demo recommends: the paper's 1e-5 for the encoders, 5e-4 for the layers stage 3
     # adds. The second optimizer group holds exactly those four tensors and its rate is 50x the first's.
     assert aligned["args"]["lr"] == 1e-5 and aligned["args"]["head_lr"] == 5e-4
     assert "learning rates: encoders 1e-05, projections + classifier 0.0005" in r.stdout
@@ -56,10 +56,10 @@ def test_whole_recipe_at_toy_size(tmp_path):
     assert n_new == 4 and len(new_group["params"]) == 4  # img_proj, txt_proj, classifier weight and bias
     assert abs(new_group["lr"] / enc_group["lr"] - 50) < 1e-9
 
-    # --init-shared heads (the demo's recommendation): the projections and classifier start from the two stage-1
+    # --init-shared heads (the demo's recommendation): the projections and classifier start from the two pre-trained
     # heads. One step at lr 1e-12 leaves them where they started: the classifier reads each latent exactly as that
-    # encoder's stage-1 head did (W P = H), and W's rows are orthogonal with norm 1 / 0.1 (W W^T = 100 I).
-    assert "start from the stage-1 heads" in r.stdout
+    # encoder's pre-trained head did (W P = H), and W's rows are orthogonal with norm 1 / 0.1 (W W^T = 100 I).
+    assert "start from the pre-trained heads" in r.stdout
     run(tmp_path, "align.py", "--lite", *TOY, "--out", "init", "--max-steps", "1", "--lr", "1e-12", "--head-lr", "1e-12")
     sd = torch.load(tmp_path / "init/last.pt", weights_only=True)["model"]
     text = torch.load(tmp_path / "out/text/best.pt", weights_only=True)["model"]
@@ -85,17 +85,17 @@ def test_whole_recipe_at_toy_size(tmp_path):
 
 
 def test_align_without_stage1_warns_and_trains(tmp_path):
-    run(tmp_path, "data.py", "demo", "--out", "data/demo", "--n-train", "10", "--n-valid", "5", "--n-test", "5")
+    run(tmp_path, "demo.py", "--out", "data/demo", "--n-train", "10", "--n-valid", "5", "--n-test", "5")
     r = run(tmp_path, "align.py", "--lite", *TOY)
     assert "WARNING: no vision checkpoint at out/vision-lite/best.pt" in r.stdout
     assert "WARNING: no text checkpoint at out/text/best.pt" in r.stdout
-    assert "note: --init-shared heads needs both stage-1 checkpoints" in r.stdout  # said, not silently skipped
+    assert "note: --init-shared heads needs both pre-trained checkpoints" in r.stdout  # said, not silently skipped
     aligned = torch.load(tmp_path / "out/align-lite/best.pt", weights_only=True)
     assert aligned["model_config"]["text"]["pooling"] == "sentence"  # --pooling, from the demo's recommended flags
 
 
 def test_align_refuses_a_checkpoint_of_another_stage(tmp_path):
-    run(tmp_path, "data.py", "demo", "--out", "data/demo", "--n-train", "10", "--n-valid", "5", "--n-test", "5")
+    run(tmp_path, "demo.py", "--out", "data/demo", "--n-train", "10", "--n-valid", "5", "--n-test", "5")
     run(tmp_path, "pretrain_text.py", "--max-len", "128", *TOY)
     r = run(tmp_path, "align.py", "--lite", "--vision-ckpt", "out/text/best.pt", *TOY, ok=False)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1

@@ -1,4 +1,4 @@
-"""Stage-1 scripts end to end through subprocess, at toy size on a small demo set: defaults, resume
+"""The pre-training scripts (stages 2a, 2b) end to end through subprocess, at toy size on a small demo set: defaults, resume
 equality, and a 2-process torchrun (gloo on CPU)."""
 import os
 import shutil
@@ -25,7 +25,7 @@ def run(args, cwd, ok=True, timeout=600):
 def tiny(tmp_path_factory):
     """A small demo set (16 train / 8 valid / 8 test) built by the real CLI."""
     d = tmp_path_factory.mktemp("tiny")
-    run([str(ROOT / "data.py"), "demo", "--out", str(d / "demo"), "--n-train", "16", "--n-valid", "8", "--n-test", "8"], cwd=d)
+    run([str(ROOT / "demo.py"), "--out", str(d / "demo"), "--n-train", "16", "--n-valid", "8", "--n-test", "8"], cwd=d)
     return d / "demo"
 
 
