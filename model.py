@@ -189,9 +189,26 @@ def build_text(source, reports=None, max_len=512, vocab_size=4000, pooling="cls"
 
     # BertTokenizer rather than AutoTokenizer: a BERT trunk always uses WordPiece, and repositories
     # with custom code (CXR-BERT's auto_map) would make AutoTokenizer ask for trust_remote_code.
-    from transformers import BertModel, BertTokenizer
+    from transformers import BertModel, BertTokenizer, logging as hf_logging
     hf_tok = BertTokenizer.from_pretrained(source)
-    pretrained = BertModel.from_pretrained(source, add_pooling_layer=False)
+    # Loaded quietly: transformers would log a table row per checkpoint tensor BertModel does not use (CXR-BERT's MLM
+    # and projection heads, 13 rows that read like errors) and leave a missing one random with only a warning.
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:  # ignore_mismatched_sizes: a shape that differs from the config is raised below, not at the silenced table
+        pretrained, info = BertModel.from_pretrained(source, add_pooling_layer=False, output_loading_info=True,
+                                                     ignore_mismatched_sizes=True)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    missing, unused = sorted({*info["missing_keys"], *(k for k, *_ in info["mismatched_keys"])}), info["unexpected_keys"]
+    if missing:  # never left at random initialisation
+        raise DataError(f"{source}: {len(missing)} BERT encoder tensors are missing from its weights or shaped unlike its "
+                        f"config, e.g. {missing[0]}")
+    # The unused tensors named by part: cls.predictions (the MLM head), cls_projection_head, pooler, ...
+    parts = sorted({".".join(k.split(".")[:2]) if k.startswith("cls.") else k.split(".")[0] for k in unused})
+    if os.environ.get("RANK", "0") == "0":  # once under torchrun
+        print(f"text model {source}: loaded as a plain BERT, all {len(pretrained.state_dict())} encoder tensors; "
+              f"ignored {', '.join(p + '.*' for p in parts) or 'nothing'} ({len(unused)} tensors)")
     items = sorted(hf_tok.get_vocab().items(), key=lambda kv: kv[1])
     if [i for _, i in items] != list(range(len(items))):
         raise ValueError(f"{source}: tokenizer vocabulary ids are not 0..N-1; cannot store it as a list")
