@@ -38,6 +38,7 @@ from tqdm import tqdm
 from data import (CHEST_CT_SYNONYMS, ID_COLUMNS, DataError, load_table, read_labels, require, resolve_label_set,
                   run_main, volume_key, write_atomic)
 from demo import ensure_demo
+from rules import VALUES as RULE_VALUES, compile_patterns, explain, phrase_regex, rules_label  # noqa: F401 (tests use them)
 
 # -----------------------------------------------------------------------------
 # config
@@ -112,46 +113,6 @@ def parse_answer(text, names):
     if missing or bad:
         raise ValueError(f"missing findings: {missing}; values not allowed: {bad} (each value must be one of {list(VALUES)})")
     return {n: VALUES[obj[n].strip().lower()] for n in names}
-
-# -----------------------------------------------------------------------------
-# the rules backend: label names + synonyms found sentence by sentence, NegEx-style cues around each mention
-
-# NegEx-style cues (Chapman et al. 2001): a pre-cue within a few words before the mention, a post-cue a few words after.
-PRE_NEG = re.compile(r"\b(no|not|without|absence of|negative for|free of|neither|nor|rule out|ruled out)\b")
-POST_NEG = re.compile(r"\b((is|are|was|were|has been|have been)\s+not\s+(seen|observed|detected|identified|noted|present|visualized)"
-                      r"|not (seen|observed|detected|identified)|(is|are|was|were) absent)\b")
-UNCERTAIN = re.compile(r"\b(possible|possibly|(can ?not|could not|not) be excluded|(can ?not|could not) exclude|questionable|suspicious for|suspicion of|suspected"
-                       r"|may represent|may be|likely|probable|probably|suggestive of|differential diagnosis)\b")
-SCOPE_END = re.compile(r"\b(?:but|however|although|though|except|apart from|whereas|while)\b|[;:]")  # cues do not cross these
-WINDOW = 8  # words on each side of a mention that a cue may reach
-
-def phrase_regex(phrase):
-    words, parts, gap = phrase.lower().replace("-", " ").split(), [], False
-    for w in words:
-        if w == "...":
-            gap = True
-            continue
-        if parts:  # words separated by spaces/hyphens; a "..." gap allows up to twelve more words
-            parts.append(r"[\s-]+(?:[\w,/()-]+\s+){0,12}?" if gap else r"[\s-]+")
-        parts.append(re.escape(w.rstrip("*")) + (r"\w*" if w.endswith("*") else r"(?:e?s)?"))
-        gap = False
-    return re.compile(r"\b" + "".join(parts) + r"\b")
-
-def rules_label(text, patterns):
-    """{label: 1/0/-1/None} for one report; per label, a positive mention beats an uncertain one beats a negative one."""
-    out, rank = {n: None for n in patterns}, {None: 0, 0: 1, -1: 2, 1: 3}  # present > uncertain > absent > none
-    for sentence in re.split(r"(?<=[.!?])\s+|\n+|\"", text.lower()):
-        for clause in SCOPE_END.split(sentence):
-            for name, regexes in patterns.items():
-                for rx in regexes:
-                    for m in rx.finditer(clause):
-                        before = " ".join(clause[:m.start()].split()[-WINDOW:])
-                        after = " ".join(clause[m.end():].split()[:WINDOW])
-                        # uncertainty first: "cannot be excluded" contains a negation word but is not a negation
-                        v = -1 if UNCERTAIN.search(before) or UNCERTAIN.search(after) else \
-                            0 if PRE_NEG.search(before) or POST_NEG.search(after) else 1
-                        out[name] = v if rank[v] > rank[out[name]] else out[name]
-    return out
 
 # -----------------------------------------------------------------------------
 # the llm backend: one chat request per report, retried on overload, re-asked on an invalid answer
@@ -256,7 +217,7 @@ def main():
     results, failures = {}, {rid: "empty report" for rid, text in zip(ids, texts) if not text.strip()}
     todo = [(rid, text) for rid, text in zip(ids, texts) if rid not in failures]
     if args.backend == "rules":
-        patterns = {n: [phrase_regex(s) for s in [n] + CHEST_CT_SYNONYMS.get(n, []) + defs[n][1]] for n in names}
+        patterns = compile_patterns(names, {n: defs[n][1] for n in names})
         for rid, text in tqdm(todo, desc="rules", unit="report", disable=len(todo) < 1000):
             results[rid] = rules_label(text, patterns)
     else:
