@@ -1,5 +1,5 @@
 """
-The rules labeler of distill.py: label names and synonyms found sentence by sentence, each mention judged present,
+The rules labeler of distill.py, and the agreement table that scores any labels (rules or LLM) against a reference: label names and synonyms found sentence by sentence, each mention judged present,
 absent or uncertain by the cues around it. Plain functions; imports only data.py.
 
 Scope, as pyConText does it (Chapman et al. 2011) rather than NegEx's fixed word window: a cue governs the rest of
@@ -18,7 +18,9 @@ Pseudo-negations ("no change in", "no significant change", "not only") are maske
 import functools
 import re
 
-from data import CHEST_CT_SYNONYMS
+import numpy as np
+
+from data import CHEST_CT_SYNONYMS, DataError, read_labels, require, volume_key
 
 def alt(*phrases):
     """One regex alternative per phrase, longest first (so "no evidence of" wins over "no"); spaces match any gap."""
@@ -89,6 +91,11 @@ def phrase_regex(phrase):
 def first_word(rx):
     """The literal text every match of a phrase regex starts with ("pleural" for "pleural effusion*")."""
     return re.sub(r"\\(.)", r"\1", re.match(r"\\b((?:\\[^\w]|[^\\[(?*+])*)", rx.pattern).group(1))
+
+def split_definitions(names, raw):
+    """A label file's "definition | synonym, synonym" per name -> {name: (definition, [synonyms])}."""
+    return {n: (raw.get(n, "").split("|")[0].strip(), [s.strip() for s in raw.get(n, "").partition("|")[2].split(",") if s.strip()])
+            for n in names}
 
 def compile_patterns(names, synonyms=None):
     """{name: [regex]} from each label's name, the built-in chest CT synonyms and any from a label file."""
@@ -192,3 +199,66 @@ def explain(text, patterns):
 def rules_label(text, patterns):
     """{label: 1/0/-1/None} for one report (see explain)."""
     return {n: v[0] for n, v in explain(text, patterns).items()}
+
+def explanation(text, patterns):
+    """explain() as text: one line per label, its decision, the words that matched, the cue and the sentence."""
+    lines = []
+    for name, (value, mention, cue, sentence) in explain(text, patterns).items():
+        why = f'  "{mention}"' + (f', cue "{cue}"' if cue else ", no cue") + f'  in: "{sentence}"' if mention else ""
+        lines.append(f"  {name:34s} {VALUES[value]:13s}{why}")
+    return "\n".join(lines)
+
+# -----------------------------------------------------------------------------
+# agreement with reference labels: the yardstick's table, for rules and LLM labels alike
+
+def read_reference(path, names, ids, table=None):
+    """{volume_key(id): (C,) labels} from any label CSV holding (at least) the label columns, else from the manifest
+    Table the reports came from (if it has labels), else None. Ids match with or without a file extension. No column
+    for a label, or no id in common: DataError."""
+    if not path:
+        if table is None or not set(names) <= set(table.label_names) or np.isnan(table.labels).all():
+            return None
+        cols = [table.label_names.index(n) for n in names]
+        return {volume_key(rid): table.labels[i, cols] for i, rid in enumerate(table.ids)}
+    ref_ids, ref_names, ref_vals = read_labels(path)
+    require(set(names) <= set(ref_names), f"{path}: no column for label(s) {sorted(set(names) - set(ref_names))[:5]}")
+    ref = {volume_key(i): v for i, v in zip(ref_ids, ref_vals[:, [ref_names.index(n) for n in names]])}
+    unmatched = [rid for rid in ids if volume_key(rid) not in ref]
+    if len(unmatched) == len(ids):
+        raise DataError(f"{path}: none of its ids matches a report id (e.g. {ref_ids[:1]} vs {ids[:1]})")
+    if unmatched:
+        print(f"note: {len(unmatched)} report ids have no row in {path} (e.g. {unmatched[0]}): left out of the agreement table")
+    return ref
+
+def agreement(names, results, reference, source):
+    """Per label, present vs rest (accuracy, F1, kappa) and a 3x3 confusion matrix of predicted labels ({name: 1/0/-1/
+    None} per report) against reference rows ((C,) of 1/0/-1/nan). Prints the table; -> (CSV header, CSV rows, report
+    dict with undefined values as None)."""
+    from sklearn.metrics import cohen_kappa_score  # here: a restart after a kill should not wait for sklearn
+    pred = np.array([[np.nan if r[n] is None else r[n] for n in names] for r in results], dtype=float)  # (N, C)
+    gold = np.array(reference, dtype=float)  # (N, C)
+    print(f"agreement with {source} on {len(pred)} reports "
+          "(confusion: rows reference, columns prediction; present / absent / uncertain-or-missing)")
+    # classes 0 present, 1 absent, 2 uncertain or not mentioned (the paper's Figure S1 groups them so)
+    to3 = lambda v: np.where(v == 1, 0, np.where(v == 0, 1, 2))  # noqa: E731
+    rows, report = [], {"n": len(pred), "labels": {}}
+    print(f"{'label':36s} {'acc':>6s} {'F1':>6s} {'kappa':>6s}  confusion")
+    for c, name in enumerate(names):
+        p3, g3 = to3(pred[:, c]), to3(gold[:, c])
+        yp, yg = p3 == 0, g3 == 0
+        tp, fp, fn = int((yp & yg).sum()), int((yp & ~yg).sum()), int((~yp & yg).sum())
+        f1 = 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else float("nan")  # undefined without any positive, not 0
+        kappa = float(cohen_kappa_score(yg, yp)) if len(set(yg) | set(yp)) > 1 else float("nan")
+        cm = [[int(((g3 == i) & (p3 == j)).sum()) for j in range(3)] for i in range(3)]
+        m = {"accuracy": float((yp == yg).mean()), "f1": f1, "kappa": kappa, "confusion": cm}
+        report["labels"][name] = m
+        rows.append([name, len(pred), int(yg.sum()), int(yp.sum()), *(f"{m[k]:.4f}" for k in ("accuracy", "f1", "kappa"))]
+                    + sum(cm, []))
+        print(f"{name:36s} {m['accuracy']:6.3f} {f1:6.3f} {kappa:6.3f}  {cm}")
+    for k in ("accuracy", "f1", "kappa"):
+        report[f"macro_{k}"] = float(np.nanmean([m[k] for m in report["labels"].values()]))
+    print(f"{'macro mean':36s} {report['macro_accuracy']:6.3f} {report['macro_f1']:6.3f} {report['macro_kappa']:6.3f}")
+    kinds = ["present", "absent", "other"]
+    header = ["label", "n", "ref_present", "pred_present", "accuracy", "f1", "kappa"] + [f"ref_{a}_pred_{b}" for a in kinds for b in kinds]
+    plain = lambda o: {k: plain(v) for k, v in o.items()} if isinstance(o, dict) else None if o != o else o  # noqa: E731
+    return header, rows, plain(report)

@@ -12,9 +12,8 @@ import data  # noqa: E402
 import rules  # noqa: E402
 
 def chexpert_patterns():
-    names, defs = data.resolve_label_set(str(ROOT / "examples/chexpert_labels.txt"))
-    synonyms = {n: [s.strip() for s in defs.get(n, "").partition("|")[2].split(",") if s.strip()] for n in names}
-    return rules.compile_patterns(names, synonyms)
+    names, raw = data.resolve_label_set(str(ROOT / "examples/chexpert_labels.txt"))
+    return rules.compile_patterns(names, {n: syn for n, (_, syn) in rules.split_definitions(names, raw).items()})
 
 CXR = chexpert_patterns()
 
