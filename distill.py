@@ -43,7 +43,7 @@ from rules import agreement, compile_patterns, explanation, phrase_regex, read_r
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("data")
-    g.add_argument("--reports", default="data/demo", help="demo/manifest folder, manifest CSV, CT-RATE reports CSV or any id+text CSV (bytes that are not UTF-8 become U+FFFD, with a warning naming the rows)")
+    g.add_argument("--reports", default="data/demo", help="demo/manifest folder, manifest CSV, CT-RATE reports CSV or any id+text CSV (non-UTF-8 bytes: U+FFFD, rows named)")
     g.add_argument("--id-column", default=None, help="id column of a plain CSV (default: first of id, VolumeName, AccessionNo, NoteAcc_DEID)")
     g.add_argument("--text-column", default=None, help="text column of a plain CSV (default: report, report_text, text, or Findings_EN + Impressions_EN)")
     g.add_argument("--labels", default="chest_ct", help="chest_ct, abdomen_ct, a label .txt file (format under 'Label files' above) or a label CSV (its columns)")
@@ -130,7 +130,7 @@ class Gate:
 
     def __init__(self, limit, timeout):
         self.limit, self.timeout, self.cap, self.setting, self.timeouts = max(1, limit), timeout, 8 * timeout, 0, 0
-        self.in_flight, self.cond = 0, threading.Condition()
+        self.in_flight, self.cond, self.show = 0, threading.Condition(), lambda: None  # show: refresh the progress bar
 
     @contextlib.contextmanager
     def slot(self):  # -> (setting, timeout) that the request is sent under
@@ -146,21 +146,22 @@ class Gate:
                 self.cond.notify_all()
 
     def timed_out(self, ticket):
-        """A timeout is news about the server, acted on once per setting. The first under the current setting halves the
-        requests in flight: a server generating one answer at a time (llama.cpp's default) queues the rest behind it. At
-        one in flight it doubles the timeout (up to 8x) and counts as a try (-> True): only a lone request proves the
-        server too slow. A request sent under an older setting is sent again, uncounted. So timeouts never use up tries
-        while something is left to back off: a slow server costs time, not reports. The limit never grows back within a
-        run: each timeout leaves the server generating an answer nobody reads; the next run starts at --concurrency."""
+        """A timeout is news about the server, acted on once per setting: the first under the current setting halves the
+        requests in flight (a server generating one answer at a time, llama.cpp's default, queues the rest); at one in
+        flight it doubles the timeout (up to 8x) and counts as a try (-> True). One sent under an older setting is resent,
+        uncounted. So timeouts use up no tries while something is left to back off: a slow server costs time, not reports.
+        The limit never grows back in a run: each timeout leaves the server generating an answer nobody reads."""
         with self.cond:
             self.timeouts += 1
-            if ticket[0] != self.setting:
-                return False
-            alone, self.setting, self.limit = self.limit == 1, self.setting + 1, max(1, self.limit // 2)
-            self.timeout = min(2 * self.timeout, self.cap) if alone else self.timeout
-            limit, timeout = self.limit, self.timeout
-        tqdm.write(f"timeout: no answer in {ticket[1]:g} s; now at most {limit} in flight, waiting up to {timeout:g} s. The server "
-                   f"is slower than --timeout or serves fewer at once than --concurrency: try --concurrency {limit} --timeout {timeout:g}")
+            fresh = ticket[0] == self.setting  # else it was sent before the last back-off: its timeout is no news
+            alone = fresh and self.limit == 1
+            if fresh:
+                self.setting, self.limit = self.setting + 1, max(1, self.limit // 2)
+                self.timeout = min(2 * self.timeout, self.cap) if alone else self.timeout
+                tqdm.write(f"timeout: no answer in {ticket[1]:g} s; now at most {self.limit} in flight, waiting up to "
+                           f"{self.timeout:g} s (the server is slower than --timeout, or serves fewer at once than "
+                           f"--concurrency): try --concurrency {self.limit} --timeout {self.timeout:g}")
+            self.show()  # the progress bar's timeouts= as they happen, not at the next answer
         return alone
 
 def post(url, headers, body, args, gate):
@@ -328,6 +329,7 @@ def label_llm(args, names, defs, todo, out):
     t_llm, pool = time.time(), ThreadPoolExecutor(args.concurrency)
     try:
         with tqdm(total=len(todo), desc="llm", unit="report") as bar:
+            gate.show = lambda: bar.set_postfix(failed=len(failures), tokens=tokens[0], timeouts=gate.timeouts, in_flight_max=gate.limit)
             futures = {pool.submit(label_one, rid, text): rid for rid, text in todo}
             for fut in as_completed(futures):
                 rid = futures[fut]
@@ -336,7 +338,7 @@ def label_llm(args, names, defs, todo, out):
                 except Exception as e:  # Failed, or anything unexpected: recorded with its reason, never dropped
                     failures[rid] = redact(str(e) if isinstance(e, Failed) else f"{type(e).__name__}: {e}")
                 bar.update(1)
-                bar.set_postfix(failed=len(failures), tokens=tokens[0], timeouts=gate.timeouts, in_flight=gate.limit, refresh=False)
+                gate.show()
     finally:
         pool.shutdown(wait=True, cancel_futures=True)  # on Ctrl-C: finish (and cache) what is in flight
         cache_file.close()

@@ -425,6 +425,7 @@ def test_server_slower_than_timeout_loses_nothing(tmp_path, run_here):
         assert read_csv(tmp_path / "out/distill/failures.csv") == []
         assert "timeout: no answer in 0.4 s" in out and "--concurrency 1" in out and "--timeout 0.8" in out, out
         assert "requests timed out, finished at --concurrency 1" in out
+        assert "timeouts=1" in err and "in_flight_max=1" in err  # the progress bar says so before any answer arrives
     finally:
         server.close()
 
