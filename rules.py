@@ -1,6 +1,7 @@
 """
-The rules labeler of distill.py, and the agreement table that scores any labels (rules or LLM) against a reference: label names and synonyms found sentence by sentence, each mention judged present,
-absent or uncertain by the cues around it. Plain functions; imports only data.py.
+The rules labeler of distill.py: label names and synonyms found sentence by sentence, each mention judged present,
+absent or uncertain by the cues of its clause. Also the agreement table that scores any labels (rules or LLM) against
+reference labels: the yardstick's side of distill.py. Plain functions; imports only data.py (and numpy).
 
 Scope, as pyConText does it (Chapman et al. 2011) rather than NegEx's fixed word window: a cue governs the rest of
 its clause, across a list joined by commas, "and", "or", "nor":
@@ -8,12 +9,13 @@ its clause, across a list joined by commas, "and", "or", "nor":
   "The lungs are clear of focal airspace disease, pneumothorax, or pleural effusion."                  -> all absent
 A scope ends at
   - a terminator: ; : but, however, although, which, that is, except, apart from, "there is/are" ...;
-  - a new finding introduced by a verb of presence: "No pleural effusion, atelectasis is seen in the left base."
-    (a list's last item keeps the scope: "..., or pneumothorax is identified" is still negated);
+  - a new finding with a verb of its own, opened by a determiner or ", and": "No effusion, a small nodule is seen",
+    "No effusion, and atelectasis is noted" (a list's last item keeps the scope: "..., or pneumothorax is identified";
+    so does a bare noun: "No mass, nodule-infiltration was detected" is a list, as reports mostly mean it);
   - after the negated phrase's own verb, a comma or "and": "No lytic lesion is seen, and osteopenia is present."
 A post-cue ("is not seen", "were not detected", "has resolved") reaches back over its own comma-separated part, and over
 the whole list when that part ends one ("Pleural effusion, pericardial effusion and pneumothorax were not seen.").
-Pseudo-negations ("no change in", "no significant change", "not only") are masked first so they negate nothing.
+Pseudo-negations ("no change in", "no significant change", "not only") are blanked first so they negate nothing.
 """
 import functools
 import re
@@ -48,6 +50,8 @@ UNC_PRE = alt("possible", "possibly", "probable", "probably", "likely", "questio
               "could represent", "concern for", "concerning for", "suggestive of", "suggesting", "suggests", "suggest",
               "differential diagnosis", "cannot exclude", "can not exclude", "could not exclude", "cannot rule out",
               "can not rule out", "rule out", "r/o", "equivocal", "evaluate for", "evaluation for", "assess for", "to exclude")
+# after the finding: "is not seen", "are no longer identified", "is absent", "has (been) resolved / removed", "was ruled
+# out", "is negative", "has completely regressed"
 NEG_POST = (rf"(?:{BE}\s+)?(?:also\s+|again\s+|now\s+)?(?:not|no\s+longer)\s+(?:{SEEN})|{BE}\s+absent"
             rf"|(?:has\s+|have\s+)?been\s+(?:resolved|removed|ruled\s+out|excluded)|(?:has|have)\s+(?:resolved|disappeared)"
             rf"|(?:is|are|was|were)\s+(?:negative(?!\s+for)|excluded|removed|resolved)|(?:{BE}\s+)?completely\s+(?:regressed|resolved|disappeared)")
