@@ -103,7 +103,11 @@ def split_definitions(names, raw):
 
 def compile_patterns(names, synonyms=None):
     """{name: [regex]} from each label's name, the built-in chest CT synonyms and any from a label file."""
-    return {n: [phrase_regex(s) for s in [n] + CHEST_CT_SYNONYMS.get(n, []) + (synonyms or {}).get(n, [])] for n in names}
+    phrases = {n: [n] + CHEST_CT_SYNONYMS.get(n, []) + (synonyms or {}).get(n, []) for n in names}
+    empty = next(((n, p) for n, ps in phrases.items() for p in ps if not re.sub(r"[\s.*-]", "", p)), None)
+    require(empty is None, f"label {empty and empty[0]!r}: synonym {empty and empty[1]!r} has no word to look for "
+                           "(it would match every report)")
+    return {n: [phrase_regex(p) for p in ps] for n, ps in phrases.items()}
 
 def clauses(text):
     """(clause, its sentence) pairs: sentences split at terminators. An aside (", which ... ," or "( ... )") is a clause

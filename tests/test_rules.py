@@ -143,6 +143,10 @@ def test_chest_ct_shapes():
     out = rules.explain("No pathological lymph node was detected in the mediastinum.", ct)
     assert out["Lymphadenopathy"][0] == 0 and out["Lymphadenopathy"][2] == "no"
 
+def test_a_synonym_without_words_is_refused():
+    with pytest.raises(data.DataError, match=r"label 'Ascites': synonym '\.\.\. \*' has no word"):
+        rules.compile_patterns(["Ascites"], {"Ascites": ["fluid", "... *"]})
+
 # -----------------------------------------------------------------------------
 # figures (docs/labeler.md)
 
