@@ -71,7 +71,7 @@ TERMINATOR = re.compile(r"[;:]|\b(?:" + alt("but", "however", "although", "thoug
                                            "there remain", "shows", "showed", "show", "reveals", "revealed",
                                            "demonstrates", "demonstrated") + r")\b")
 PRESENCE = re.compile(rf"\b{BE}\s+(?:also\s+|again\s+|now\s+|still\s+|newly\s+|additionally\s+)?(?:{SEEN})\b")
-ASIDE = re.compile(r",\s*(?:the\s+\w+\s+of\s+)?which\b[^,;:()]*,|\([^()]*\)")  # relative clauses and brackets
+ASIDE = re.compile(r",\s*(?:the\s+\w+\s+of\s+)?which\b[^,;:]*,")  # ", which ...," and ", the largest of which ...,"
 NEW_FINDING = re.compile(r"\s*(?:and\s+)?(?:a|an|the|this|these|those|another|one|two|three|several|multiple|a\s+few|few|some|many|numerous)\b")
 VERB = re.compile(r"\b(?:is|are|was|were|has|have|had|be|been)\b")  # a finite verb closes the negated phrase it ends
 COMMA = re.compile(r",\s*(?:(?:and|or|nor)\b)?")  # comma-separated parts; ", or X" / ", and X" carry their joiner
@@ -110,9 +110,10 @@ def compile_patterns(names, synonyms=None):
     return {n: [phrase_regex(p) for p in ps] for n, ps in phrases.items()}
 
 def clauses(text):
-    """(clause, its sentence) pairs: sentences split at terminators. An aside (", which ... ," or "( ... )") is a clause
-    of its own and blanked from the sentence around it, so "A nodule, which was seen before, is not seen now" still
-    reaches back to "nodule". Blanking keeps lengths, so positions and the explained sentence stay the report's."""
+    """(clause, its sentence) pairs: sentences split at terminators. An aside (", which ... ,") is a clause of its own
+    and blanked from the sentence around it, so "A nodule, which was seen before, is not seen now" still reaches back to
+    "nodule". Blanking keeps lengths, so positions and the explained sentence stay the report's. Brackets stay in their
+    clause: "possible medical material (port and catheter)" puts the catheter in doubt too."""
     for sentence in SENTENCE.split(text.lower()):
         for aside in ASIDE.finditer(sentence):
             yield aside.group(), sentence.strip()
@@ -164,6 +165,8 @@ def judge(clause, start, end):
         if kind.endswith(("pre", "either")) and cue.end() <= start:  # forward scope from the cue to the mention
             c = part_at(cue.start())
             between = masked[cue.end():start]
+            if ")" in between and masked.rfind("(", 0, cue.start()) > masked.rfind(")", 0, cue.start()):
+                continue  # a cue inside brackets stays there: "nodule (no calcification), effusion"
             if c == m_first and re.search(rf"(?:{VERB.pattern}).*\band\b", between):
                 continue  # "No X is seen and Y": the negated phrase ended with its verb
             if any(VERB.search(masked[max(cue.end(), parts[j][0]):parts[j][1]]) for j in range(c, m_first)):
@@ -175,6 +178,8 @@ def judge(clause, start, end):
             post = cue  # inside a "..." gap: "pleural effusion-thickening was not detected in both hemithorax"
         elif kind.endswith(("post", "either")) and cue.start() >= end and post is None:  # backward scope from the cue
             p = part_at(cue.start())
+            if masked.rfind("(", end, cue.start()) > masked.rfind(")", end, cue.start()):
+                continue  # "pneumothorax (not seen on the prior study)": a cue inside brackets stays there
             if PRESENCE.search(masked[end:cue.start()]):
                 continue  # "X is seen in the base and Y is not seen"
             if p != m_last and (not ends_list(masked, parts, p) or any(VERB.search(masked[parts[j][0]:parts[j][1]])

@@ -123,6 +123,8 @@ def test_uncertainty_has_the_same_scope():
     ("Heart size is enlarged, however no edema.", {"Cardiomegaly": 1, "Edema": 0}),
     ("Small right pneumothorax (not seen on the prior study).", {"Pneumothorax": 1}),
     ("Right lower lobe consolidation (pneumonia?).", {"Consolidation": 1, "Pneumonia": -1}),
+    ("Possible support device (central venous port and catheter).", {"Support Devices": -1}),
+    ("Right lung nodule (no calcification), small pleural effusion.", {"Lung Lesion": 1, "Pleural Effusion": 1}),
     ("Without evidence of edema or effusion.", {"Edema": 0, "Pleural Effusion": 0}),
     ("The heart is not enlarged. Mild pulmonary edema.", {"Cardiomegaly": 0, "Edema": 1}),  # "not" inside "heart ... enlarged"
     ("No new consolidation. The known right lower lobe consolidation is again seen.", {"Consolidation": 1}),
