@@ -355,6 +355,13 @@ def is_fixed(path):
     """CT-RATE v2 volumes are named *_fixed(.nii.gz) and already hold HU."""
     return volume_key(Path(path).name).endswith("_fixed")
 
+def oblique_degrees(affine):
+    """Largest angle (degrees) between a voxel axis (a column of the affine's 3x3 part) and its nearest world axis:
+    0 for any flip or permutation of the axes, > 0 for a rotated grid or a sheared one (CT gantry tilt)."""
+    axes = np.asarray(affine, dtype=np.float64)[:3, :3]
+    cosines = np.abs(axes).max(0) / np.linalg.norm(axes, axis=0)  # (3,) per voxel axis
+    return float(np.degrees(np.arccos(np.clip(cosines, 0, 1))).max())
+
 def load_volume(path, spacing_out=(1.5, 1.5, 3.0), spacing_in=None, rescale=None):
     """NIfTI -> float32 (D, H, W) in canonical orientation at spacing_out (x, y, z mm); HU for CT.
     spacing_in (x, y, z) overrides the header; rescale (slope, intercept) turns raw CT-RATE v1
@@ -365,6 +372,9 @@ def load_volume(path, spacing_out=(1.5, 1.5, 3.0), spacing_in=None, rescale=None
         shape = img.shape  # (x, y, z), or (x, y, z, 1): one channel
         require(len(shape) >= 3 and min(shape[:3]) > 1 and all(s == 1 for s in shape[3:]),
                 f"{path}: expected a 3D volume with one channel, got shape {shape}")
+        if (tilt := oblique_degrees(img.affine)) > 1:  # as_closest_canonical only flips and permutes axes
+            print(f"warning: {path}: oblique or sheared affine (a voxel axis {tilt:.1f} degrees off the nearest "
+                  "canonical axis); reorienting to the closest canonical axes only approximates it", file=sys.stderr, flush=True)
         img = nib.as_closest_canonical(img)  # RAS+ as views (flips, transposes); zooms permuted with the axes
         zooms = tuple(float(z) for z in img.header.get_zooms()[:3])
         vol = np.asanyarray(img.dataobj).reshape(img.shape[:3])  # (x, y, z), as stored (int16 for most CT)
@@ -422,6 +432,12 @@ def preprocess_volume(path, preset, meta=None):
     p, meta = get_preset(preset), meta or {}
     vol = load_volume(path, p["spacing"], meta.get("spacing"), meta.get("rescale"))
     require(vol.max() > vol.min(), f"{path}: every voxel is {vol.flat[0]:g}: an empty or failed export, not an image")
+    # A CT of the chest or abdomen holds air (outside the body, lungs, bowel gas: about -1000 HU), so one without a voxel
+    # below -500 is not in HU: a uint8 0-255 export, raw values never rescaled (0..4095), a normalised volume (or, rarely,
+    # a crop inside the body). Warned, then processed as HU. MRI has no fixed scale: exempt.
+    if p["intensity"] != "mri" and vol.min() > -500:
+        print(f"warning: {path}: values {vol.min():.0f}..{vol.max():.0f}, none below -500: not CT Hounsfield units "
+              "(a 0-255 image export? rescale slope/intercept not applied?); processed as HU anyway", file=sys.stderr, flush=True)
     if p["intensity"] == "mri":
         return pad_or_crop(vol, p["size"], 0).astype(np.float32)
     return np.clip(np.rint(pad_or_crop(vol, p["size"], AIR_HU)), -32768, 32767).astype(np.int16)

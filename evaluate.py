@@ -27,6 +27,8 @@ Examples:
     python evaluate.py --device cuda --data data/ctrate --split valid --unit scan --protocol ctrate18 --threshold-split train
     # external RAD-ChestCT, the 15 classes it can express
     python evaluate.py --device cuda --data data/radchestct --labels rad_chestct_labels.csv --protocol radchestct15
+    # single scans, no labels needed: probabilities per finding, findings outside the label set too (predict_scans)
+    python evaluate.py --scan a.nii.gz b.nii.gz --findings "pneumothorax, rib fracture" --save-latents out/scans.npz
 """
 import argparse
 import csv
@@ -196,6 +198,68 @@ def _fmt(x, nd=3):
     return "  -  " if x is None or not np.isfinite(x) else f"{x:.{nd}f}"
 
 
+@torch.no_grad()
+def predict_scans(args):
+    """--scan mode: each NIfTI file through the checkpoint's own preset and the evaluation path of the manifest
+    (VolumeReportDataset, train=False: center crop), then per finding the zero-shot probability (--template's prompt
+    pair) and the shared classifier's. A finding outside the trained labels has a prompt pair but no classifier output."""
+    for scan in args.scan:  # found before any work
+        D.require(Path(scan).is_file(), f"{scan}: file not found")
+    model, ckpt = M.model_from_checkpoint(args.ckpt, stage="align")
+    preset = (ckpt.get("extra") or {}).get("preset") or ckpt["args"].get("preset")  # align.py saves it in "extra"
+    if args.preset and preset and args.preset != preset:
+        raise D.DataError(f"--preset {args.preset}: {args.ckpt} was trained on preset {preset}, and a scan must go "
+                          f"through the same preprocessing (leave --preset out)")
+    preset = preset or args.preset
+    D.require(preset, f"{args.ckpt}: the checkpoint does not record its preset; pass the one it was trained with (--preset)")
+    D.require_channels(ckpt["model_config"]["vision"], preset, args.ckpt)
+    device = torch.device(args.device)
+    model.to(device).eval()
+    text_cfg = ckpt["model_config"]["text"]
+    tokenizer = M.tokenizer_from_cfg(text_cfg)
+    ck_names = list(ckpt["label_names"])
+    findings = ck_names
+    if args.findings:  # a label file (.txt: one name a line, as distill.py --labels reads; .csv: its header), or "a, b, c"
+        findings = (D.resolve_label_set(args.findings)[0] if Path(args.findings).is_file()
+                    else [f.strip() for f in args.findings.split(",") if f.strip()])
+        D.require(findings, f"--findings {args.findings!r}: no finding names")
+    key = lambda n: n.lower().replace("_", " ").strip()  # noqa: E731  how the prompts spell a name, too
+    col = {key(n): c for c, n in enumerate(ck_names)}
+    cols = [col.get(key(f)) for f in findings]  # classifier output of each finding, None = not a trained label
+    prompts = M.prompt_latents(model, tokenizer, findings, args.template, args.max_len or text_cfg["max_len"], device)
+    n = len(args.scan)  # the scans as a label-free table: the dataset reads, resamples and crops them as for a manifest
+    table = D.Table(ids=[str(s) for s in args.scan], images=[str(s) for s in args.scan], reports=[""] * n,
+                    splits=["scan"] * n, label_names=[], labels=np.zeros((n, 0), np.float32), meta=[{}] * n, source="--scan")
+    ds = D.VolumeReportDataset(table, preset, train=False)  # no cache: each file is read and preprocessed afresh
+    p = D.get_preset(preset)
+    print(f"checkpoint {args.ckpt}: {len(ck_names)} trained labels; preset {preset if isinstance(preset, str) else 'custom'} "
+          f"({'x'.join(f'{s:g}' for s in p['spacing'])} mm, center crop {'x'.join(map(str, p['crop']))}); template {args.template}")
+    if None in cols:
+        print(f"note: {cols.count(None)} of {len(findings)} findings are not among the checkpoint's trained labels: they are "
+              f"answered through the prompt pair only (the shared classifier has one output per trained label)")
+    feats, lats, zs, clfs = [], [], [], []
+    for i in range(n):
+        x = ds[i]["image"][None].to(device)  # (1, K, D, H, W)
+        feat = model.vision(x)  # (1, 512): the encoder's pooled feature
+        lat = model.img_proj(feat)  # (1, 768) = model.encode_image(x)
+        zs.append(M.zero_shot_scores(lat.float().cpu(), prompts.cpu())[0].numpy())  # (F,)
+        clf = torch.sigmoid(model.classifier(lat)).float().cpu()[0]  # (C,)
+        clfs.append(np.array([np.nan if c is None else float(clf[c]) for c in cols]))  # (F,), nan = not trained
+        feats.append(feat.float().cpu()[0].numpy())
+        lats.append(lat.float().cpu()[0].numpy())
+        print(f"\nscan {args.scan[i]}\n  {'finding':34s} {'zero-shot':>9s}  classifier")
+        for f, z, c in zip(findings, zs[-1], clfs[-1]):
+            print(f"  {f[:34]:34s} {z:9.4f}  {'n/a (not a trained label)' if np.isnan(c) else f'{c:10.4f}'}")
+    if args.save_latents:  # plain arrays, rows in --scan order; classifier nan where a finding is not a trained label
+        buf = io.BytesIO()
+        np.savez(buf, scans=np.array(args.scan), findings=np.array(findings), latent=np.stack(lats),
+                 feature=np.stack(feats), zero_shot=np.stack(zs), classifier=np.stack(clfs))
+        Path(args.save_latents).parent.mkdir(parents=True, exist_ok=True)
+        D.write_atomic(args.save_latents, buf.getvalue())
+        print(f"\nwrote {args.save_latents}: scans, findings, latent (N, {lats[0].size}), feature (N, {feats[0].size}), "
+              f"zero_shot and classifier (N, F)")
+
+
 def main():
     # -----------------------------------------------------------------------------
     # config
@@ -223,7 +287,14 @@ def main():
     g.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
     g.add_argument("--max-len", type=int, default=None, help="token cap for reports and prompts (default: the checkpoint's)")
     g.add_argument("--out", default="out/eval", help="output folder")
+    g = p.add_argument_group("single scans (predict_scans: no manifest, no labels)")
+    g.add_argument("--scan", nargs="+", default=None, help="NIfTI file(s): print each finding's probabilities instead of evaluating --data")
+    g.add_argument("--findings", default=None, help='with --scan: "a, b, c" or a label file (default: the checkpoint\'s labels)')
+    g.add_argument("--save-latents", default=None, help="with --scan: .npz of each scan's image latent (768) and encoder feature (512)")
     args = p.parse_args()
+    if args.scan:
+        return predict_scans(args)
+    D.require(not (args.findings or args.save_latents), "--findings and --save-latents go with --scan")
 
     # -----------------------------------------------------------------------------
     # setup: device, output folder (evaluation runs in one process, in fp32)

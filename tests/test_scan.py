@@ -1,0 +1,164 @@
+"""evaluate.py --scan (predict_scans): single NIfTI files through the checkpoint's own preset. The printed probabilities
+equal the manifest evaluation's for the same demo volume; findings outside the label set; the real chest CT; bad input
+(one line, exit 2) and suspect input (one warning line, then processed), here and in `data.py preprocess`.
+Checkpoints have random weights at toy width: the comparison needs the same model on both paths, not a trained one."""
+import os
+import re
+import subprocess
+import sys
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+import data as D
+import evaluate as E
+import model as M
+from conftest import ROOT, SAMPLE
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+ROW = re.compile(r"^  (.{34}) +(\d\.\d{4})  (n/a \(not a trained label\)| +\d\.\d{4})$")  # one finding's line
+
+
+@pytest.fixture(scope="module")
+def ck(tmp_path_factory):
+    """A small demo set (cache filled) and two random-weights aligned checkpoints: preset demo (4 windows) and chest."""
+    from demo import make_demo
+    d = tmp_path_factory.mktemp("scan")
+    make_demo(d / "demo", n_train=2, n_valid=2, n_test=3, seed=0)
+    table = D.load_table(d / "demo")
+    _, _, text_cfg = M.build_text("scratch", table.reports, max_len=64)
+    for preset in ("demo", "chest"):
+        torch.manual_seed(0)
+        cfg = {"kind": "align", "num_labels": len(table.label_names), "embed_dim": 768, "text": text_cfg,
+               "vision": {"in_channels": D.input_channels(preset), "stem": 4, "widths": [8, 16, 16, 16]}}
+        M.save_checkpoint(d / f"{preset}.pt", stage="align", model=M.build_model(cfg), model_config=cfg, args={},
+                          label_names=table.label_names, extra={"preset": preset})  # where align.py records it
+    return d, table
+
+
+def cli(monkeypatch, capsys, *argv):
+    """evaluate.py's command line in this process (as its __main__ runs it) -> (exit code, stdout, stderr)."""
+    monkeypatch.setattr(sys, "argv", ["evaluate.py", *map(str, argv)])
+    try:
+        D.run_main(E.main)
+        rc = 0
+    except SystemExit as e:
+        rc = e.code
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def tables(stdout):
+    """Printed output -> {scan: {finding: (zero-shot, classifier or None)}}."""
+    got, scan = {}, None
+    for line in stdout.splitlines():
+        if line.startswith("scan "):
+            scan = got.setdefault(line[5:], {})
+        elif (m := ROW.match(line)) and scan is not None:
+            scan[m[1].strip()] = (float(m[2]), None if m[3].startswith("n/a") else float(m[3]))
+    return got
+
+
+def suspect_volumes(d):
+    """A uint8 0-255 export and an oblique (10 degrees about z) volume in HU, both at the demo spacing."""
+    rng = np.random.default_rng(0)
+    u8 = d / "uint8.nii.gz"
+    nib.save(nib.Nifti1Image(rng.integers(0, 256, (16, 16, 8)).astype(np.uint8), np.diag([4.0, 4, 8, 1])), str(u8))
+    a = np.radians(10)
+    rot = np.array([[np.cos(a), -np.sin(a), 0, 0], [np.sin(a), np.cos(a), 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]])
+    obl = d / "oblique.nii.gz"
+    hu = rng.integers(-1000, 200, (16, 16, 8)).astype(np.int16)
+    nib.save(nib.Nifti1Image(hu, rot @ np.diag([4.0, 4, 8, 1])), str(obl))
+    return u8, obl
+
+
+def test_scan_probabilities_equal_the_manifest_evaluation(ck):
+    d, table = ck
+    test = table.subset("test").take([0, 2])
+    r = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), "--scan", *test.images, "--ckpt", str(d / "demo.pt"),
+                        "--save-latents", str(d / "lat.npz")], capture_output=True, text=True, env=ENV, cwd=d)
+    assert r.returncode == 0 and not r.stderr.strip(), r.stderr[-2000:]
+    got = tables(r.stdout)
+    # The manifest path: the cached volumes of the split through VolumeReportDataset (center crop) and encode_split.
+    model, ckpt = M.model_from_checkpoint(d / "demo.pt", stage="align")
+    model.eval()
+    tok, max_len = M.tokenizer_from_cfg(ckpt["model_config"]["text"]), ckpt["model_config"]["text"]["max_len"]
+    ds = D.VolumeReportDataset(test, "demo", train=False, cache_dir=d / "demo" / "cache-demo")
+    assert ds.cache_dir is not None  # the scans are read from NIfTI, the manifest from the cache
+    _, img, _ = E.encode_split(model, tok, torch.utils.data.DataLoader(ds, batch_size=2), max_len, "cpu")
+    zs = M.zero_shot_scores(img, M.prompt_latents(model, tok, table.label_names, "there_is", max_len, "cpu")).numpy()
+    with torch.no_grad():
+        clf = torch.sigmoid(model.classifier(img)).numpy()
+    assert list(got) == test.images
+    for i, image in enumerate(test.images):
+        assert list(got[image]) == table.label_names
+        printed = np.array(list(got[image].values()))  # (C, 2)
+        assert np.abs(printed[:, 0] - zs[i]).max() < 1e-4 and np.abs(printed[:, 1] - clf[i]).max() < 1e-4
+    assert 0.01 < np.abs(zs - 0.5).max() and 0.01 < np.abs(clf - 0.5).max()  # not all 0.5: the match means something
+    saved = np.load(d / "lat.npz")
+    assert saved["latent"].shape == (2, 768) and saved["feature"].shape == (2, model.vision.out_dim)  # 512 at full width
+    assert np.allclose(saved["latent"], img.numpy(), atol=1e-5) and list(saved["scans"]) == test.images
+    assert np.allclose(saved["feature"] @ model.img_proj.weight.detach().numpy().T, saved["latent"], atol=1e-5)
+    assert np.allclose(saved["zero_shot"], zs, atol=1e-6) and np.allclose(saved["classifier"], clf, atol=1e-6)
+
+
+def test_findings_outside_the_label_set(ck, monkeypatch, capsys):
+    d, table = ck
+    scan = table.images[0]
+    rc, out, err = cli(monkeypatch, capsys, "--scan", scan, "--ckpt", d / "demo.pt",
+                       "--findings", "pneumothorax, rib fracture, pleural effusion", "--save-latents", d / "f.npz")
+    assert rc == 0, err
+    rows = tables(out)[scan]
+    assert list(rows) == ["pneumothorax", "rib fracture", "pleural effusion"]
+    assert rows["pneumothorax"][1] is None and rows["rib fracture"][1] is None and rows["pleural effusion"][1] is not None
+    assert "2 of 3 findings are not among the checkpoint's trained labels" in out and "prompt pair only" in out
+    both = tables(cli(monkeypatch, capsys, "--scan", scan, "--ckpt", d / "demo.pt")[1])[scan]
+    assert rows["pleural effusion"] == both["Pleural effusion"]  # the same prompt pair and classifier output
+    assert np.isnan(np.load(d / "f.npz")["classifier"][0, :2]).all()
+    (d / "findings.txt").write_text("# asked of the model\npneumothorax: air in the pleural space\nCardiomegaly\n")
+    rc, out, _ = cli(monkeypatch, capsys, "--scan", scan, "--ckpt", d / "demo.pt", "--findings", d / "findings.txt")
+    assert rc == 0 and list(tables(out)[scan]) == ["pneumothorax", "Cardiomegaly"]
+
+
+def test_real_chest_ct(ck, monkeypatch, capsys):
+    path = SAMPLE / "ct" / "totalseg_chest_ct_cropped_120x126x164_1.5mm.nii.gz"
+    if not path.exists():
+        pytest.skip(f"sample data absent: {path}")
+    d, table = ck
+    rc, out, err = cli(monkeypatch, capsys, "--scan", path, "--ckpt", d / "chest.pt", "--save-latents", d / "ct.npz")
+    assert rc == 0 and not err.strip(), err  # real HU, axis-aligned (LPS): no warning
+    assert "preset chest (1.5x1.5x3 mm, center crop 96x192x192)" in out
+    rows = tables(out)[str(path)]
+    assert list(rows) == table.label_names and all(0 < z < 1 and 0 < c < 1 for z, c in rows.values())
+    saved = np.load(d / "ct.npz")
+    assert saved["latent"].shape == (1, 768) and np.isfinite(saved["feature"]).all()
+
+
+def test_bad_input_is_one_line(ck, monkeypatch, capsys):
+    d, table = ck
+    flat = d / "flat.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((16, 16), np.int16), np.eye(4)), str(flat))
+    for argv, words in (([flat], "expected a 3D volume"), ([d / "nowhere.nii.gz"], "file not found"),
+                        ([table.images[0], "--preset", "chest"], "trained on preset demo")):
+        rc, out, err = cli(monkeypatch, capsys, "--scan", *argv, "--ckpt", d / "demo.pt")
+        assert rc == 2 and len(err.strip().splitlines()) == 1 and words in err and "Traceback" not in err, err
+
+
+def test_suspect_volumes_warn_once_and_are_processed(ck, monkeypatch, capsys):
+    d, _ = ck
+    u8, obl = suspect_volumes(d)
+    rc, out, err = cli(monkeypatch, capsys, "--scan", u8, obl, "--ckpt", d / "demo.pt")
+    assert rc == 0 and len(tables(out)) == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 2 and "uint8" in lines[0] and "not CT Hounsfield units" in lines[0]
+    assert "oblique.nii.gz" in lines[1] and "10.0 degrees" in lines[1]
+    # The same warnings from `python data.py preprocess`, which writes both volumes to the cache.
+    (d / "manifest.csv").write_text(f"id,image,report,split\nu8,{u8.name},,train\nobl,{obl.name},,train\n")
+    r = subprocess.run([sys.executable, str(ROOT / "data.py"), "preprocess", "--data", str(d), "--preset", "demo"],
+                       capture_output=True, text=True, env=ENV, cwd=d)
+    assert r.returncode == 0, r.stderr[-2000:]
+    warned = [ln for ln in r.stderr.splitlines() if "warning:" in ln]
+    assert len(warned) == 2 and "not CT Hounsfield units" in warned[0] + warned[1] and "10.0 degrees" in r.stderr
+    assert sorted(p.name for p in (d / "cache-demo").glob("*.npy")) == ["obl.npy", "u8.npy"]
