@@ -207,10 +207,11 @@ def predict_scans(args):
         D.require(Path(scan).is_file(), f"{scan}: file not found")
     model, ckpt = M.model_from_checkpoint(args.ckpt, stage="align")
     preset = (ckpt.get("extra") or {}).get("preset") or ckpt["args"].get("preset")  # align.py saves it in "extra"
-    if args.preset and preset and args.preset != preset:
-        raise D.DataError(f"--preset {args.preset}: {args.ckpt} was trained on preset {preset}, and a scan must go "
-                          f"through the same preprocessing (leave --preset out)")
-    preset = preset or args.preset
+    asked = D.resolve_preset(args.preset, ".") if args.preset else None  # a name, or a .json preset file
+    if asked and preset and D.get_preset(asked) != D.get_preset(preset):
+        raise D.UsageError(f"--preset {args.preset}: {args.ckpt} was trained on preset {D.preset_name(preset)}, and a scan "
+                           f"must go through the same preprocessing (leave --preset out)")
+    preset = preset or asked
     D.require(preset, f"{args.ckpt}: the checkpoint does not record its preset; pass the one it was trained with (--preset)")
     D.require_channels(ckpt["model_config"]["vision"], preset, args.ckpt)
     device = torch.device(args.device)
@@ -232,7 +233,7 @@ def predict_scans(args):
                     splits=["scan"] * n, label_names=[], labels=np.zeros((n, 0), np.float32), meta=[{}] * n, source="--scan")
     ds = D.VolumeReportDataset(table, preset, train=False)  # no cache: each file is read and preprocessed afresh
     p = D.get_preset(preset)
-    print(f"checkpoint {args.ckpt}: {len(ck_names)} trained labels; preset {preset if isinstance(preset, str) else 'custom'} "
+    print(f"checkpoint {args.ckpt}: {len(ck_names)} trained labels; preset {D.preset_name(preset)} "
           f"({'x'.join(f'{s:g}' for s in p['spacing'])} mm, center crop {'x'.join(map(str, p['crop']))}); template {args.template}")
     if None in cols:
         print(f"note: {cols.count(None)} of {len(findings)} findings are not among the checkpoint's trained labels: they are "
@@ -260,9 +261,7 @@ def predict_scans(args):
               f"zero_shot and classifier (N, F)")
 
 
-def main():
-    # -----------------------------------------------------------------------------
-    # config
+def get_args():
     default_ckpt = "out/align/best.pt"
     if not Path(default_ckpt).exists() and Path("out/align-lite/best.pt").exists():
         default_ckpt = "out/align-lite/best.pt"
@@ -292,14 +291,16 @@ def main():
     g.add_argument("--findings", default=None, help='with --scan: "a, b, c" or a label file (default: the checkpoint\'s labels)')
     g.add_argument("--save-latents", default=None, help="with --scan: .npz of each scan's image latent (768) and encoder feature (512)")
     args = p.parse_args()
-    if args.scan:
-        return predict_scans(args)
-    D.require(not (args.findings or args.save_latents), "--findings and --save-latents go with --scan")
+    if not args.scan and (args.findings or args.save_latents):
+        raise D.UsageError("--findings and --save-latents go with --scan")
+    return args
 
-    # -----------------------------------------------------------------------------
-    # setup: device, output folder (evaluation runs in one process, in fp32)
-    device = torch.device(args.device)
-    out = Path(args.out)
+
+def main():
+    args = get_args()
+    if args.scan:  # one or more NIfTI files, no labels: probabilities per finding
+        return predict_scans(args)
+    device, out = torch.device(args.device), Path(args.out)  # evaluation runs in one process, in fp32
     out.mkdir(parents=True, exist_ok=True)
 
     # -----------------------------------------------------------------------------
@@ -323,75 +324,37 @@ def main():
     model, ckpt = M.model_from_checkpoint(args.ckpt, stage="align")
     D.require_channels(ckpt["model_config"]["vision"], preset, args.ckpt)
     model.to(device).eval()
-    text_cfg = ckpt["model_config"]["text"]
-    tokenizer = M.tokenizer_from_cfg(text_cfg)
-    max_len = args.max_len or text_cfg["max_len"]
-    ck_names = list(ckpt["label_names"])
-    names = ck_names if args.protocol == "all" else PROTOCOLS[args.protocol]
+    tokenizer = M.tokenizer_from_cfg(ckpt["model_config"]["text"])
+    max_len = args.max_len or ckpt["model_config"]["text"]["max_len"]
+    names = list(ckpt["label_names"]) if args.protocol == "all" else PROTOCOLS[args.protocol]
     for n in names:
-        if n not in ck_names:
-            raise D.DataError(f"{args.ckpt}: label '{n}' of --protocol {args.protocol} is not among the checkpoint's labels")
-    ck_cols = [ck_names.index(n) for n in names]  # classifier outputs of the protocol's labels
+        if n not in ckpt["label_names"]:
+            raise D.UsageError(f"{args.ckpt}: label '{n}' of --protocol {args.protocol} is not among the checkpoint's labels")
     print(f"checkpoint {args.ckpt}: stage {ckpt['stage']}, step {ckpt.get('step')}, "
-          f"{len(ck_names)} labels; protocol {args.protocol}: {len(names)} labels")
-
+          f"{len(ckpt['label_names'])} labels; protocol {args.protocol}: {len(names)} labels")
     # every template's prompt latents are computed once, (C, 2, 768) each, not once per volume
     prompts = {k: M.prompt_latents(model, tokenizer, names, k, max_len, device).cpu() for k in M.PROMPT_TEMPLATES}
+    score = dict(model=model, tokenizer=tokenizer, prompts=prompts, names=names, max_len=max_len, preset=preset,
+                 cache=cache, args=args, ck_cols=[ckpt["label_names"].index(n) for n in names])
 
     # -----------------------------------------------------------------------------
     # evaluation: zero-shot scores per unit, AUC + bootstrap, thresholds, retrieval
-    def split_scores(name, labels_required):
-        """Latents, zero-shot scores and references of one split, averaged per unit."""
-        t = table.subset(name)
-        if len(t) == 0:
-            raise D.DataError(f"{table.source}: no volumes in split '{name}' (splits: {sorted(set(table.splits))})")
-        if args.labels:
-            try:
-                t = t.with_labels(args.labels)
-            except D.DataError:
-                if labels_required:
-                    raise
-                print(f"note: {args.labels} does not cover split '{name}': its manifest labels are used")
-        for n in names:
-            if n not in t.label_names:
-                raise D.DataError(f"{args.labels or table.source}: no reference column '{n}' (try another --protocol)")
-        unused = [n for n in t.label_names if n not in names]
-        if unused:  # said, not silent: a misspelt column shows here
-            print(f"note: {len(unused)} label columns of {args.labels or table.source} not evaluated: {unused[:5]}")
-        empty = sum(not r.strip() for r in t.reports)
-        if empty:  # zero-shot reads images only; retrieval counts these reports too
-            print(f"note: {empty} of the {len(t)} reports of split '{name}' are empty (retrieval includes them)")
-        y = t.labels[:, [t.label_names.index(n) for n in names]]  # (N, C) 1/0/-1/nan
-        ds = D.VolumeReportDataset(t, preset, train=False, cache_dir=cache)  # eval = center crop
-        loader = torch.utils.data.DataLoader(ds, batch_size=args.batch_size, num_workers=args.workers)
-        ids, img, txt = encode_split(model, tokenizer, loader, max_len, device)
-        with torch.no_grad():  # the shared classifier read directly: sigmoid(W img + b), (N, C)
-            clf = torch.sigmoid(model.classifier(img.to(device))).cpu()[:, ck_cols].numpy()
-        scores = {k: M.zero_shot_scores(img, P).numpy() for k, P in prompts.items()}  # (N, C) each
-        scores["ensemble"] = np.mean([scores[k] for k in M.PROMPT_TEMPLATES], axis=0)
-        scores["classifier"] = clf
-        units, inv = np.unique(unit_keys(ids, args.unit), return_inverse=True)
-        return {"n_volumes": len(ids), "units": list(units), "y": unit_max(inv, y),
-                "scores": {k: unit_mean(inv, s) for k, s in scores.items()},
-                "img": unit_mean(inv, img.numpy()), "txt": unit_mean(inv, txt.numpy())}
-
-    ev = split_scores(split, labels_required=True)
+    ev = score_split(table, split, labels_required=True, **score)
     y, s = ev["y"], ev["scores"][args.template]  # (U, C) each
     aucs, macro = common.per_label_auc(y, s)
     ci, macro_ci = bootstrap_auc(y, s, args.bootstrap, args.seed) if args.bootstrap else (
         [(np.nan, np.nan)] * len(names), (np.nan, np.nan))
     thr_self = youden_thresholds(y, s)  # CT-CLIP: picked on the evaluated set itself
-    m_self = threshold_metrics(y, s, thr_self)
     thr_other = np.full(len(names), np.nan)
     if thr_split:  # the same rule on another split, then applied to the evaluated one
-        tv = split_scores(thr_split, labels_required=False)
+        tv = score_split(table, thr_split, labels_required=False, **score)
         thr_other = youden_thresholds(tv["y"], tv["scores"][args.template])
-    m_other = threshold_metrics(y, s, thr_other)
     by_score = {k: common.per_label_auc(y, v) for k, v in ev["scores"].items()}  # k -> (aucs, macro)
     retrieval = recall_at_k(ev["txt"] @ ev["img"].T)  # (U, U): report latent vs every image latent
 
     # -----------------------------------------------------------------------------
     # summary: the table, per_label.csv, summary.json, roc.png
+    m_self, m_other = threshold_metrics(y, s, thr_self), threshold_metrics(y, s, thr_other)
     rows = []  # one dict per label: the table's row, per_label.csv's row and summary.json's entry
     for c, n in enumerate(names):
         keep = _has_ref(y, c)
@@ -407,30 +370,8 @@ def main():
            **{f"{k}_{tag}": macro_of(m, k) for tag, m in (("self", m_self), ("split", m_other))
               for k in ("f1", "acc", "precision")},
            **{f"auc_{k}": by_score[k][1] for k in ("ensemble", "classifier")}}
-    print(f"\n{len(ev['units'])} {args.unit}s ({ev['n_volumes']} volumes) of split '{split}', template "
-          f"{args.template}; thresholds: Youden's J on '{split}' itself (CT-CLIP, optimistic) | on '{thr_split}'")
-    print(f"{'label':34s} {'n+':>5s} {'n-':>5s}  {'AUC [95% CI]':21s} {'F1/acc/prec (self)':20s} "
-          f"{'F1/acc/prec (split)':20s} {'ens':>5s} {'clf':>5s}")
-    for r in rows + [{"label": "macro (defined labels)", "n_pos": None, "n_neg": None, **mac}]:
-        trip = ["/".join(_fmt(r[f"{k}_{t}"], 2) for k in ("f1", "acc", "precision")) for t in ("self", "split")]
-        npos, nneg = ("", "") if r["n_pos"] is None else (r["n_pos"], r["n_neg"])
-        print(f"{r['label'][:34]:34s} {npos:>5} {nneg:>5}  {_fmt(r['auc'])} [{_fmt(r['auc_lo'])}, "
-              f"{_fmt(r['auc_hi'])}]  {trip[0]:20s} {trip[1]:20s} {_fmt(r['auc_ensemble'])} {_fmt(r['auc_classifier'])}")
     undefined = [n for n, a in zip(names, aucs) if a is None]
-    if undefined:
-        print(f"undefined (one class in '{split}', left out of every macro): {', '.join(undefined)}")
-    print("macro AUC per template: " + ", ".join(f"{k} {_fmt(by_score[k][1])}" for k in by_score))
-    print("report->volume recall@K (" + f"{len(ev['units'])} {args.unit}s, K > N undefined): "
-          + ", ".join(f"R@{k} {_fmt(v)}" for k, v in retrieval.items()))
-
-    buf = io.StringIO()  # every output is written whole, then renamed (D.write_atomic): never half a file
-    w = csv.DictWriter(buf, fieldnames=list(rows[0]))
-    w.writeheader()
-    for r in rows + [{"label": "macro", **mac}]:
-        w.writerow({k: "" if v is None or (isinstance(v, float) and not np.isfinite(v)) else v
-                    for k, v in r.items() if k in rows[0]})
-    D.write_atomic(out / "per_label.csv", buf.getvalue())
-    # summary.json: enough to quote a number honestly (which checkpoint, labels, unit, template, rules)
+    print_table(rows, mac, ev, split, thr_split, args, undefined, by_score, retrieval)
     summary = {
         "checkpoint": {"path": str(args.ckpt), **{k: ckpt.get(k) for k in ("stage", "step", "epoch", "best_metric", "args")}},
         "data": table.source, "split": split, "threshold_split": thr_split, "preset": preset,
@@ -445,6 +386,73 @@ def main():
         "retrieval": {"direction": "report->volume", "n": len(ev["units"]), "unit": args.unit,
                       "k_larger_than_n": "undefined (null)", **{f"recall@{k}": v for k, v in retrieval.items()}},
     }
+    write_outputs(out, rows, mac, summary, y, s, names, aucs, args.template)
+
+
+def score_split(table, name, labels_required, model, tokenizer, prompts, names, max_len, preset, cache, args, ck_cols):
+    """Latents, zero-shot and classifier scores and references of one split, averaged per unit (--unit)."""
+    t = table.subset(name)
+    if len(t) == 0:
+        raise D.DataError(f"{table.source}: no volumes in split '{name}' (splits: {sorted(set(table.splits))})")
+    if args.labels:
+        try:
+            t = t.with_labels(args.labels)
+        except D.DataError:
+            if labels_required:
+                raise
+            print(f"note: {args.labels} does not cover split '{name}': its manifest labels are used")
+    for n in names:
+        if n not in t.label_names:
+            raise D.DataError(f"{args.labels or table.source}: no reference column '{n}' (try another --protocol)")
+    unused = [n for n in t.label_names if n not in names]
+    if unused:  # said, not silent: a misspelt column shows here
+        print(f"note: {len(unused)} label columns of {args.labels or table.source} not evaluated: {unused[:5]}")
+    empty = sum(not r.strip() for r in t.reports)
+    if empty:  # zero-shot reads images only; retrieval counts these reports too
+        print(f"note: {empty} of the {len(t)} reports of split '{name}' are empty (retrieval includes them)")
+    y = t.labels[:, [t.label_names.index(n) for n in names]]  # (N, C) 1/0/-1/nan
+    ds = D.VolumeReportDataset(t, preset, train=False, cache_dir=cache)  # eval = center crop
+    loader = torch.utils.data.DataLoader(ds, batch_size=args.batch_size, num_workers=args.workers)
+    device = next(model.parameters()).device
+    ids, img, txt = encode_split(model, tokenizer, loader, max_len, device)
+    with torch.no_grad():  # the shared classifier read directly: sigmoid(W img + b), (N, C)
+        clf = torch.sigmoid(model.classifier(img.to(device))).cpu()[:, ck_cols].numpy()
+    scores = {k: M.zero_shot_scores(img, P).numpy() for k, P in prompts.items()}  # (N, C) each
+    scores["ensemble"] = np.mean([scores[k] for k in M.PROMPT_TEMPLATES], axis=0)
+    scores["classifier"] = clf
+    units, inv = np.unique(unit_keys(ids, args.unit), return_inverse=True)
+    return {"n_volumes": len(ids), "units": list(units), "y": unit_max(inv, y),
+            "scores": {k: unit_mean(inv, s) for k, s in scores.items()},
+            "img": unit_mean(inv, img.numpy()), "txt": unit_mean(inv, txt.numpy())}
+
+
+def print_table(rows, mac, ev, split, thr_split, args, undefined, by_score, retrieval):
+    print(f"\n{len(ev['units'])} {args.unit}s ({ev['n_volumes']} volumes) of split '{split}', template "
+          f"{args.template}; thresholds: Youden's J on '{split}' itself (CT-CLIP, optimistic) | on '{thr_split}'")
+    print(f"{'label':34s} {'n+':>5s} {'n-':>5s}  {'AUC [95% CI]':21s} {'F1/acc/prec (self)':20s} "
+          f"{'F1/acc/prec (split)':20s} {'ens':>5s} {'clf':>5s}")
+    for r in rows + [{"label": "macro (defined labels)", "n_pos": None, "n_neg": None, **mac}]:
+        trip = ["/".join(_fmt(r[f"{k}_{t}"], 2) for k in ("f1", "acc", "precision")) for t in ("self", "split")]
+        npos, nneg = ("", "") if r["n_pos"] is None else (r["n_pos"], r["n_neg"])
+        print(f"{r['label'][:34]:34s} {npos:>5} {nneg:>5}  {_fmt(r['auc'])} [{_fmt(r['auc_lo'])}, "
+              f"{_fmt(r['auc_hi'])}]  {trip[0]:20s} {trip[1]:20s} {_fmt(r['auc_ensemble'])} {_fmt(r['auc_classifier'])}")
+    if undefined:
+        print(f"undefined (one class in '{split}', left out of every macro): {', '.join(undefined)}")
+    print("macro AUC per template: " + ", ".join(f"{k} {_fmt(by_score[k][1])}" for k in by_score))
+    print("report->volume recall@K (" + f"{len(ev['units'])} {args.unit}s, K > N undefined): "
+          + ", ".join(f"R@{k} {_fmt(v)}" for k, v in retrieval.items()))
+
+
+def write_outputs(out, rows, mac, summary, y, s, names, aucs, template):
+    """per_label.csv, summary.json (enough to quote a number honestly) and roc.png, each written whole, then renamed
+    (D.write_atomic): never half a file."""
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(rows[0]))
+    w.writeheader()
+    for r in rows + [{"label": "macro", **mac}]:
+        w.writerow({k: "" if v is None or (isinstance(v, float) and not np.isfinite(v)) else v
+                    for k, v in r.items() if k in rows[0]})
+    D.write_atomic(out / "per_label.csv", buf.getvalue())
     D.write_atomic(out / "summary.json", json.dumps(_plain(summary), indent=2))
     try:  # optional dependency: the numbers above never depend on it
         import matplotlib
@@ -457,7 +465,7 @@ def main():
                 fpr, tpr, _ = roc_curve(y[keep, c], s[keep, c])
                 ax.plot(fpr, tpr, lw=1, label=f"{n} ({aucs[c]:.2f})")
         ax.plot([0, 1], [0, 1], "k--", lw=0.5)
-        ax.set(xlabel="false positive rate", ylabel="true positive rate", title=f"zero-shot ROC ({args.template})")
+        ax.set(xlabel="false positive rate", ylabel="true positive rate", title=f"zero-shot ROC ({template})")
         ax.legend(fontsize=5)
         png = io.BytesIO()
         fig.savefig(png, format="png", dpi=150)

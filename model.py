@@ -15,6 +15,7 @@ Everything the stage scripts share about *models* lives here (data handling live
 
 Shapes: B batch, C channels (or labels for logits), D/H/W volume axes, L tokens, H text hidden size.
 """
+import os
 from pathlib import Path
 
 import torch

@@ -74,9 +74,9 @@ def main():
 
     # -----------------------------------------------------------------------------
     # optimizer: the encoder at --lr, the new head at --head-lr (both on one cosine curve), then resume if asked
-    if args.lr <= 0 or (args.head_lr is not None and args.head_lr <= 0):
+    if args.lr < 0 or (args.head_lr is not None and (args.head_lr <= 0 or args.lr <= 0)):
         raise D.UsageError(f"--lr {args.lr} / --head-lr {args.head_lr}: learning rates must be positive")
-    head_scale = (args.head_lr or args.lr) / args.lr
+    head_scale = args.head_lr / args.lr if args.head_lr else 1.0  # (--lr 0 freezes everything: a test's check)
     opt = torch.optim.AdamW([{"params": model.encoder.parameters(), "lr_scale": 1.0},
                              {"params": model.head.parameters(), "lr_scale": head_scale}], lr=args.lr, weight_decay=args.weight_decay)
     train_model = common.start(run, model, opt, train_ds, model_config, table.label_names)

@@ -21,6 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import data  # noqa: E402
 import distill  # noqa: E402
+import rules as R  # noqa: E402
 
 KEY = "sk-test-SECRET123"
 NAMES = ["Cardiomegaly", "Pleural effusion", "Lung nodule"]
@@ -196,7 +197,7 @@ def test_schema_and_prompt():
 
 def rules(text, names=None):
     names = names or data.CHEST_CT_LABELS
-    pats = {n: [distill.phrase_regex(s) for s in [n] + data.CHEST_CT_SYNONYMS.get(n, [])] for n in names}
+    pats = {n: [distill.phrase_regex(s) for s in [n] + R.CHEST_CT_SYNONYMS.get(n, [])] for n in names}
     return distill.rules_label(text, pats)
 
 @pytest.mark.parametrize("text, label, want", [

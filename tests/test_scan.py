@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+import common
 import data as D
 import evaluate as E
 import model as M
@@ -33,7 +34,7 @@ def ck(tmp_path_factory):
         torch.manual_seed(0)
         cfg = {"kind": "align", "num_labels": len(table.label_names), "embed_dim": 768, "text": text_cfg,
                "vision": {"in_channels": D.input_channels(preset), "stem": 4, "widths": [8, 16, 16, 16]}}
-        M.save_checkpoint(d / f"{preset}.pt", stage="align", model=M.build_model(cfg), model_config=cfg, args={},
+        common.save_checkpoint(d / f"{preset}.pt", stage="align", model=M.build_model(cfg), model_config=cfg, args={},
                           label_names=table.label_names, extra={"preset": preset})  # where align.py records it
     return d, table
 
