@@ -24,6 +24,8 @@ Examples:
   python align.py --data ctrate/manifest.csv --amp bf16 --grad-ckpt             # one 24 GB GPU
   torchrun --nproc_per_node 4 align.py --data ctrate/manifest.csv --amp bf16
 """
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -70,6 +72,8 @@ def main():
     train_t = table.subset("train")
     train_ds = D.VolumeReportDataset(train_t, preset, train=args.random_crop, cache_dir=cache, seed=args.seed, uncertain=args.uncertain)
     valid_ds = D.VolumeReportDataset(table.subset("valid"), preset, train=False, cache_dir=cache, uncertain=args.uncertain)
+    if args.data == D.DEMO_DIR:  # the demo trains what it needs, as it builds its data set: stages 2a and 2b first
+        train_missing_pretrained(run)
 
     # -----------------------------------------------------------------------------
     # model: the two pre-trained encoders, a projection each into the shared space, one shared classifier
@@ -138,6 +142,28 @@ def main():
     # summary: the zero-shot AUC table of the validation split (last epoch)
     common.finish(run, f"zero-shot AUC, validation split, prompts {M.PROMPT_TEMPLATES[args.template]}:", "valid zero-shot macro AUC")
     run.log(f"next: python evaluate.py --ckpt {run.out / 'best.pt'}")
+
+
+def train_missing_pretrained(run):
+    """On the default demo set a missing pre-trained checkpoint (at its default path) is trained first, by the very
+    command the README teaches, into its usual folder; later runs and the stage scripts reuse it. With --data
+    elsewhere a missing checkpoint stays a warning (read_pretrained): hours of training are never a side effect."""
+    args = run.args
+    jobs = [(args.vision_ckpt, Path("out/vision-lite/best.pt" if args.lite else "out/vision/best.pt"),
+             ["pretrain_vision.py", *(["--lite"] if args.lite else [])]),
+            (Path(args.text_ckpt), Path("out/text/best.pt"), ["pretrain_text.py"])]
+    for path, default, cmd in jobs:
+        if path != default or path.exists():
+            continue
+        if run.ddp:  # one stage-2 run under torchrun would need the processes to itself
+            run.log(f"note: {path} is missing; under torchrun it is not trained here (run python {' '.join(cmd)} first)")
+            continue
+        if run.master:  # one after the other: each uses both cores; overlapped they only slowed each other down
+            print(f"{path} is missing: training it first, as the README's recipe does\nrunning: python {' '.join(cmd)}", flush=True)
+            done = subprocess.run([sys.executable, str(Path(__file__).resolve().parent / cmd[0]), *cmd[1:]])
+            if done.returncode:
+                raise D.DataError(f"python {' '.join(cmd)} failed (exit code {done.returncode}); its output is above")
+            print(f"back in align.py: {path} written", flush=True)
 
 
 def read_pretrained(path, stage, label_names, run, preset=None):

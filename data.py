@@ -422,7 +422,7 @@ def check_cache(cache_dir, preset, create=False):
         raise DataError(f"{f}: unreadable ({e}); make the cache with `python data.py preprocess`") from None
     require({k: have.get(k) for k in want} == want, f"{f}: made with {have}, not {want}; use another cache")
 
-def _preprocess_one(job):
+def preprocess_one(job):
     """Pool worker: one volume -> .npy, atomically (temp file + rename) -> (image, error or None)."""
     image, meta, preset, out = job
     tmp = f"{out}.tmp{os.getpid()}"
@@ -450,9 +450,9 @@ def preprocess_dataset(data, cache_dir=None, preset=None, workers=1):
           f"{len(jobs) - len(todo)} already cached, {len(table) - len(jobs)} rows without image")
     if workers > 1 and len(todo) > 1:  # one torch thread per process: the processes share the cores
         with Pool(workers, initializer=torch.set_num_threads, initargs=(1,)) as pool:
-            results = list(tqdm(pool.imap_unordered(_preprocess_one, todo), total=len(todo)))
+            results = list(tqdm(pool.imap_unordered(preprocess_one, todo), total=len(todo)))
     else:
-        results = [_preprocess_one(j) for j in tqdm(todo)]
+        results = [preprocess_one(j) for j in tqdm(todo)]
     failed = [(img, " ".join(err.split())) for img, err in results if err]  # one line each
     if failed:
         print(f"{len(failed)} of {len(todo)} volumes failed:", *(f"  {e}" for _, e in failed), sep="\n",

@@ -19,31 +19,32 @@ import csv
 import json
 import os
 import shutil
+from multiprocessing import Pool
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import torch
 
-from data import CHEST_CT_LABELS, dataset_defaults, preprocess_dataset, run_main
+from data import CHEST_CT_LABELS, cache_file, check_cache, dataset_defaults, preprocess_dataset, preprocess_one, run_main
 
-# Training flags the demo set recommends (written to its dataset.json; the stage scripts apply them under
-# the command line and print them). A CPU run has a few hundred steps, against about 23,000 on CT-RATE. The
-# figures below are validation macro AUCs on demo v4, 2 CPU cores (README, "How the demo figures got here").
-# - Vision keeps the paper's lr 1e-4 (0.97 after 200 steps, 0.89 at 1e-3) and trains 3 epochs (0.985 against
-#   0.976 after 2). Its phantoms are all centred alike, so random crops only move the anatomy around: 0.84
-#   on centre crops against 0.69 on random crops after 200 steps (demo v2).
-# - The text encoder is a 0.5 M-parameter BERT from a random start: lr 1e-3, and 15 epochs, because after
-#   5 it was still learning (0.94; 1.00 from epoch 7 on). It encodes each sentence on its own (--pooling
-#   sentence): the zero-shot prompts are single sentences, which a report-level [CLS] never learns to read.
+# Training flags the demo set recommends (written to its dataset.json; the stage scripts apply them under the
+# command line and print them). They are sized for the bare `python align.py --lite` on 2 CPU cores, which trains
+# stages 2a and 2b first when their checkpoints are missing. Validation macro AUCs, demo v4 (docs/speed-demo.md):
+# - Vision keeps the paper's lr 1e-4 and trains 2 epochs (0.977; 3 epochs 0.985, 1 epoch 0.92, too weak for
+#   zero-shot >= 0.93). Its phantoms are all centred alike, so centre crops (0.84 against 0.69 on random crops
+#   after 200 steps, demo v2). Workers 0: the cache is a memory map, and worker processes compete for the cores.
+# - The text encoder is a 0.5 M-parameter BERT from a random start: lr 3e-3 for 5 epochs reaches 0.999 (lr 1e-3
+#   needed 15). It encodes each sentence on its own (--pooling sentence): the zero-shot prompts are single
+#   sentences, which a report-level [CLS] never learns to read.
 # - Alignment keeps the paper's 1e-5 for the two pretrained encoders; the layers it adds (projections, shared
-#   classifier) train at 5e-4 (--head-lr). At one rate of 1e-4 they hardly moved from their random start in
-#   100 steps (classifier read-out 0.75) while the encoders drifted from what stage 1 taught them. Starting
-#   them from the stage-1 heads (--init-shared heads) took zero-shot from 0.939 to 0.965.
+#   classifier) train at 5e-4 (--head-lr) and start from the pre-trained heads (--init-shared heads: 0.939 ->
+#   0.965). Two epochs: on the 2-epoch vision encoder one ends at test 0.928, two at 0.950.
 DEMO_VERSION = 4  # bumped when the generator changes: ensure_demo() then rebuilds an existing demo set
-DEMO_TRAIN = {"text": {"lr": 1e-3, "epochs": 15, "pooling": "sentence"},
-              "vision-lite": {"epochs": 3, "random_crop": False},
-              "align-lite": {"head_lr": 5e-4, "init_shared": "heads", "epochs": 1, "random_crop": False,
-                             "pooling": "sentence"}}
+DEMO_TRAIN = {"text": {"lr": 3e-3, "epochs": 5, "pooling": "sentence"},
+              "vision-lite": {"epochs": 2, "random_crop": False, "workers": 0},
+              "align-lite": {"head_lr": 5e-4, "init_shared": "heads", "epochs": 2, "random_crop": False,
+                             "pooling": "sentence", "workers": 0}}
 
 # A phantom is built in mm around the volume centre: r = towards the patient's right (RAS +x), a = anterior,
 # z = superior. Everything fits the demo crop (224 mm in-plane, 192 mm along z) after resampling to 4x4x8 mm.
@@ -257,19 +258,35 @@ def _demo_case(rng, lps):
     return labels, _report(labels, det, rng), img
 
 
-def make_demo(out_dir, n_train=1000, n_valid=100, n_test=100, seed=0):
-    """Write out_dir/volumes/*.nii.gz, manifest.csv (id,image,report,split + 18 labels) and dataset.json, then
-    fill the preprocessed cache (under a minute; every epoch reads it). -> out_dir"""
+def _demo_job(job):
+    """Pool worker: generate one case, write its NIfTI, then cache it through the real loader. -> manifest row."""
+    vid, split, child, lps, out, cache = job
+    labels, report, img = _demo_case(np.random.default_rng(child), lps=lps)
+    nib.save(img, out / "volumes" / f"{vid}.nii.gz")
+    if cache is not None:  # read back from the file just written: reorientation and resampling are exercised
+        _, err = preprocess_one((str(out / "volumes" / f"{vid}.nii.gz"), {}, "demo", str(cache_file(cache, vid))))
+        if err:
+            raise RuntimeError(err)
+    return [vid, f"volumes/{vid}.nii.gz", report, split] + [str(labels[k]) for k in CHEST_CT_LABELS]
+
+
+def make_demo(out_dir, n_train=1000, n_valid=100, n_test=100, seed=0, workers=None):
+    """Write out_dir/volumes/*.nii.gz, manifest.csv (id,image,report,split + 18 labels) and dataset.json, and
+    fill the preprocessed cache as each volume is written (one pass, `workers` processes). -> out_dir"""
     out = Path(out_dir)
     (out / "volumes").mkdir(parents=True, exist_ok=True)
+    workers = workers or os.cpu_count() or 1
+    cache = out / "cache-demo"
+    check_cache(cache, "demo", create=True)
     cases = [(sp, j) for sp, n in (("train", n_train), ("valid", n_valid), ("test", n_test)) for j in range(1, n + 1)]
-    rows = []
-    # One child generator per volume: each case is reproducible on its own.
-    for i, ((split, j), child) in enumerate(zip(cases, np.random.SeedSequence(seed).spawn(len(cases)))):
-        vid = f"demo_{split}_{j:04d}"
-        labels, report, img = _demo_case(np.random.default_rng(child), lps=i % 2 == 1)
-        nib.save(img, out / "volumes" / f"{vid}.nii.gz")
-        rows.append([vid, f"volumes/{vid}.nii.gz", report, split] + [str(labels[k]) for k in CHEST_CT_LABELS])
+    # One child generator per volume: each case is reproducible on its own (and in any worker).
+    jobs = [(f"demo_{split}_{j:04d}", split, child, i % 2 == 1, out, cache)
+            for i, ((split, j), child) in enumerate(zip(cases, np.random.SeedSequence(seed).spawn(len(cases))))]
+    if workers > 1:
+        with Pool(workers, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+            rows = list(pool.imap(_demo_job, jobs, chunksize=16))
+    else:
+        rows = [_demo_job(j) for j in jobs]
     with open(out / "manifest.csv", "w", newline="") as fh:
         w = csv.writer(fh, lineterminator="\n")
         w.writerow(["id", "image", "report", "split"] + CHEST_CT_LABELS)
@@ -277,7 +294,7 @@ def make_demo(out_dir, n_train=1000, n_valid=100, n_test=100, seed=0):
     info = {"preset": "demo", "version": DEMO_VERSION, "text_model": "scratch", "n": len(rows), "seed": seed,
             "train": DEMO_TRAIN}
     (out / "dataset.json").write_text(json.dumps(info, indent=1) + "\n")
-    preprocess_dataset(out, workers=min(4, os.cpu_count() or 1))
+    preprocess_dataset(out, workers=1)  # finds every volume cached: checks, writes nothing
     return out
 
 

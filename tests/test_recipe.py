@@ -84,9 +84,26 @@ def test_whole_recipe_at_toy_size(tmp_path):
     assert (tmp_path / "out/eval/per_label.csv").is_file()
 
 
-def test_align_without_stage1_warns_and_trains(tmp_path):
+def test_align_on_the_demo_trains_the_missing_pretrained_checkpoints_first(tmp_path):
+    """The bare command on the default demo set: stages 2a and 2b run first (the README's commands, printed), write
+    to their usual folders, and are reused by the next run; then alignment starts from both."""
     run(tmp_path, "demo.py", "--out", "data/demo", "--n-train", "10", "--n-valid", "5", "--n-test", "5")
     r = run(tmp_path, "align.py", "--lite", *TOY)
+    assert "running: python pretrain_vision.py --lite" in r.stdout and "running: python pretrain_text.py" in r.stdout
+    assert r.stdout.index("running: python pretrain_vision.py") < r.stdout.index("loaded vision encoder: out/vision-lite/best.pt")
+    assert "loaded text encoder: out/text/best.pt" in r.stdout and "WARNING" not in r.stdout
+    assert "start from the pre-trained heads" in r.stdout and "zero-shot AUC, validation split" in r.stdout
+    vision = torch.load(tmp_path / "out/vision-lite/best.pt", weights_only=True)
+    assert vision["stage"] == "vision" and vision["args"]["epochs"] == 2  # the demo's recommendation, not align's TOY flags
+    r = run(tmp_path, "align.py", "--lite", *TOY, "--out", "again")
+    assert "running:" not in r.stdout and "loaded vision encoder: out/vision-lite/best.pt" in r.stdout  # reused
+
+
+def test_align_without_stage1_warns_and_trains(tmp_path):
+    """Anywhere but the default demo folder a missing checkpoint is a warning, never an automatic training run."""
+    run(tmp_path, "demo.py", "--out", "elsewhere", "--n-train", "10", "--n-valid", "5", "--n-test", "5")
+    r = run(tmp_path, "align.py", "--lite", "--data", "elsewhere", *TOY)
+    assert "running:" not in r.stdout and not (tmp_path / "out/text").exists()
     assert "WARNING: no vision checkpoint at out/vision-lite/best.pt" in r.stdout
     assert "WARNING: no text checkpoint at out/text/best.pt" in r.stdout
     assert "note: --init-shared heads needs both pre-trained checkpoints" in r.stdout  # said, not silently skipped

@@ -48,10 +48,10 @@ def test_stage1_runs_and_writes_checkpoints(tmp_path, tiny, script, extra):
         assert len(ck["label_names"]) == 18
     if "text" in script:
         assert "truncated at 256" in out
-    # The demo's dataset.json recommends its own epochs (text 15, lite vision 3), lr 1e-3 for text and the paper's
+    # The demo's dataset.json recommends its own epochs (text 5, lite vision 2), lr 3e-3 for text and the paper's
     # 1e-4 for lite vision: applied and printed, while the command line (--epochs 2) still wins.
     assert "defaults recommended by the data set" in out
-    assert ck["args"]["lr"] == (1e-4 if "vision" in script else 1e-3) and ck["args"]["epochs"] == 2
+    assert ck["args"]["lr"] == (1e-4 if "vision" in script else 3e-3) and ck["args"]["epochs"] == 2
     if "vision" in script:  # and centre crops for lite vision (its phantoms are all centred alike)
         assert ck["args"]["random_crop"] is False
 
