@@ -15,7 +15,7 @@ and classifier faster than the pretrained encoders, and --init-shared heads star
 
 Reads:  a data set (default data/demo, built on first use); the pre-trained checkpoints
         out/vision[-lite]/best.pt and out/text/best.pt (a missing one is a warning: that encoder
-        starts from its initialisation); labels as in stage 2.
+        starts from its initialisation); labels as in stages 2a and 2b.
 Writes: <out>/last.pt, <out>/best.pt, <out>/metrics.jsonl (out/align, or out/align-lite with --lite);
         prints the zero-shot AUC table of the validation split at the end.
 
@@ -52,7 +52,7 @@ def get_args():
     g.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing in both encoders (less memory, more compute)")
     g.add_argument("--init-shared", default="random", choices=["random", "heads"],
                    help="how the projections and the shared classifier start: random (the paper's), or heads: from the "
-                        "two pre-trained heads, so the classifier starts reading both latents as stage 2 did (needs both checkpoints)")
+                        "two pre-trained heads, so the classifier starts reading both latents as pre-training did (needs both checkpoints)")
     g.add_argument("--head-lr", type=float, default=None,
                    help="peak learning rate of the layers this stage adds (the two projections and "
                         "the shared classifier); default: --lr, one rate for everything as in the paper")
@@ -155,7 +155,7 @@ def train_missing_pretrained(run):
     for path, default, cmd in jobs:
         if path != default or path.exists():
             continue
-        if run.ddp:  # one stage-2 run under torchrun would need the processes to itself
+        if run.ddp:  # one pre-training run under torchrun would need the processes to itself
             run.log(f"note: {path} is missing; under torchrun it is not trained here (run python {' '.join(cmd)} first)")
             continue
         if run.master:  # one after the other: each uses both cores; overlapped they only slowed each other down

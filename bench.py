@@ -125,8 +125,8 @@ def section_memory(args):
 
 def step_flops(stem, ckpt, batch, crop, tokens):
     """FLOPs per sample of one align.py forward + backward (with any --grad-ckpt recomputation), counted on fake
-    tensors -> {"align", "vision": the ResNet's share = stage 1a, "text": the rest = stage 1b}. The rest also holds
-    the projections and the classifier (< 0.01%); stage-1 heads differ from them by as little."""
+    tensors -> {"align", "vision": the ResNet's share = stage 2a, "text": the rest = stage 2b}. The rest also holds
+    the projections and the classifier (< 0.01%); pre-training heads differ from them by as little."""
     with FakeTensorMode(), gpu_kernels():
         model, b = build(stem, ckpt), make_batch(batch, crop, tokens)
         with FlopCounterMode(display=False) as counter:
@@ -322,7 +322,7 @@ def section_schedule(args, flops):
     print(f"\n## The paper's schedule on CT-RATE ({n:,} training volumes; vision, text, alignment, {epochs} epochs "
           f"each) on a 24 GB-class GPU: {args.ref_tflops:g} TFLOP/s bf16 peak (RTX 3090) x {args.efficiency:.0%} "
           f"assumed efficiency, {args.tokens[0]} tokens; estimated from the FLOPs, not measured")
-    print("| model | flags | vision stage 1 (h) | text stage 1 (h) | alignment (h) | total GPU-hours | paper |")
+    print("| model | flags | vision 2a (h) | text 2b (h) | alignment (h) | total GPU-hours | paper |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for name, stem, amp, ckpt, _ in CONFIGS:
         if not amp:  # fp32 runs at the TF32 rate, not this bf16 peak: the schedule is given for --amp
@@ -379,7 +379,7 @@ def main():
     elif "schedule" in only or "preprocess" in only:
         flops = all_flops(args)
     if "preprocess" in only:
-        # What one GPU consumes: the fastest align.py configuration (the target), and stage-1 vision lite, the
+        # What one GPU consumes: the fastest align.py configuration (the target), and vision pre-training lite, the
         # fastest stage; measured with --device cuda, else estimated from the FLOPs.
         if args.device == "cuda" and speed:
             (s, a, c), r = max(speed.items(), key=lambda kv: kv[1])

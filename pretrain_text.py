@@ -27,7 +27,7 @@ CXR_BERT = "microsoft/BiomedVLP-CXR-BERT-specialized"
 
 
 def get_args():
-    p = common.parser(__doc__, images=False, lr=1e-4, weight_decay=1e-4, clip=0.0, workers=0)  # reports are cheap to load
+    p = common.parser(__doc__, images=False, lr=1e-4, weight_decay=1e-4, clip=0.0, workers=0)  # the paper's; reports load cheaply
     g = p.add_argument_group("model")
     g.add_argument("--text-model", default=None, help=f"Hugging Face name or local folder of a BERT model, or 'scratch' (a small BERT with a "
                    f"vocabulary trained on the training reports); default: the data set's dataset.json, else {CXR_BERT}")

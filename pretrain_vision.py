@@ -26,7 +26,7 @@ STAGE = "vision"
 
 
 def get_args():
-    p = common.parser(__doc__, lr=1e-4, weight_decay=1e-4, clip=0.0)  # the paper's stage-1 optimizer
+    p = common.parser(__doc__, lr=1e-4, weight_decay=1e-4, clip=0.0)  # the paper's pre-training optimizer
     g = p.add_argument_group("model")
     g.add_argument("--lite", action="store_true", help="lite model: stride-4 patchify stem (the 6 GB configuration); writes out/vision-lite")
     g.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing per ResNet block and of the stem (less memory, ~30%% more compute)")
