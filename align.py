@@ -43,8 +43,9 @@ def get_args():
     p = common.parser(__doc__, lr=1e-5, weight_decay=0.0, clip=0.5)  # the paper's stage-3 optimizer
     g = p.add_argument_group("model")
     g.add_argument("--lite", action="store_true", help="the 6 GB configuration: stride-4 stem, text encoder checkpointed, reads out/vision-lite, writes out/align-lite")
-    g.add_argument("--vision-ckpt", default=None, help="pre-trained vision checkpoint, stage 2a (default out/vision[-lite]/best.pt)")
-    g.add_argument("--text-ckpt", default="out/text/best.pt", help="pre-trained text checkpoint, stage 2b")
+    g.add_argument("--vision-ckpt", default=None, help="pre-trained vision checkpoint, stage 2a (default out/vision[-lite]/best.pt; on the default demo set "
+                                                     "trained first when missing)")
+    g.add_argument("--text-ckpt", default="out/text/best.pt", help="pre-trained text checkpoint, stage 2b (on the default demo set trained first when missing)")
     g.add_argument("--text-model", default=None, help="text encoder used only when there is no text checkpoint (as in pretrain_text.py)")
     g.add_argument("--pooling", default="cls", choices=M.POOLINGS, help="report embedding, used only when there is no text checkpoint (as in pretrain_text.py)")
     g.add_argument("--max-len", type=int, default=512, help="maximum tokens per report")
