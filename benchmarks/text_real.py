@@ -11,6 +11,7 @@ seeded 80/20 split. On the same split and in the same run:
   python benchmarks/text_real.py                                  # scratch encoder, 15 epochs, lr 1e-3
   python benchmarks/text_real.py --pooling sentence                # each sentence encoded on its own
   python benchmarks/text_real.py --text-model /path/to/minilm --lr 5e-5 --epochs 4
+  python benchmarks/text_real.py --text-model /path/to/minilm --lr 5e-5 --head-lr 1e-2 --pooling sentence --epochs 3
 """
 import argparse
 import csv
@@ -38,6 +39,7 @@ p.add_argument("--lr", type=float, default=1e-3, help="passed to pretrain_text.p
 p.add_argument("--epochs", type=int, default=15, help="passed to pretrain_text.py")
 p.add_argument("--max-len", type=int, default=512, help="passed to pretrain_text.py")
 p.add_argument("--pooling", default="cls", choices=M.POOLINGS, help="passed to pretrain_text.py")
+p.add_argument("--head-lr", type=float, default=None, help="passed to pretrain_text.py (the new head's rate)")
 p.add_argument("--seed", type=int, default=0, help="split seed")
 args = p.parse_args()
 
@@ -67,7 +69,7 @@ tfidf_aucs, tfidf_macro = common.per_label_auc(va.labels, scores)
 # The real script on the same split.
 cmd = [sys.executable, str(ROOT / "pretrain_text.py"), "--data", str(work), "--out", str(work / "out"),
        "--text-model", args.text_model, "--lr", str(args.lr), "--epochs", str(args.epochs), "--max-len", str(args.max_len),
-       "--pooling", args.pooling, "--log-every", "50"]
+       "--pooling", args.pooling, "--log-every", "50", *(["--head-lr", str(args.head_lr)] if args.head_lr else [])]
 print(" ".join(cmd), flush=True)
 subprocess.run(cmd, check=True)
 ck = torch.load(work / "out" / "best.pt", weights_only=True)
