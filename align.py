@@ -116,7 +116,7 @@ def main():
     encoders = [p for n, p in model.named_parameters() if n.startswith(("vision.", "text."))]
     new_layers = [p for n, p in model.named_parameters() if not n.startswith(("vision.", "text."))]
     opt = torch.optim.AdamW([{"params": encoders, "lr_scale": 1.0}, {"params": new_layers, "lr_scale": head_scale}],
-                            lr=args.lr, weight_decay=args.weight_decay)
+                            lr=args.lr, weight_decay=args.weight_decay, fused=True)
     run.log(f"learning rates: encoders {args.lr:g}, projections + classifier {args.lr * head_scale:g} (peak, cosine to "
             f"{args.min_lr:g}{f' x {head_scale:g}' if head_scale != 1 else ''})")
     train_model = common.start(run, model, opt, train_ds, model_config, table.label_names, extra={"preset": preset})

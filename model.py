@@ -34,14 +34,39 @@ SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 # ----------------------------------------------------------------------------------------------
 # Vision encoder: 3D ResNet-18 with a patchify stem
 
+class Conv3x3x3(nn.Conv3d):
+    """A 3x3x3 conv (padding 1), computed as one matrix product over unfolded patches when it runs on the CPU and its
+    output map is tiny (<= 8 voxels a sample: the lite model's last stage, 1x2x2 on the demo crop).
+
+    Same weights, outputs and gradients as nn.Conv3d (tests/test_model.py). Why: on such maps the CPU's conv kernel
+    (oneDNN) takes 10-15x longer for the backward pass than for the forward, and the last stage's convs cost a third
+    of a lite training step; as a matrix product they cost about 40 % of that (docs/speed-demo.md). GPUs and larger
+    maps take the ordinary path.
+    """
+
+    def __init__(self, c_in, c_out, stride=1):
+        super().__init__(c_in, c_out, 3, stride=stride, padding=1, bias=False)  # BN follows: no bias
+
+    def forward(self, x):
+        s = self.stride[0]
+        out_shape = [(n - 1) // s + 1 for n in x.shape[2:]]  # (d, h, w) after the conv
+        if x.device.type != "cpu" or out_shape[0] * out_shape[1] * out_shape[2] > 8:
+            return super().forward(x)
+        # im2col: every output voxel's 3x3x3 neighbourhood, (B, C, d, h, w, 3, 3, 3) -> (B*d*h*w, C*27)
+        cols = F.pad(x, (1,) * 6).unfold(2, 3, s).unfold(3, 3, s).unfold(4, 3, s)
+        cols = cols.permute(0, 2, 3, 4, 1, 5, 6, 7).reshape(-1, self.weight[0].numel())
+        out = cols @ self.weight.flatten(1).T  # (B*d*h*w, C_out)
+        return out.view(x.shape[0], *out_shape, -1).permute(0, 4, 1, 2, 3)  # (B, C_out, d, h, w)
+
+
 class BasicBlock(nn.Module):
     """Two 3x3x3 convs with a residual connection; (B, C_in, D, H, W) -> (B, C_out, D/s, H/s, W/s)."""
 
     def __init__(self, c_in, c_out, stride=1):
         super().__init__()
-        self.conv1 = nn.Conv3d(c_in, c_out, 3, stride=stride, padding=1, bias=False)  # BN follows: no bias
+        self.conv1 = Conv3x3x3(c_in, c_out, stride)
         self.bn1 = nn.BatchNorm3d(c_out)
-        self.conv2 = nn.Conv3d(c_out, c_out, 3, padding=1, bias=False)
+        self.conv2 = Conv3x3x3(c_out, c_out)
         self.bn2 = nn.BatchNorm3d(c_out)
         # When the shape changes, a 1x1x1 strided conv makes the identity path match.
         self.shortcut = nn.Identity()
@@ -183,8 +208,11 @@ def build_text(source, reports=None, max_len=512, vocab_size=4000, pooling="cls"
         chars = sorted({c for w in counts for c in w})
         words = sorted(counts, key=lambda w: (-counts[w], w))[:vocab_size]
         vocab = SPECIAL_TOKENS + chars + ["##" + c for c in chars] + sorted(set(words) - set(chars))
+        # No dropout: this small model sees a few thousand steps at most, and dropout's random masks cost a quarter of
+        # its CPU step (docs/speed-demo.md); validation AUC stayed 0.9996 without them.
         bert = dict(vocab_size=len(vocab), hidden_size=128, num_hidden_layers=2, num_attention_heads=2,
-                    intermediate_size=512, max_position_embeddings=max(512, max_len), pad_token_id=0)
+                    intermediate_size=512, max_position_embeddings=max(512, max_len), pad_token_id=0,
+                    hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
         text_cfg = {"bert": bert, "vocab": vocab, "lowercase": True, "max_len": max_len, "source": source, "pooling": pooling}
         return TextEncoder(text_cfg), tokenizer_from_cfg(text_cfg), text_cfg
 

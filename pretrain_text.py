@@ -78,7 +78,8 @@ def main():
         raise D.UsageError(f"--lr {args.lr} / --head-lr {args.head_lr}: learning rates must be positive")
     head_scale = args.head_lr / args.lr if args.head_lr else 1.0  # (--lr 0 freezes everything: a test's check)
     opt = torch.optim.AdamW([{"params": model.encoder.parameters(), "lr_scale": 1.0},
-                             {"params": model.head.parameters(), "lr_scale": head_scale}], lr=args.lr, weight_decay=args.weight_decay)
+                             {"params": model.head.parameters(), "lr_scale": head_scale}],
+                            lr=args.lr, weight_decay=args.weight_decay, fused=True)
     train_model = common.start(run, model, opt, train_ds, model_config, table.label_names)
 
     def probabilities(b):  # (B, C): the head's read-out of validation reports, for the AUC at each epoch's end

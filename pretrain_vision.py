@@ -60,7 +60,8 @@ def main():
 
     # -----------------------------------------------------------------------------
     # optimizer (cosine schedule, stepped per iteration: common.optimizer_step), then resume if asked
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    # fused: one kernel updates every tensor; the default per-tensor loop takes 7x longer on a CPU (100 ms a lite step).
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, fused=True)
     train_model = common.start(run, model, opt, train_ds, model_config, table.label_names, extra={"preset": preset})
 
     def probabilities(b):  # (B, C): the head's read-out of validation volumes, for the AUC at each epoch's end

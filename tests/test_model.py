@@ -70,6 +70,29 @@ def test_grad_ckpt_same_output_and_grads():
     assert bn_p.num_batches_tracked.item() == 1 and bn_c.num_batches_tracked.item() == 2
 
 
+@pytest.mark.parametrize("shape, stride", [((3, 5, 1, 2, 2), 1), ((3, 5, 2, 3, 4), 2), ((2, 5, 1, 1, 1), 1),
+                                           ((2, 5, 2, 2, 2), 1), ((2, 5, 3, 4, 4), 1)])
+def test_conv3x3x3_matches_conv3d(shape, stride, monkeypatch):
+    """The matrix-product path (tiny maps on the CPU) gives nn.Conv3d's output and gradients, odd sizes included;
+    the last shape (48 output voxels) takes the ordinary path."""
+    torch.manual_seed(0)
+    conv = M.Conv3x3x3(5, 7, stride)
+    x = torch.randn(*shape, requires_grad=True)
+    ordinary = []
+    monkeypatch.setattr(torch.nn.Conv3d, "_conv_forward", lambda self, x, w, b: ordinary.append(1) or
+                        torch.nn.functional.conv3d(x, w, b, self.stride, self.padding))
+    out = conv(x)
+    assert len(ordinary) == (shape[2:] == (3, 4, 4))
+    ref = torch.nn.functional.conv3d(x, conv.weight, stride=stride, padding=1)
+    torch.testing.assert_close(out, ref)
+    g = torch.randn_like(ref)
+    gx, gw = torch.autograd.grad(out, [x, conv.weight], g)
+    rx, rw = torch.autograd.grad(ref, [x, conv.weight], g)
+    torch.testing.assert_close(gx, rx)
+    torch.testing.assert_close(gw, rw)
+    assert list(conv.state_dict()) == ["weight"]  # loads the checkpoints written with nn.Conv3d
+
+
 # ---------------------------------------------------------------------------- losses
 
 def test_clip_loss_identical_embeddings_is_log_b():
