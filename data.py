@@ -253,7 +253,7 @@ PRESETS = {
     "chest": dict(spacing=(1.5, 1.5, 3.0), size=(120, 240, 240), crop=(96, 192, 192), intensity="chest"),
     "abdomen": dict(spacing=(1.5, 1.5, 3.0), size=(180, 280, 280), crop=(144, 224, 224), intensity="abdomen"),
     "mri": dict(spacing=(1.5, 1.5, 3.0), size=(120, 240, 240), crop=(96, 192, 192), intensity="mri"),
-    "demo": dict(spacing=(4.0, 4.0, 8.0), size=(28, 64, 64), crop=(24, 56, 56), intensity="chest-multi"),
+    "demo": dict(spacing=(4.0, 4.0, 8.0), size=(28, 64, 64), crop=(24, 48, 48), intensity="chest-multi"),
 }
 AIR_HU = -1024
 # CT intensity rules: HU windows (lo, hi), each clipped and mapped linearly onto [-1, 1], one input channel per

@@ -173,6 +173,23 @@ def test_label_distribution(default):
             assert n["1"] == 0 and n[""] > 0, (name, n)
 
 
+def test_the_models_crop_keeps_the_anatomy(default):
+    """The demo preset's centre crop (what the vision encoder sees) holds the lungs and every metal port: at most 5 %
+    of the lung-density voxels and no metal voxel of the stored volumes fall outside it (demo v5 cut 56 -> 48 in-plane)."""
+    from data import PRESETS
+    size, crop = PRESETS["demo"]["size"], PRESETS["demo"]["crop"]
+    inside = np.zeros(size, bool)
+    inside[tuple(slice((n - c) // 2, (n - c) // 2 + c) for n, c in zip(size, crop))] = True
+    lung = metal = lung_out = metal_out = 0
+    for f in sorted((default / "cache-demo").glob("*.npy")):
+        v = np.load(f).astype(np.float32)  # (D, H, W) HU as stored
+        lu, me = (v > -920) & (v < -780), v > 1500
+        lung, lung_out = lung + lu.sum(), lung_out + (lu & ~inside).sum()
+        metal, metal_out = metal + me.sum(), metal_out + (me & ~inside).sum()
+    assert metal > 0 and metal_out == 0
+    assert lung > 0 and lung_out / lung < 0.05, lung_out / lung
+
+
 # ---- findings are visible in the voxels ----
 LUNGS = (((48, -5, 0), (38, 58, 85)), ((-50, -5, -5), (35, 56, 80)))  # nominal phantom lungs (centre, semi-axes)
 
