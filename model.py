@@ -26,7 +26,7 @@ from torch.utils.checkpoint import checkpoint
 from data import DataError
 
 STAGES = ("vision", "text", "align")
-POOLINGS = ("cls", "sentence")  # TextEncoder report embeddings: the paper's [CLS], or sentence by sentence
+POOLINGS = ("cls", "sentence", "mean")  # TextEncoder report embeddings: the paper's [CLS], sentence by sentence, all tokens
 CKPT_KEYS = ("stage", "model", "model_config", "args", "label_names", "optimizer", "step", "epoch", "best_metric")
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
@@ -129,7 +129,9 @@ BERT_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_he
 class TextEncoder(nn.Module):
     """BERT trunk (no pooler): input_ids (B, L), attention_mask (B, L) -> report embedding (B, H). cfg "pooling":
     "cls" (the paper's) = the [CLS] token's last hidden state; "sentence" = each sentence encoded on its own, its
-    words averaged, then the sentences averaged: a one-sentence prompt is encoded like the report sentence it echoes."""
+    words averaged, then the sentences averaged: a one-sentence prompt is encoded like the report sentence it echoes;
+    "mean" = the mean of every real token's last hidden state, the sentence embedding that sentence-transformers
+    models such as all-MiniLM-L6-v2 were trained to give (their [CLS] never was)."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -155,6 +157,9 @@ class TextEncoder(nn.Module):
     def forward(self, input_ids, attention_mask):
         if self.pooling == "cls":  # position 0 is [CLS]
             return self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state[:, 0]
+        if self.pooling == "mean":  # padding left out: (B, L, H) -> (B, H)
+            hidden, real = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state, attention_mask[..., None]
+            return (hidden * real).sum(1) / real.sum(1).clamp(min=1)
         # Segments (B, L): a sentence ends at its "." (or ":", ";"); [CLS] and [SEP] stand alone.
         special = torch.isin(input_ids, torch.tensor(self.special, device=input_ids.device))
         stop = special | torch.isin(input_ids, torch.tensor(self.ends, device=input_ids.device))

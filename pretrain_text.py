@@ -33,7 +33,8 @@ def get_args():
                    f"vocabulary trained on the training reports); default: the data set's dataset.json, else {CXR_BERT}")
     g.add_argument("--pooling", default="cls", choices=M.POOLINGS,
                    help="report embedding: 'cls' = the [CLS] token's (the paper's); 'sentence' = each sentence encoded alone, "
-                        "token-averaged, then sentences averaged (prompts are single sentences; see model.TextEncoder)")
+                        "token-averaged, then sentences averaged (prompts are single sentences; see model.TextEncoder); "
+                        "'mean' = all tokens averaged (how sentence-transformers models such as MiniLM were trained)")
     g.add_argument("--max-len", type=int, default=512, help="maximum tokens per report (CT reports often exceed 128); longer ones are cut")
     g.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing of the BERT layers")
     g.add_argument("--head-lr", type=float, default=None, help="peak learning rate of the linear head, which starts random while "

@@ -195,6 +195,22 @@ def test_sentence_pooling_is_the_mean_of_sentences_encoded_alone(scratch_text, a
         M.TextEncoder(dict(cfg, pooling="max"))
 
 
+def test_mean_pooling_averages_every_real_token(scratch_text):
+    _, tok, cfg = scratch_text
+    torch.manual_seed(0)
+    enc = M.TextEncoder(dict(cfg, pooling="mean")).eval()
+    texts = ["Emphysema is present.", "Bronchiectasis; there is no pleural effusion. Cardiomegaly."]
+    ids, mask, _ = tokenize(tok, texts, 64)  # the first text is padded
+    with torch.no_grad():
+        out = enc(ids, mask)
+        for i, text in enumerate(texts):  # reference: the text alone, its [CLS] ... [SEP] states averaged
+            alone = tok([text], return_tensors="pt")["input_ids"]
+            torch.testing.assert_close(out[i], enc.bert(input_ids=alone).last_hidden_state[0].mean(0))
+        cls = M.TextEncoder(dict(cfg, pooling="cls")).eval()
+        cls.load_state_dict(enc.state_dict())
+        assert not torch.allclose(cls(ids, mask), out)  # a different embedding from the same weights
+
+
 def test_tokenize_counts_truncated(scratch_text):
     _, tok, _ = scratch_text
     ids, mask, n_trunc = tokenize(tok, ["no effusion", " ".join(REPORTS[:4])], max_len=16)
@@ -212,7 +228,7 @@ def test_tokenizer_from_cfg_roundtrip(scratch_text):
     assert {k: v.shape for k, v in again.state_dict().items()} == {k: v.shape for k, v in enc.state_dict().items()}
 
 
-@pytest.mark.parametrize("pooling", ["cls", "sentence"])
+@pytest.mark.parametrize("pooling", ["cls", "sentence", "mean"])
 def test_text_gradient_checkpointing_same_output_and_grads(scratch_text, pooling):
     _, tok, cfg = scratch_text
     cfg = dict(cfg, pooling=pooling, bert=dict(cfg["bert"], hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
