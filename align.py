@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+import checkpoints
 import common
 import data as D
 import model as M
@@ -176,7 +177,7 @@ def read_pretrained(path, stage, label_names, run, preset=None):
         run.log(f"WARNING: no {stage} checkpoint at {path}: the {'image' if stage == 'vision' else 'text'} encoder starts "
                 f"from {start} (run {script} first for the full recipe)")
         return None
-    ck = M.load_checkpoint(path, stage=stage, label_names=label_names)
+    ck = checkpoints.load_checkpoint(path, stage=stage, label_names=label_names)
     if stage == "vision":  # the standard model needs a stem-2 encoder, --lite a stem-4 one
         stem, want = ck["model_config"]["vision"]["stem"], 4 if args.lite else 2
         if stem != want:

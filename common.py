@@ -11,7 +11,7 @@ alike lives here, in the order a script calls it:
     backward          the backward pass, under the non-finite-loss policy (stop naming the batch, or skip it)
     optimizer_step    cosine learning rate, clipping, optimizer step, log line, periodic last.pt
     predict, validate, end_of_epoch, finish   validation AUC, best.pt / last.pt / metrics.jsonl, the summary
-    save_checkpoint   a self-describing checkpoint, written atomically (model.load_checkpoint reads it)
+    save              <out>/last.pt or best.pt from the run's state (checkpoints.py defines the file)
 No Trainer class and no callbacks: each function does one visible thing to `run`, and the training loop
 itself (batch, forward, loss, backward, step) stays in the stage script.
 """
@@ -30,6 +30,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
 
+import checkpoints
 import data as D
 import model as M
 from demo import DEMO_TRAIN, ensure_demo
@@ -198,7 +199,7 @@ def resume(run):
     if not path.exists():
         run.log(f"resume: no {path} yet, starting fresh")
         return
-    ck = M.load_checkpoint(path, stage=run.stage, label_names=run.label_names)
+    ck = checkpoints.load_checkpoint(path, stage=run.stage, label_names=run.label_names)
     M.load_state_strict(run.model, ck["model"], path)
     scales = [group.get("lr_scale", 1.0) for group in run.opt.param_groups]
     try:
@@ -385,56 +386,11 @@ def finish(run, title, what="valid macro AUC"):
 
 
 # -----------------------------------------------------------------------------
-# checkpoints: written atomically (model.load_checkpoint reads them)
+# checkpoints (checkpoints.py: the format, the atomic write, the checked read)
 
 def save(run, name):
     """<out>/<name> from the run's state: what save_checkpoint needs, the RNG state and history for --resume."""
-    save_checkpoint(run.out / name, stage=run.stage, model=run.model, model_config=run.model_config, args=vars(run.args),
+    checkpoints.save_checkpoint(run.out / name, stage=run.stage, model=run.model, model_config=run.model_config, args=vars(run.args),
                     label_names=run.label_names, optimizer=run.opt, step=run.step, epoch=run.step // run.steps_per_epoch,
                     best_metric=None if run.best == -math.inf else run.best,
                     extra={"rng": torch.get_rng_state(), "history": run.history, "metrics": run.metrics, **run.extra})
-
-
-def plain(x):
-    """Convert args / configs / metrics to types weights_only unpickling accepts (Path -> str, ...)."""
-    if isinstance(x, torch.Tensor) or x is None or isinstance(x, (bool, int, float, str)):
-        return x
-    if isinstance(x, os.PathLike):
-        return str(x)
-    if isinstance(x, dict):
-        return {str(k): plain(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [plain(v) for v in x]
-    if hasattr(x, "tolist"):  # numpy arrays and scalars
-        return x.tolist()
-    if hasattr(x, "__dict__"):  # argparse.Namespace
-        return plain(vars(x))
-    return str(x)
-
-
-def save_checkpoint(path, *, stage, model, model_config, args, label_names, optimizer=None, step=0, epoch=0,
-                    best_metric=None, extra=None):
-    """Write a checkpoint atomically: a temporary file in the same folder, fsync, then os.replace. A crash mid-save
-    leaves the previous checkpoint intact (os.replace is atomic on one filesystem). Keys: model.CKPT_KEYS (+ extra)."""
-    if stage not in M.STAGES:
-        raise ValueError(f"stage {stage!r} is not one of {M.STAGES}")
-    ckpt = {"stage": stage, "model": M.unwrap(model).state_dict(), "model_config": plain(model_config),
-            "args": plain(args), "label_names": [str(n) for n in label_names],
-            "optimizer": optimizer.state_dict() if optimizer is not None else None, "step": int(step),
-            "epoch": int(epoch), "best_metric": None if best_metric is None else float(best_metric)}
-    if extra is not None:
-        ckpt["extra"] = plain(extra)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(ckpt, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)  # only still there if something failed
-    for stale in path.parent.glob(f".{path.name}.tmp*"):  # left by a run killed mid-save
-        stale.unlink(missing_ok=True)
-    return path

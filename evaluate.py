@@ -42,6 +42,7 @@ import torch
 from scipy.stats import rankdata
 from sklearn.metrics import accuracy_score, f1_score, precision_score, roc_curve
 
+import checkpoints
 import common
 import data as D
 from demo import ensure_demo
@@ -205,7 +206,7 @@ def predict_scans(args):
     pair) and the shared classifier's. A finding outside the trained labels has a prompt pair but no classifier output."""
     for scan in args.scan:  # found before any work
         D.require(Path(scan).is_file(), f"{scan}: file not found")
-    model, ckpt = M.model_from_checkpoint(args.ckpt, stage="align")
+    model, ckpt = checkpoints.model_from_checkpoint(args.ckpt, stage="align")
     preset = (ckpt.get("extra") or {}).get("preset") or ckpt["args"].get("preset")  # align.py saves it in "extra"
     asked = D.resolve_preset(args.preset, ".") if args.preset else None  # a name, or a .json preset file
     if asked and preset and D.get_preset(asked) != D.get_preset(preset):
@@ -321,7 +322,7 @@ def main():
 
     # -----------------------------------------------------------------------------
     # model: strict load of an aligned checkpoint (anything else is one clear error line), prompts
-    model, ckpt = M.model_from_checkpoint(args.ckpt, stage="align")
+    model, ckpt = checkpoints.model_from_checkpoint(args.ckpt, stage="align")
     D.require_channels(ckpt["model_config"]["vision"], preset, args.ckpt)
     model.to(device).eval()
     tokenizer = M.tokenizer_from_cfg(ckpt["model_config"]["text"])

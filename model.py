@@ -10,13 +10,12 @@ Everything the stage scripts share about *models* lives here (data handling live
     build_model         any of the above from a plain dict (model_config), so checkpoints rebuild themselves
     greenrfm_from_pretrained, init_shared_from_heads   how stage 3 starts from the two pre-trained models
     masked_bce, clip_loss, align_loss
-    load_checkpoint, model_from_checkpoint, load_pretrained_encoder   (common.save_checkpoint writes them)
+    load_pretrained_encoder, load_state_strict, unwrap   weights into a model (checkpoints.py reads the files)
     PROMPT_TEMPLATES, prompt_latents, zero_shot_scores                 zero-shot diagnosis from prompt pairs
 
 Shapes: B batch, C channels (or labels for logits), D/H/W volume axes, L tokens, H text hidden size.
 """
 import os
-from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -27,7 +26,6 @@ from data import DataError
 
 STAGES = ("vision", "text", "align")
 POOLINGS = ("cls", "sentence", "mean")  # TextEncoder report embeddings: the paper's [CLS], sentence by sentence, all tokens
-CKPT_KEYS = ("stage", "model", "model_config", "args", "label_names", "optimizer", "step", "epoch", "best_metric")
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 
@@ -310,7 +308,7 @@ def build_model(model_config):
 
 def greenrfm_from_pretrained(num_labels, embed_dim, vision_ckpt=None, text_ckpt=None, vision_cfg=None, text_encoder=None):
     """Stage 3 starts from the two pre-trained models -> (GreenRFM, model_config). vision_ckpt / text_ckpt: the
-    checkpoints of stages 2a / 2b (load_checkpoint's dicts): the architecture is rebuilt from each one's
+    checkpoints of stages 2a / 2b (checkpoints.load_checkpoint's dicts): the architecture is rebuilt from each one's
     model_config and its encoder copied in strictly (its head is not: see init_shared_from_heads). Without a
     checkpoint, vision_cfg (a ResNet3D config: random weights) or text_encoder (from build_text) is the start."""
     model_config = {"kind": "align", "num_labels": num_labels, "embed_dim": embed_dim,
@@ -376,38 +374,13 @@ def align_loss(img, txt, img_logits, txt_logits, targets, mask):
 
 
 # ----------------------------------------------------------------------------------------------
-# Checkpoints: self-describing, plain values only, so torch.load(weights_only=True) reads them. They are written
-# (atomically) by common.save_checkpoint during training and read here, by every stage that needs a model.
+# Weights into a model, strictly (checkpoints.py writes and reads the files that hold them)
 
 def unwrap(model):
     """The plain module inside DistributedDataParallel (.module) and/or torch.compile (._orig_mod)."""
     while hasattr(model, "_orig_mod") or isinstance(getattr(model, "module", None), nn.Module):
         model = model._orig_mod if hasattr(model, "_orig_mod") else model.module
     return model
-
-
-def load_checkpoint(path, stage=None, label_names=None):
-    """Read a checkpoint on the CPU and check it is what the caller expects; DataError (one line) if not."""
-    path = Path(path)
-    want = f"a {stage!r} checkpoint" if stage else "a checkpoint"
-    if not path.is_file():
-        raise DataError(f"{path}: no such file (expected {want})")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated zip, pickle of something else, a text file, ...
-        first = (str(e).strip().splitlines() or [""])[0][:200]
-        raise DataError(f"{path}: not a readable checkpoint (expected {want}; {type(e).__name__}: {first})") from None
-    missing = [k for k in CKPT_KEYS if k not in ckpt] if isinstance(ckpt, dict) else list(CKPT_KEYS)
-    if missing:
-        raise DataError(f"{path}: not a GreenRFM checkpoint (expected {want}; missing keys {missing})")
-    ckpt["path"] = str(path)  # for messages (not saved back)
-    if stage is not None and ckpt["stage"] != stage:
-        raise DataError(f"{path}: expected a {stage!r} checkpoint, found a {ckpt['stage']!r} checkpoint")
-    if label_names is not None and list(label_names) != ckpt["label_names"]:
-        want_l, got = list(label_names), ckpt["label_names"]
-        diff = sorted(set(want_l) ^ set(got))[:3] or "same names, other order"
-        raise DataError(f"{path}: label set differs (expected {len(want_l)} labels, found {len(got)}; e.g. {diff})")
-    return ckpt
 
 
 def load_state_strict(module, state, where):
@@ -417,17 +390,6 @@ def load_state_strict(module, state, where):
     except RuntimeError as e:
         lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
         raise DataError(f"{where}: weights do not fit the model ({' '.join(lines[1:3])[:300]})") from None
-
-
-def model_from_checkpoint(path, stage=None, label_names=None):
-    """Rebuild the model from the file alone (model_config) and load its weights strictly -> (model, ckpt)."""
-    ckpt = load_checkpoint(path, stage, label_names)
-    try:
-        model = build_model(ckpt["model_config"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise DataError(f"{path}: cannot rebuild the model from its model_config ({type(e).__name__}: {e})") from None
-    load_state_strict(model, ckpt["model"], path)
-    return model, ckpt
 
 
 def load_pretrained_encoder(model, ckpt, part=None, where=None):

@@ -18,6 +18,7 @@ Examples:
 import numpy as np
 import torch
 
+import checkpoints
 import common
 import data as D
 import model as M
@@ -57,7 +58,7 @@ def main():
     # model: BERT encoder ([CLS] or sentence-averaged embedding, --pooling) + a linear head to the C labels
     source = args.text_model or D.dataset_defaults(args.data).get("text_model", CXR_BERT)
     if args.resume and (args.out / "last.pt").exists():  # the same vocabulary and architecture as the run being resumed
-        text_cfg = M.load_checkpoint(args.out / "last.pt", stage=STAGE, label_names=table.label_names)["model_config"]["text"]
+        text_cfg = checkpoints.load_checkpoint(args.out / "last.pt", stage=STAGE, label_names=table.label_names)["model_config"]["text"]
         encoder, tokenizer = M.TextEncoder(text_cfg), M.tokenizer_from_cfg(text_cfg)
     else:  # "scratch" learns its WordPiece vocabulary from the training reports only (no peeking at valid)
         encoder, tokenizer, text_cfg = M.build_text(source, reports=train_t.reports, max_len=args.max_len, pooling=args.pooling)

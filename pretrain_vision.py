@@ -18,6 +18,7 @@ Examples:
 """
 import torch
 
+import checkpoints
 import common
 import data as D
 import model as M
@@ -94,7 +95,7 @@ def load_init(model, path, log):
     except Exception as e:
         raise D.DataError(f"{path}: not a readable state dict ({type(e).__name__})") from None
     if isinstance(state, dict) and "stage" in state:  # one of ours: a vision checkpoint's encoder, nothing else
-        state = M.load_checkpoint(path, stage=STAGE)["model"]
+        state = checkpoints.load_checkpoint(path, stage=STAGE)["model"]
         state = {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}
     try:
         missing, unexpected = model.encoder.load_state_dict(state, strict=False)

@@ -41,6 +41,10 @@ p.add_argument("--max-len", type=int, default=512, help="passed to pretrain_text
 p.add_argument("--pooling", default="cls", choices=M.POOLINGS, help="passed to pretrain_text.py")
 p.add_argument("--head-lr", type=float, default=None, help="passed to pretrain_text.py (the new head's rate)")
 p.add_argument("--seed", type=int, default=0, help="split seed")
+p.add_argument("--frozen-probe", action="store_true",
+               help="also score the untouched --text-model: its --pooling embedding of each report, one logistic "
+                    "regression per label (what its pretrained features hold before any fine-tuning)")
+p.add_argument("--skip-finetune", action="store_true", help="do not run pretrain_text.py (with --frozen-probe)")
 args = p.parse_args()
 
 # The fixed split: a seeded permutation, first 80% train, the rest valid.
@@ -66,6 +70,31 @@ for c in range(len(names)):
         scores[:, c] = LogisticRegression(C=10, max_iter=2000).fit(Xtr, tr.labels[:, c]).predict_proba(Xva)[:, 1]
 tfidf_aucs, tfidf_macro = common.per_label_auc(va.labels, scores)
 
+
+def frozen_probe(source, pooling, max_len):
+    """The pretrained encoder as it is: report embeddings (no gradient), then the same per-label logistic regressions."""
+    encoder, tokenizer, _ = M.build_text(source, max_len=max_len, pooling=pooling)
+    encoder.eval()
+    feats = []
+    with torch.no_grad():
+        for reports in (tr.reports, va.reports):
+            out = []
+            for i in range(0, len(reports), 16):
+                enc = tokenizer(list(reports[i:i + 16]), padding=True, truncation=True, max_length=max_len, return_tensors="pt")
+                out.append(encoder(enc["input_ids"], enc["attention_mask"]).numpy())
+            feats.append(np.concatenate(out))
+    s = np.zeros_like(va.labels)
+    for c in range(len(names)):
+        if len(set(tr.labels[:, c])) > 1:
+            s[:, c] = LogisticRegression(max_iter=5000).fit(feats[0], tr.labels[:, c]).predict_proba(feats[1])[:, 1]
+    return common.per_label_auc(va.labels, s)
+
+
+probe_aucs, probe_macro = frozen_probe(args.text_model, args.pooling, args.max_len) if args.frozen_probe else (None, None)
+if args.skip_finetune:
+    print(f"macro AUC: TF-IDF {tfidf_macro:.3f}, frozen {args.text_model} ({args.pooling} pooling) + LR {probe_macro:.3f}")
+    sys.exit(0)
+
 # The real script on the same split.
 cmd = [sys.executable, str(ROOT / "pretrain_text.py"), "--data", str(work), "--out", str(work / "out"),
        "--text-model", args.text_model, "--lr", str(args.lr), "--epochs", str(args.epochs), "--max-len", str(args.max_len),
@@ -77,7 +106,8 @@ enc_aucs = [ck["extra"]["metrics"]["auc"][n] for n in names]
 
 fmt = lambda a: "undefined" if a is None else f"{a:.3f}"  # noqa: E731
 print(f"\n{len(tr)} train / {len(va)} valid reports, split seed {args.seed}")
-print(f"{'label':<36} {'TF-IDF+LR':>10} {args.text_model[-20:]:>20}")
-for n, a, b in zip(names, tfidf_aucs, enc_aucs):
-    print(f"{n:<36} {fmt(a):>10} {fmt(b):>20}")
-print(f"{'macro':<36} {fmt(tfidf_macro):>10} {fmt(ck['extra']['metrics']['macro_auc']):>20}")
+probe = probe_aucs or [None] * len(names)
+print(f"{'label':<36} {'TF-IDF+LR':>10} {'frozen+LR':>10} {args.text_model[-20:]:>20}")
+for n, a, c, b in zip(names, tfidf_aucs, probe, enc_aucs):
+    print(f"{n:<36} {fmt(a):>10} {fmt(c):>10} {fmt(b):>20}")
+print(f"{'macro':<36} {fmt(tfidf_macro):>10} {fmt(probe_macro):>10} {fmt(ck['extra']['metrics']['macro_auc']):>20}")

@@ -10,6 +10,7 @@ import pytest
 import torch
 from sklearn.metrics import accuracy_score, f1_score, precision_score, roc_auc_score
 
+import checkpoints
 import common
 import evaluate as E
 import model as M
@@ -176,7 +177,7 @@ def test_evaluate_script_end_to_end(tmp_path):
            "vision": {"in_channels": data.input_channels("demo"), "stem": 4, "widths": [8, 16, 16, 16]}}
     net = M.build_model(cfg)
     ckpt = tmp_path / "align.pt"
-    common.save_checkpoint(ckpt, stage="align", model=net, model_config=cfg, args={"preset": "demo"},
+    checkpoints.save_checkpoint(ckpt, stage="align", model=net, model_config=cfg, args={"preset": "demo"},
                       label_names=table.label_names)
     run = lambda *a: subprocess.run([sys.executable, str(ROOT / "evaluate.py"), "--data", str(tmp_path / "demo"),  # noqa: E731
                                      "--out", str(tmp_path / "eval"), "--workers", "0", "--bootstrap", "20", *a],
@@ -188,13 +189,13 @@ def test_evaluate_script_end_to_end(tmp_path):
     assert set(summary["retrieval"]) >= {"recall@1", "recall@100"} and summary["retrieval"]["recall@100"] is None
     assert (tmp_path / "eval" / "per_label.csv").read_text().count("\n") == 16 + 2  # header, 16 labels, macro
     assert "matplotlib" in r.stdout or (tmp_path / "eval" / "roc.png").exists()
-    common.save_checkpoint(tmp_path / "vision.pt", stage="vision", model=net, model_config=cfg, args={},
+    checkpoints.save_checkpoint(tmp_path / "vision.pt", stage="vision", model=net, model_config=cfg, args={},
                       label_names=table.label_names)
     r = run("--ckpt", str(tmp_path / "vision.pt"))  # wrong stage: one line, no traceback, exit 2
     assert r.returncode == 2 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert "vision" in r.stderr and "align" in r.stderr
     one = dict(cfg, vision=dict(cfg["vision"], in_channels=1))  # an encoder for the paper's single window
-    common.save_checkpoint(tmp_path / "one.pt", stage="align", model=M.build_model(one), model_config=one, args={},
+    checkpoints.save_checkpoint(tmp_path / "one.pt", stage="align", model=M.build_model(one), model_config=one, args={},
                       label_names=table.label_names)
     r = run("--ckpt", str(tmp_path / "one.pt"))  # the demo preset gives 4 windows: refused, one line
     assert r.returncode == 2 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1

@@ -29,7 +29,7 @@ import pytest
 import torch
 
 import badinput as B
-import common
+import checkpoints
 import data
 import model as M
 from conftest import ROOT
@@ -453,10 +453,10 @@ def tiny_checkpoints(d, reports):
                "align": {"kind": "align", "num_labels": 3, "vision": vision, "text": text_cfg, "embed_dim": 16}}
     paths = {}
     for stage, cfg in configs.items():
-        paths[stage] = common.save_checkpoint(d / f"{stage}.pt", stage=stage, model=M.build_model(cfg), model_config=cfg,
+        paths[stage] = checkpoints.save_checkpoint(d / f"{stage}.pt", stage=stage, model=M.build_model(cfg), model_config=cfg,
                                          args={}, label_names=B.LABELS, extra={"rng": None})
     cfg = dict(configs["vision"], num_labels=2)
-    paths["vision_AB"] = common.save_checkpoint(d / "vision_AB.pt", stage="vision", model=M.build_model(cfg), model_config=cfg,
+    paths["vision_AB"] = checkpoints.save_checkpoint(d / "vision_AB.pt", stage="vision", model=M.build_model(cfg), model_config=cfg,
                                            args={}, label_names=B.LABELS[:2])
     (d / "cut.pt").write_bytes(paths["align"].read_bytes()[:1000])
     paths["cut"] = d / "cut.pt"

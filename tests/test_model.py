@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import common
+import checkpoints
 import model as M
 from data import DataError
 
@@ -322,16 +322,16 @@ def test_checkpoint_roundtrip(stage, scratch_text, tmp_path):
     with torch.no_grad():
         expected = net(*_inputs(stage, tok))
     args = argparse.Namespace(out=Path("out") / stage, lr=1e-4, crop=(32, 64, 64))
-    path = common.save_checkpoint(tmp_path / "best.pt", stage=stage, model=FakeDDP(net), model_config=model_config,
+    path = checkpoints.save_checkpoint(tmp_path / "best.pt", stage=stage, model=FakeDDP(net), model_config=model_config,
                              args=args, label_names=["a", "b", "c"], optimizer=opt, step=7, epoch=1,
                              best_metric=0.5, extra={"rng": torch.get_rng_state(), "auc": {"a": 0.7}})
     ckpt = torch.load(path, map_location="cpu", weights_only=True)  # plain values only
-    assert set(ckpt) == set(M.CKPT_KEYS) | {"extra"}
+    assert set(ckpt) == set(checkpoints.KEYS) | {"extra"}
     assert ckpt["args"] == {"out": str(Path("out") / stage), "lr": 1e-4, "crop": [32, 64, 64]}
     assert not any(k.startswith("module.") for k in ckpt["model"])
     assert [p.name for p in tmp_path.iterdir()] == ["best.pt"]
 
-    again, ckpt2 = M.model_from_checkpoint(path, stage=stage, label_names=["a", "b", "c"])
+    again, ckpt2 = checkpoints.model_from_checkpoint(path, stage=stage, label_names=["a", "b", "c"])
     assert ckpt2["step"] == 7 and ckpt2["best_metric"] == 0.5
     again.eval()
     with torch.no_grad():
@@ -349,11 +349,11 @@ def test_load_encoders_from_stage1(scratch_text, tmp_path):
     paths = {}
     for stage in ("vision", "text"):
         net = M.build_model(configs[stage])
-        paths[stage] = common.save_checkpoint(tmp_path / f"{stage}.pt", stage=stage, model=net,
+        paths[stage] = checkpoints.save_checkpoint(tmp_path / f"{stage}.pt", stage=stage, model=net,
                                          model_config=configs[stage], args={}, label_names=["a", "b", "c"])
     aligned = M.build_model(configs["align"])
     for stage, path in paths.items():
-        ckpt = M.load_checkpoint(path, stage=stage)
+        ckpt = checkpoints.load_checkpoint(path, stage=stage)
         assert M.load_pretrained_encoder(aligned, ckpt, stage, where=path) == stage
         part = getattr(aligned, stage).state_dict()
         for k, v in part.items():
@@ -361,16 +361,16 @@ def test_load_encoders_from_stage1(scratch_text, tmp_path):
     # A vision encoder of another width does not fit: loud DataError naming the file.
     other = dict(configs["align"], vision=dict(TINY_VISION, widths=[8, 16, 32, 32]))
     with pytest.raises(DataError, match="vision.pt: weights do not fit"):
-        M.load_pretrained_encoder(M.build_model(other), M.load_checkpoint(paths["vision"]), where=paths["vision"])
+        M.load_pretrained_encoder(M.build_model(other), checkpoints.load_checkpoint(paths["vision"]), where=paths["vision"])
     with pytest.raises(DataError, match="expected a 'text' pre-trained checkpoint, found a 'vision'"):
-        M.load_pretrained_encoder(aligned, M.load_checkpoint(paths["vision"]), "text")
+        M.load_pretrained_encoder(aligned, checkpoints.load_checkpoint(paths["vision"]), "text")
 
 
 def test_atomic_save_keeps_old_file(scratch_text, tmp_path, monkeypatch):
     net = M.build_model({"kind": "vision", "num_labels": 2, "vision": TINY_VISION})
     kw = dict(stage="vision", model=net, model_config={"kind": "vision", "num_labels": 2, "vision": TINY_VISION},
               args={}, label_names=["a", "b"])
-    path = common.save_checkpoint(tmp_path / "last.pt", step=1, **kw)
+    path = checkpoints.save_checkpoint(tmp_path / "last.pt", step=1, **kw)
     before = path.read_bytes()
 
     def crash(obj, f, *a, **k):
@@ -379,14 +379,14 @@ def test_atomic_save_keeps_old_file(scratch_text, tmp_path, monkeypatch):
 
     monkeypatch.setattr(M.torch, "save", crash)
     with pytest.raises(OSError, match="disk full"):
-        common.save_checkpoint(path, step=2, **kw)
+        checkpoints.save_checkpoint(path, step=2, **kw)
     assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["last.pt"]
-    assert M.load_checkpoint(path)["step"] == 1
+    assert checkpoints.load_checkpoint(path)["step"] == 1
 
 
 def test_checkpoint_errors_name_the_file(scratch_text, tmp_path):
     net = M.build_model({"kind": "vision", "num_labels": 2, "vision": TINY_VISION})
-    path = common.save_checkpoint(tmp_path / "vision.pt", stage="vision", model=net, args={}, label_names=["a", "b"],
+    path = checkpoints.save_checkpoint(tmp_path / "vision.pt", stage="vision", model=net, args={}, label_names=["a", "b"],
                              model_config={"kind": "vision", "num_labels": 2, "vision": TINY_VISION})
     (tmp_path / "garbage.pt").write_text("not a checkpoint\n")
     (tmp_path / "cut.pt").write_bytes(path.read_bytes()[: path.stat().st_size // 2])
@@ -402,7 +402,7 @@ def test_checkpoint_errors_name_the_file(scratch_text, tmp_path):
     ]
     for kwargs, message in cases:
         with pytest.raises(DataError, match=message) as err:
-            M.load_checkpoint(**kwargs)
+            checkpoints.load_checkpoint(**kwargs)
         assert "\n" not in str(err.value)
     with pytest.raises(DataError, match="vision.pt"):
-        M.model_from_checkpoint(path, stage="align")
+        checkpoints.model_from_checkpoint(path, stage="align")

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-import common
+import checkpoints
 import data as D
 import evaluate as E
 import model as M
@@ -34,7 +34,7 @@ def ck(tmp_path_factory):
         torch.manual_seed(0)
         cfg = {"kind": "align", "num_labels": len(table.label_names), "embed_dim": 768, "text": text_cfg,
                "vision": {"in_channels": D.input_channels(preset), "stem": 4, "widths": [8, 16, 16, 16]}}
-        common.save_checkpoint(d / f"{preset}.pt", stage="align", model=M.build_model(cfg), model_config=cfg, args={},
+        checkpoints.save_checkpoint(d / f"{preset}.pt", stage="align", model=M.build_model(cfg), model_config=cfg, args={},
                           label_names=table.label_names, extra={"preset": preset})  # where align.py records it
     return d, table
 
@@ -83,7 +83,7 @@ def test_scan_probabilities_equal_the_manifest_evaluation(ck):
     assert r.returncode == 0 and not r.stderr.strip(), r.stderr[-2000:]
     got = tables(r.stdout)
     # The manifest path: the cached volumes of the split through VolumeReportDataset (center crop) and encode_split.
-    model, ckpt = M.model_from_checkpoint(d / "demo.pt", stage="align")
+    model, ckpt = checkpoints.model_from_checkpoint(d / "demo.pt", stage="align")
     model.eval()
     tok, max_len = M.tokenizer_from_cfg(ckpt["model_config"]["text"]), ckpt["model_config"]["text"]["max_len"]
     ds = D.VolumeReportDataset(test, "demo", train=False, cache_dir=d / "demo" / "cache-demo")
