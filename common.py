@@ -16,6 +16,7 @@ No Trainer class and no callbacks: each function does one visible thing to `run`
 itself (batch, forward, loss, backward, step) stays in the stage script.
 """
 import argparse
+import ctypes
 import json
 import math
 import os
@@ -113,6 +114,8 @@ def setup(args, stage):
         device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    else:
+        keep_freed_memory()
     log = print if rank == 0 else (lambda *a, **k: None)
     # bf16 autocast works on CPU and GPU; fp16 needs CUDA and a GradScaler against underflow.
     amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
@@ -127,6 +130,18 @@ def setup(args, stage):
         autocast=(lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else nullcontext,
         scaler=torch.amp.GradScaler(enabled=amp_dtype == torch.float16),
         micro=args.batch_size // (world * args.accum))  # samples per forward pass on one process
+
+
+def keep_freed_memory():
+    """CPU runs on Linux: glibc hands large freed blocks back to the kernel, so each step page-faults its buffers in
+    again. Kept in the process instead, a lite vision step runs 12-25 % faster, numerics unchanged (docs/speed-demo.md).
+    The same as setting MALLOC_MMAP_THRESHOLD_ and MALLOC_TRIM_THRESHOLD_ in the environment."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc (macOS, Windows, musl): nothing to tune
+        return
+    libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD: blocks under 32 MB come from the heap, not from fresh mappings
+    libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD: give the heap's free top back to the system only beyond 1 GB
 
 
 def load_data(run, images=True, reports=True):
