@@ -33,6 +33,7 @@ import torch
 import checkpoints
 import common
 import data as D
+import metrics
 import model as M
 
 STAGE = "align"
@@ -199,8 +200,8 @@ def validate(run, model, tokenizer, valid_ds, label_names):
             img = model.encode_image(b["image"].to(run.device)).float()  # (B, E)
         return M.zero_shot_scores(img, prompts), torch.sigmoid(model.classifier(img))
     refs, (zero_shot, classifier) = common.predict(run, valid_ds, read)
-    aucs, macro = common.per_label_auc(refs, zero_shot)
-    return {"auc": dict(zip(label_names, aucs)), "macro_auc": macro, "classifier_macro_auc": common.per_label_auc(refs, classifier)[1]}
+    aucs, macro = metrics.per_label_auc(refs, zero_shot)
+    return {"auc": dict(zip(label_names, aucs)), "macro_auc": macro, "classifier_macro_auc": metrics.per_label_auc(refs, classifier)[1]}
 
 
 if __name__ == "__main__":

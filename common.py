@@ -25,7 +25,6 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from types import SimpleNamespace
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -33,6 +32,7 @@ from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
 
 import checkpoints
 import data as D
+import metrics
 import model as M
 from demo import DEMO_TRAIN, ensure_demo
 
@@ -334,30 +334,13 @@ def predict(run, dataset, read):
     return torch.cat(refs).numpy(), [torch.cat(s).numpy() for s in zip(*outs)]
 
 
-def per_label_auc(y, scores):
-    """ROC AUC per label and their mean -> (aucs, macro or None). y (N, C): 1/0, nan or -1 = no reference (row ignored
-    for that label); scores (N, C). A label with one class (or none) has no AUC: None, left out of the mean (never 0.5)."""
-    from sklearn.metrics import roc_auc_score  # lazy: importing sklearn costs a second at start-up
-    y, scores = np.asarray(y, dtype=np.float64), np.asarray(scores, dtype=np.float64)
-    if not np.isfinite(scores).all():  # a diverged model: no AUC is computed from NaN scores
-        raise D.DataError(f"{(~np.isfinite(scores)).any(1).sum()} of {len(scores)} rows have non-finite scores "
-                          "(diverged weights? lower --lr)")
-    aucs = []
-    for c in range(y.shape[1]):
-        keep = (y[:, c] == 0) | (y[:, c] == 1)  # nan compares False, so it drops out too
-        yc = y[keep, c]  # no AUC without both classes
-        aucs.append(None if yc.size == 0 or yc.min() == yc.max() else float(roc_auc_score(yc, scores[keep, c])))
-    defined = [a for a in aucs if a is not None]
-    return aucs, (float(np.mean(defined)) if defined else None)
-
-
 def validate(run, dataset, probabilities, label_names):
     """Per-label AUC of probabilities(batch) -> (B, C) over the validation split, on rank 0 -> {"auc": {label: AUC or
     None}, "macro_auc": their mean or None}. The other processes, and an empty split, get {"macro_auc": None}."""
     if not run.master or not len(dataset):
         return {"macro_auc": None}
     refs, (probs,) = predict(run, dataset, lambda b: (probabilities(b),))
-    aucs, macro = per_label_auc(refs, probs)
+    aucs, macro = metrics.per_label_auc(refs, probs)
     return {"auc": dict(zip(label_names, aucs)), "macro_auc": macro}
 
 

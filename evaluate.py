@@ -39,17 +39,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from scipy.stats import rankdata
-from sklearn.metrics import accuracy_score, f1_score, precision_score, roc_curve
 
 import checkpoints
-import common
 import data as D
 from demo import ensure_demo
+import metrics
 import model as M
 
 # -----------------------------------------------------------------------------
-# protocols and metrics: plain functions on arrays (the tests call them directly)
+# protocols and units (the metrics themselves are in metrics.py)
 
 PROTOCOLS = {  # label sets of published protocols, spelled like CT-RATE's CSV columns
     "ctrate18": list(D.CHEST_CT_LABELS),
@@ -59,7 +57,6 @@ PROTOCOLS = {  # label sets of published protocols, spelled like CT-RATE's CSV c
 }
 # split_patient_scan_reconstruction, optionally `_fixed` (CT-RATE v2) and .nii / .nii.gz
 CTRATE_NAME = re.compile(r"^([A-Za-z]+_\d+)_([A-Za-z]+)_\d+(?:_fixed)?(?:\.nii(?:\.gz)?)?$")
-KS = (1, 5, 10, 50, 100)
 
 
 def unit_keys(ids, unit):
@@ -86,87 +83,6 @@ def unit_max(inv, y):
     out = np.full((inv.max() + 1, y.shape[1]), np.nan)
     np.fmax.at(out, inv, y)  # fmax skips nan, so a unit is nan only when all its volumes are
     return out
-
-
-def _ci(values):
-    """95% percentile interval of the finite values; (nan, nan) if there are none."""
-    v = np.asarray(values, dtype=float)
-    v = v[np.isfinite(v)]
-    return tuple(np.percentile(v, [2.5, 97.5])) if v.size else (np.nan, np.nan)
-
-
-def fast_auc(y, scores):
-    """Per-label AUC by the Mann-Whitney rank sum -> (C,), nan where undefined. Ties get average ranks,
-    so it equals sklearn's AUC (per_label_auc), ~50x faster for all labels at once: what makes 1000
-    bootstrap resamples take seconds instead of minutes."""
-    ref = (y == 0) | (y == 1)  # (N, C) rows with a reference, per label
-    ranks = rankdata(np.where(ref, scores, np.nan), axis=0, nan_policy="omit")  # ranks among those rows
-    npos, nneg = (ref & (y == 1)).sum(0), (ref & (y == 0)).sum(0)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        auc = (np.where(ref & (y == 1), ranks, 0).sum(0) - npos * (npos + 1) / 2) / (npos * nneg)
-    return np.where((npos > 0) & (nneg > 0), auc, np.nan)
-
-
-def bootstrap_auc(y, scores, n_boot=1000, seed=0):
-    """95% intervals of per-label and macro AUC over n_boot resamples of the units (with replacement).
-    A resample where a label has one class is skipped for that label; the macro interval comes from
-    the macro (mean over its defined labels) of each resample. -> (per-label [(lo, hi)], macro (lo, hi))"""
-    rng = np.random.default_rng(seed)
-    per = np.full((n_boot, y.shape[1]), np.nan)
-    for b in range(n_boot):
-        idx = rng.integers(0, len(y), len(y))  # N draws with replacement
-        per[b] = fast_auc(y[idx], scores[idx])
-    defined = np.isfinite(per).any(1)  # resamples with at least one defined label
-    macro = np.full(n_boot, np.nan)
-    macro[defined] = np.nanmean(per[defined], axis=1)
-    return [_ci(per[:, c]) for c in range(y.shape[1])], _ci(macro)
-
-
-def _has_ref(y, c):
-    return (y[:, c] == 0) | (y[:, c] == 1)  # -1 (uncertain) and nan carry no reference
-
-
-def youden_thresholds(y, scores):
-    """Per label, the threshold maximising Youden's J = tpr - fpr on the ROC curve; nan if undefined.
-    Predictions are score >= threshold (roc_curve's convention)."""
-    t = np.full(y.shape[1], np.nan)
-    for c in range(y.shape[1]):
-        keep = _has_ref(y, c)
-        if len(np.unique(y[keep, c])) == 2:
-            fpr, tpr, thr = roc_curve(y[keep, c], scores[keep, c])
-            t[c] = thr[np.argmax(tpr - fpr)]
-    return t
-
-
-def threshold_metrics(y, scores, thresholds):
-    """Per label {f1, acc, precision} of (score >= threshold) on the rows with a reference; None for a
-    label with one class in y or no threshold. F1 and precision are weighted over the two classes."""
-    rows = []
-    for c in range(y.shape[1]):
-        keep = _has_ref(y, c)
-        yc = y[keep, c]
-        if len(np.unique(yc)) < 2 or np.isnan(thresholds[c]):
-            rows.append(None)
-            continue
-        pred = (scores[keep, c] >= thresholds[c]).astype(float)
-        rows.append({"f1": f1_score(yc, pred, average="weighted", zero_division=0),
-                     "acc": accuracy_score(yc, pred),
-                     "precision": precision_score(yc, pred, average="weighted", zero_division=0)})
-    return rows
-
-
-def macro_of(rows, key):
-    """Mean of rows[i][key] over the defined labels; None if none is defined."""
-    vals = [r[key] for r in rows if r is not None]
-    return float(np.mean(vals)) if vals else None
-
-
-def recall_at_k(sim, ks=KS):
-    """sim (N, N): query i's match is candidate i. Recall@K = share of queries whose match is in the
-    top K (ties counted in the query's favour); K > N is undefined (None), not clipped to N."""
-    sim = np.asarray(sim)
-    rank = (sim > np.diag(sim)[:, None]).sum(1)  # (N,) candidates scoring above the true match
-    return {k: (float((rank < k).mean()) if k <= len(sim) else None) for k in ks}
 
 
 @torch.no_grad()
@@ -342,23 +258,23 @@ def main():
     # evaluation: zero-shot scores per unit, AUC + bootstrap, thresholds, retrieval
     ev = score_split(table, split, labels_required=True, **score)
     y, s = ev["y"], ev["scores"][args.template]  # (U, C) each
-    aucs, macro = common.per_label_auc(y, s)
-    ci, macro_ci = bootstrap_auc(y, s, args.bootstrap, args.seed) if args.bootstrap else (
+    aucs, macro = metrics.per_label_auc(y, s)
+    ci, macro_ci = metrics.bootstrap_auc(y, s, args.bootstrap, args.seed) if args.bootstrap else (
         [(np.nan, np.nan)] * len(names), (np.nan, np.nan))
-    thr_self = youden_thresholds(y, s)  # CT-CLIP: picked on the evaluated set itself
+    thr_self = metrics.youden_thresholds(y, s)  # CT-CLIP: picked on the evaluated set itself
     thr_other = np.full(len(names), np.nan)
     if thr_split:  # the same rule on another split, then applied to the evaluated one
         tv = score_split(table, thr_split, labels_required=False, **score)
-        thr_other = youden_thresholds(tv["y"], tv["scores"][args.template])
-    by_score = {k: common.per_label_auc(y, v) for k, v in ev["scores"].items()}  # k -> (aucs, macro)
-    retrieval = recall_at_k(ev["txt"] @ ev["img"].T)  # (U, U): report latent vs every image latent
+        thr_other = metrics.youden_thresholds(tv["y"], tv["scores"][args.template])
+    by_score = {k: metrics.per_label_auc(y, v) for k, v in ev["scores"].items()}  # k -> (aucs, macro)
+    retrieval = metrics.recall_at_k(ev["txt"] @ ev["img"].T)  # (U, U): report latent vs every image latent
 
     # -----------------------------------------------------------------------------
     # summary: the table, per_label.csv, summary.json, roc.png
-    m_self, m_other = threshold_metrics(y, s, thr_self), threshold_metrics(y, s, thr_other)
+    m_self, m_other = metrics.threshold_metrics(y, s, thr_self), metrics.threshold_metrics(y, s, thr_other)
     rows = []  # one dict per label: the table's row, per_label.csv's row and summary.json's entry
     for c, n in enumerate(names):
-        keep = _has_ref(y, c)
+        keep = metrics.has_ref(y, c)
         r = {"label": n, "n_pos": int((y[keep, c] == 1).sum()), "n_neg": int((y[keep, c] == 0).sum()),
              "auc": aucs[c], "auc_lo": ci[c][0], "auc_hi": ci[c][1]}
         for tag, thr, m in (("self", thr_self, m_self), ("split", thr_other, m_other)):
@@ -368,7 +284,7 @@ def main():
         rows.append(r)
     # macro row: each metric averaged over the labels where it is defined (never a 0.5 stand-in)
     mac = {"auc": macro, "auc_lo": macro_ci[0], "auc_hi": macro_ci[1],
-           **{f"{k}_{tag}": macro_of(m, k) for tag, m in (("self", m_self), ("split", m_other))
+           **{f"{k}_{tag}": metrics.macro_of(m, k) for tag, m in (("self", m_self), ("split", m_other))
               for k in ("f1", "acc", "precision")},
            **{f"auc_{k}": by_score[k][1] for k in ("ensemble", "classifier")}}
     undefined = [n for n, a in zip(names, aucs) if a is None]
@@ -459,10 +375,11 @@ def write_outputs(out, rows, mac, summary, y, s, names, aucs, template):
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from sklearn.metrics import roc_curve
         fig, ax = plt.subplots(figsize=(6, 6))
         for c, n in enumerate(names):
             if aucs[c] is not None:
-                keep = _has_ref(y, c)
+                keep = metrics.has_ref(y, c)
                 fpr, tpr, _ = roc_curve(y[keep, c], s[keep, c])
                 ax.plot(fpr, tpr, lw=1, label=f"{n} ({aucs[c]:.2f})")
         ax.plot([0, 1], [0, 1], "k--", lw=0.5)

@@ -33,8 +33,8 @@ from sklearn.linear_model import LogisticRegression
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-import common  # noqa: E402
 import data as D  # noqa: E402
+import metrics  # noqa: E402
 import model as M  # noqa: E402
 
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -78,7 +78,7 @@ def tfidf(train_texts, valid_texts):
     for c in range(len(names)):
         if len(set(tr.labels[:, c])) > 1:
             scores[:, c] = LogisticRegression(C=10, max_iter=2000).fit(Xtr, tr.labels[:, c]).predict_proba(Xva)[:, 1]
-    return common.per_label_auc(va.labels, scores)
+    return metrics.per_label_auc(va.labels, scores)
 
 
 tfidf_aucs, tfidf_macro = tfidf(tr.reports, va.reports)
@@ -107,7 +107,7 @@ def frozen_probe(source, pooling, max_len):
     for c in range(len(names)):
         if len(set(tr.labels[:, c])) > 1:
             s[:, c] = LogisticRegression(max_iter=5000).fit(feats[0], tr.labels[:, c]).predict_proba(feats[1])[:, 1]
-    return common.per_label_auc(va.labels, s)
+    return metrics.per_label_auc(va.labels, s)
 
 
 probe_aucs, probe_macro = frozen_probe(args.text_model, args.pooling, args.max_len) if args.frozen_probe else (None, None)

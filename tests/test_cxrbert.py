@@ -14,7 +14,7 @@ import sys
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 import model as M
 from conftest import ROOT

@@ -11,8 +11,8 @@ import torch
 from sklearn.metrics import accuracy_score, f1_score, precision_score, roc_auc_score
 
 import checkpoints
-import common
 import evaluate as E
+import metrics
 import model as M
 from conftest import ROOT, SAMPLE
 
@@ -30,7 +30,7 @@ def _synthetic(n, c=3, seed=0):
 def test_per_label_auc_matches_sklearn_and_ignores_missing():
     y, s = _synthetic(40)
     y[0, 0], y[1, 0], y[2, 1] = np.nan, -1, np.nan  # no reference: dropped for that label only
-    aucs, macro = common.per_label_auc(y, s)
+    aucs, macro = metrics.per_label_auc(y, s)
     for c in range(3):
         keep = (y[:, c] == 0) | (y[:, c] == 1)
         assert aucs[c] == pytest.approx(roc_auc_score(y[keep, c], s[keep, c]))
@@ -41,8 +41,8 @@ def test_fast_auc_equals_sklearn_with_ties_and_missing():
     y, s = _synthetic(80, c=4, seed=5)
     s = np.round(s, 1)  # many ties
     y[:10, 0], y[10:20, 1], y[:, 3] = np.nan, -1, 1  # label 3: one class
-    aucs, _ = common.per_label_auc(y, s)
-    got = E.fast_auc(y, s)
+    aucs, _ = metrics.per_label_auc(y, s)
+    got = metrics.fast_auc(y, s)
     assert np.allclose(got[:3], aucs[:3]) and np.isnan(got[3]) and aucs[3] is None
 
 
@@ -50,34 +50,34 @@ def test_single_class_label_is_undefined_and_left_out_of_macro():
     y, s = _synthetic(30)
     y[:, 1] = 0  # one class only
     y[:5, 2] = np.nan
-    aucs, macro = common.per_label_auc(y, s)
+    aucs, macro = metrics.per_label_auc(y, s)
     assert aucs[1] is None and aucs[0] is not None and aucs[2] is not None
     assert macro == pytest.approx((aucs[0] + aucs[2]) / 2)
-    assert common.per_label_auc(np.zeros((4, 2)), np.ones((4, 2))) == ([None, None], None)
-    thr = E.youden_thresholds(y, s)
-    assert np.isnan(thr[1]) and E.threshold_metrics(y, s, thr)[1] is None
+    assert metrics.per_label_auc(np.zeros((4, 2)), np.ones((4, 2))) == ([None, None], None)
+    thr = metrics.youden_thresholds(y, s)
+    assert np.isnan(thr[1]) and metrics.threshold_metrics(y, s, thr)[1] is None
 
 
 def test_bootstrap_interval_contains_estimate_and_narrows():
     widths = []
     for n in (50, 2000):
         y, s = _synthetic(n, seed=1)
-        aucs, macro = common.per_label_auc(y, s)
-        ci, macro_ci = E.bootstrap_auc(y, s, n_boot=200, seed=0)
+        aucs, macro = metrics.per_label_auc(y, s)
+        ci, macro_ci = metrics.bootstrap_auc(y, s, n_boot=200, seed=0)
         for a, (lo, hi) in zip(aucs, ci):
             assert lo <= a <= hi
         assert macro_ci[0] <= macro <= macro_ci[1]
         widths.append(macro_ci[1] - macro_ci[0])
     assert widths[1] < widths[0] / 3  # about sqrt(40) narrower
     y, s = _synthetic(50, seed=1)
-    assert E.bootstrap_auc(y, s, 50, seed=3) == E.bootstrap_auc(y, s, 50, seed=3)  # seeded
+    assert metrics.bootstrap_auc(y, s, 50, seed=3) == metrics.bootstrap_auc(y, s, 50, seed=3)  # seeded
 
 
 def test_threshold_metrics_match_sklearn():
     y, s = _synthetic(60, seed=2)
     y[3, 0] = -1
-    thr = E.youden_thresholds(y, s)
-    rows = E.threshold_metrics(y, s, thr)
+    thr = metrics.youden_thresholds(y, s)
+    rows = metrics.threshold_metrics(y, s, thr)
     for c in range(3):
         keep = (y[:, c] == 0) | (y[:, c] == 1)
         pred = (s[keep, c] >= thr[c]).astype(float)
@@ -86,7 +86,7 @@ def test_threshold_metrics_match_sklearn():
         assert rows[c]["precision"] == pytest.approx(precision_score(y[keep, c], pred, average="weighted"))
     # a perfectly separable label: Youden's threshold sits between the classes
     yy, ss = np.array([[0.0], [0.0], [1.0], [1.0]]), np.array([[0.1], [0.2], [0.7], [0.9]])
-    assert E.threshold_metrics(yy, ss, E.youden_thresholds(yy, ss))[0]["acc"] == 1.0
+    assert metrics.threshold_metrics(yy, ss, metrics.youden_thresholds(yy, ss))[0]["acc"] == 1.0
 
 
 # -----------------------------------------------------------------------------
@@ -156,11 +156,11 @@ def test_unit_grouping_names_means_and_fallback(capsys):
 
 
 def test_recall_at_k():
-    assert E.recall_at_k(np.eye(120)) == {1: 1.0, 5: 1.0, 10: 1.0, 50: 1.0, 100: 1.0}
+    assert metrics.recall_at_k(np.eye(120)) == {1: 1.0, 5: 1.0, 10: 1.0, 50: 1.0, 100: 1.0}
     n = 20
     perm = np.roll(np.arange(n), 1)  # report i's best volume is i-1; its own volume comes second
     sim = np.eye(n)[perm] * 2 + np.eye(n)
-    r = E.recall_at_k(sim, ks=(1, 2, 5, 50))
+    r = metrics.recall_at_k(sim, ks=(1, 2, 5, 50))
     assert r == {1: 0.0, 2: 1.0, 5: 1.0, 50: None}  # K > N is undefined, not clipped
 
 

@@ -4,7 +4,7 @@ import ast
 
 from conftest import ROOT
 
-LAYERS = [("data",), ("model", "demo", "rules"), ("checkpoints",), ("common",),
+LAYERS = [("data",), ("model", "demo", "rules", "metrics"), ("checkpoints",), ("common",),
           ("distill", "pretrain_vision", "pretrain_text", "align", "evaluate", "ctrate", "bench")]
 LAYER = {name: i for i, names in enumerate(LAYERS) for name in names}
 
