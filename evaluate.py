@@ -9,7 +9,7 @@ Writes: --out (default out/eval): per_label.csv, summary.json (checkpoint, proto
 
 Each label gets a positive and a negative prompt ("There is X." / "There is no X."); a volume's score
 is the softmax over the pair of raw dot products between its image latent and the two prompt latents.
-Protocol choices (DESIGN.md section 2), all stated in the output:
+Protocol choices, all stated in the output (the functions are in metrics.py):
 - AUC per label with a 95% bootstrap interval (units resampled with replacement, percentile interval).
   A label with one class has no AUC: undefined (never 0.5) and left out of every macro mean.
 - F1 / accuracy / precision: sklearn's support-weighted F1 and precision over each label's two classes
