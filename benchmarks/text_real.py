@@ -70,15 +70,19 @@ table = D.load_table(work / "manifest.csv")
 tr, va = table.subset("train"), table.subset("valid")
 
 
-def tfidf(train_texts, valid_texts):
-    """TF-IDF (1-2 grams) + logistic regression, one per label -> (per-label AUCs, macro)."""
-    vec = TfidfVectorizer(ngram_range=(1, 2), min_df=2, sublinear_tf=True)
-    Xtr, Xva = vec.fit_transform(train_texts), vec.transform(valid_texts)
+def per_label_lr(Xtr, Xva, **lr):
+    """One logistic regression per label on train features, scored on valid -> (per-label AUCs, macro)."""
     scores = np.zeros_like(va.labels)
     for c in range(len(names)):
         if len(set(tr.labels[:, c])) > 1:
-            scores[:, c] = LogisticRegression(C=10, max_iter=2000).fit(Xtr, tr.labels[:, c]).predict_proba(Xva)[:, 1]
+            scores[:, c] = LogisticRegression(**lr).fit(Xtr, tr.labels[:, c]).predict_proba(Xva)[:, 1]
     return metrics.per_label_auc(va.labels, scores)
+
+
+def tfidf(train_texts, valid_texts):
+    """TF-IDF (1-2 grams) + logistic regression, one per label -> (per-label AUCs, macro)."""
+    vec = TfidfVectorizer(ngram_range=(1, 2), min_df=2, sublinear_tf=True)
+    return per_label_lr(vec.fit_transform(train_texts), vec.transform(valid_texts), C=10, max_iter=2000)
 
 
 tfidf_aucs, tfidf_macro = tfidf(tr.reports, va.reports)
@@ -103,11 +107,7 @@ def frozen_probe(source, pooling, max_len):
                 enc = tokenizer(list(reports[i:i + 16]), padding=True, truncation=True, max_length=max_len, return_tensors="pt")
                 out.append(encoder(enc["input_ids"], enc["attention_mask"]).numpy())
             feats.append(np.concatenate(out))
-    s = np.zeros_like(va.labels)
-    for c in range(len(names)):
-        if len(set(tr.labels[:, c])) > 1:
-            s[:, c] = LogisticRegression(max_iter=5000).fit(feats[0], tr.labels[:, c]).predict_proba(feats[1])[:, 1]
-    return metrics.per_label_auc(va.labels, s)
+    return per_label_lr(*feats, max_iter=5000)
 
 
 probe_aucs, probe_macro = frozen_probe(args.text_model, args.pooling, args.max_len) if args.frozen_probe else (None, None)
