@@ -11,6 +11,7 @@ column (auto-detected, or --id-column / --text-column). Writes, under --out (def
 
 Backends: "llm" asks any OpenAI-compatible chat-completions server for JSON (vLLM, Ollama, OpenAI, llama.cpp) after
 checking once that it answers and lists --model; the key comes from OPENAI_API_KEY only and is redacted everywhere.
+Reports are patient data: an --api-base off this site's network is refused unless --allow-remote-api says otherwise.
 "rules" (rules.py): label names and synonyms, each mention judged by the cues of its clause; offline, the yardstick.
 
 Label files (--labels my_labels.txt): one "name: definition | synonym, synonym" a line (both parts optional), '#' a comment:
@@ -25,15 +26,16 @@ Examples:
   OPENAI_API_KEY=... python distill.py --api-base http://localhost:8000/v1 --model Qwen/Qwen2.5-7B-Instruct \\
       --reports ct_rate_reports.csv --concurrency 32
 """
-import argparse, contextlib, csv, hashlib, io, json, os, random, re, sys, threading, time
+import argparse, contextlib, csv, hashlib, io, ipaddress, json, os, random, re, socket, sys, threading, time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 import requests
 from tqdm import tqdm
+from urllib3.util import parse_url
 
-from data import ID_COLUMNS, DataError, load_table, require, resolve_label_set, run_main, volume_key, write_atomic
+from data import ID_COLUMNS, DataError, UsageError, load_table, require, resolve_label_set, run_main, volume_key, write_atomic
 from demo import ensure_demo
 from rules import agreement, compile_patterns, explanation, phrase_regex, read_reference, rules_label, split_definitions  # noqa: F401
 
@@ -43,29 +45,36 @@ from rules import agreement, compile_patterns, explanation, phrase_regex, read_r
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("data")
-    g.add_argument("--reports", default="data/demo", help="demo/manifest folder, manifest CSV, CT-RATE reports CSV or any id+text CSV (non-UTF-8 bytes: U+FFFD, rows named)")
+    g.add_argument("--reports", default="data/demo", help="demo/manifest folder, manifest CSV, CT-RATE reports CSV or any id+text CSV (non-UTF-8 bytes: U+FFFD, rows named; default: %(default)s, the demo set, built if missing)")
     g.add_argument("--id-column", default=None, help="id column of a plain CSV (default: first of id, VolumeName, AccessionNo, NoteAcc_DEID)")
     g.add_argument("--text-column", default=None, help="text column of a plain CSV (default: report, report_text, text, or Findings_EN + Impressions_EN)")
-    g.add_argument("--labels", default="chest_ct", help="chest_ct, abdomen_ct, a label .txt file (format under 'Label files' above) or a label CSV (its columns)")
-    g.add_argument("--limit", type=int, default=None, help="label only the first N reports")
+    g.add_argument("--labels", default="chest_ct", help="chest_ct, abdomen_ct, a label .txt file (format under 'Label files' above) or a label CSV (its columns; default: %(default)s)")
+    g.add_argument("--limit", type=int, default=None, help="label only the first N reports (default: all)")
     g.add_argument("--reference", default=None, help="reference label CSV for agreement (default: the manifest's own labels, if any)")
-    g.add_argument("--out", default="out/distill", help="output folder (labels.csv, failures.csv, cache.jsonl, agreement.*)")
-    g.add_argument("--explain", default=None, metavar="ID", help="rules backend: print why report ID got each label (mention, cue, sentence); writes nothing")
+    g.add_argument("--out", default="out/distill", help="output folder (labels.csv, failures.csv, cache.jsonl, agreement.*, response_format.json; default: %(default)s)")
+    g.add_argument("--explain", default=None, metavar="ID", help="rules backend: print why report ID got each label (mention, cue, sentence); writes nothing (default: off)")
     g = p.add_argument_group("backend")
-    g.add_argument("--backend", choices=["llm", "rules"], default="llm", help="llm: OpenAI-compatible server; rules: offline, rules.py")
-    g.add_argument("--api-base", default=os.environ.get("OPENAI_BASE_URL"), help="server base URL, e.g. http://localhost:8000/v1 (default $OPENAI_BASE_URL)")
-    g.add_argument("--model", default=os.environ.get("OPENAI_MODEL"), help="model name as the server lists it at <api-base>/models (default $OPENAI_MODEL)")
-    g.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (0: reproducible labels)")
-    g.add_argument("--max-tokens", type=int, default=1024, help="answer length cap")
-    g.add_argument("--dry-run", action="store_true", help="show the prompt for the first report, the cached count and whether the server answers; send no report")
+    g.add_argument("--backend", choices=["llm", "rules"], default="llm", help="llm: OpenAI-compatible server; rules: offline, rules.py (default: %(default)s)")
+    g.add_argument("--api-base", default=os.environ.get("OPENAI_BASE_URL"), help="server base URL, e.g. http://localhost:8000/v1 (default: $OPENAI_BASE_URL)")
+    g.add_argument("--allow-remote-api", action="store_true",
+                   help="let reports (patient data) go to an --api-base off this site. Without it only these count as on site: "
+                        "loopback, private (10/8, 172.16/12, 192.168/16, fc00::/7) and link-local addresses, localhost, names "
+                        "without a dot (a LAN host, a container) and names under .local, .internal, .lan, .home.arpa; names "
+                        "are judged as written, never looked up (default: off)")
+    g.add_argument("--model", default=os.environ.get("OPENAI_MODEL"), help="model name as the server lists it at <api-base>/models (default: $OPENAI_MODEL)")
+    g.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default: %(default)s, reproducible labels)")
+    g.add_argument("--max-tokens", type=int, default=1024, help="answer length cap (default: %(default)s)")
+    g.add_argument("--dry-run", action="store_true", help="show the prompt for the first report, the cached count and whether the server answers (exit 2 if not); send no report (default: off)")
     g = p.add_argument_group("throughput and retries")
-    g.add_argument("--concurrency", type=int, default=8, help="requests in flight at most; halved on a timeout (a server serving one request at a time wants 1)")
-    g.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for one answer; doubled (up to 8x) when a lone request times out")
-    g.add_argument("--max-retries", type=int, default=5, help="retries on 429 / 5xx / connection error / a lone request's timeout, before a report fails")
-    g.add_argument("--backoff", type=float, default=1.0, help="first backoff in seconds; doubles per retry, with jitter")
-    g.add_argument("--response-format", default="json_schema", choices=["json_schema", "json_object", "none"],
-                   help="how JSON is requested (json_object: llama-cpp-python's form); a refused form is downgraded once")
-    g.add_argument("--max-fixes", type=int, default=2, help="re-asks when an answer fails validation (error fed back)")
+    g.add_argument("--concurrency", type=int, default=8, help="requests in flight at most; halved on a timeout (a server serving one request at a time wants 1; default: %(default)s)")
+    g.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for one answer; doubled (up to 8x) when a lone request times out (default: %(default)g)")
+    g.add_argument("--max-retries", type=int, default=5, help="retries on 429 / 5xx / connection error / a lone request's timeout, before a report fails (default: %(default)s)")
+    g.add_argument("--backoff", type=float, default=1.0, help="first backoff in seconds; doubles per retry, with jitter (default: %(default)g)")
+    g.add_argument("--response-format", default=None, choices=["json_schema", "json_object", "none"],
+                   help="how JSON is requested (json_object: llama-cpp-python's form); a refused form is downgraded once, and the "
+                        "form that worked is remembered per server and model in <out>/response_format.json (default: that "
+                        "form, else json_schema)")
+    g.add_argument("--max-fixes", type=int, default=2, help="re-asks when an answer fails validation, error fed back (default: %(default)s)")
     return p.parse_args(argv)
 
 # -----------------------------------------------------------------------------
@@ -94,6 +103,16 @@ def response_schema(names, kind="json_schema"):
     schema = {"type": "object", "properties": {n: prop for n in names}, "required": names, "additionalProperties": False}
     return ({"type": "json_object", "schema": schema} if kind == "json_object" else
             {"type": "json_schema", "json_schema": {"name": "labels", "strict": True, "schema": schema}})
+
+FORMATS = ("json_schema", "json_object", "none")  # --response-format, strongest first: a refused one goes to the next
+
+def read_memory(path):
+    """<out>/response_format.json: {api base: {model: the response format that last worked}}; {} if missing or torn."""
+    with contextlib.suppress(OSError, ValueError):
+        memory = json.loads(path.read_text(encoding="utf-8"))
+        if isinstance(memory, dict) and all(isinstance(v, dict) for v in memory.values()):
+            return memory
+    return {}
 
 def parse_answer(text, names):
     """Labels from an answer: the first JSON object anywhere in it (code fences, prose around). ValueError says why not."""
@@ -164,6 +183,31 @@ class Gate:
             self.show()  # the progress bar's timeouts= as they happen, not at the next answer
         return alone
 
+ON_SITE_SUFFIXES = (".local", ".internal", ".lan", ".home.arpa", ".localhost")  # mDNS, private-use and loopback names
+
+def on_site(url):
+    """Is the server at url on this site's network? Judged from the URL as written, never looked up: a lookup needs the
+    network, and tests and air-gapped sites have none. IP literals: loopback, private (10/8, 172.16/12, 192.168/16,
+    fc00::/7) or link-local. Names: localhost, a name without a dot (a LAN host, a container) or one under
+    ON_SITE_SUFFIXES. Everything else (api.openai.com, gpu1.hospital.org) is off site: --allow-remote-api lets it through.
+    A URL that is not http(s)://host...: UsageError."""
+    try:  # urllib3's parser: the host it gives is the host requests will connect to
+        u = parse_url(url)
+        host = (u.host or "").strip("[]").rstrip(".").split("%")[0]  # [::1] -> ::1; fe80::1%eth0 -> fe80::1
+    except ValueError:  # LocationParseError (a bad port, say) is a ValueError
+        host, u = "", None
+    if not u or u.scheme not in ("http", "https") or not host:
+        raise UsageError(f"--api-base {url!r}: not an http(s) URL such as http://localhost:8000/v1")
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        try:  # the resolver also reads 2130706433, 0x7f000001 and 127.1 as IPv4 addresses: so must we
+            ip = ipaddress.IPv4Address(socket.inet_aton(host))
+        except OSError:
+            return "." not in host or host == "localhost" or host.endswith(ON_SITE_SUFFIXES)
+    ip = getattr(ip, "ipv4_mapped", None) or ip  # ::ffff:8.8.8.8 is 8.8.8.8 (Python < 3.11.4 calls it private)
+    return ip.is_loopback or ip.is_private or ip.is_link_local
+
 def post(url, headers, body, args, gate):
     """POST with exponential backoff + jitter on 429, 5xx, connection errors, timeouts and bodies cut short or
     garbled on the way (a proxy's error page); honours Retry-After. Timeouts go through the gate (see Gate)."""
@@ -173,10 +217,12 @@ def post(url, headers, body, args, gate):
         try:
             local.session = getattr(local, "session", None) or requests.Session()
             with gate.slot() as ticket:
-                r = local.session.post(url, headers=headers, json=body, timeout=ticket[1])
+                # no redirects: a 307 would resend the report to wherever it points, on site or not
+                r = local.session.post(url, headers=headers, json=body, timeout=ticket[1], allow_redirects=False)
             if r.status_code == 200:
                 return r.json()
             err = f"HTTP {r.status_code}: {redact(r.text)[:200]!r}"  # redact first: a cut key would not match
+            err += f" (redirect to {r.headers.get('Location')} not followed)" if r.is_redirect else ""
             if r.status_code != 429 and "response_format" in r.text and body.get("response_format"):
                 raise Failed(err, format_refused=True)  # the same request will be refused again: no retries
             if r.status_code != 429 and r.status_code < 500:
@@ -203,7 +249,8 @@ def check_server(args, headers):
     try:
         r = requests.get(url, headers=headers, timeout=wait)
     except requests.ConnectionError as e:  # refused, unknown host, or no TCP answer at all (ConnectTimeout)
-        raise DataError(f"no server answers at {url} ({type(e).__name__}): start it or fix --api-base")
+        why = re.search(r"\[Errno -?\d+\] ([^'\")\]]+)", str(e))  # "Connection refused", "Name or service not known"
+        raise DataError(f"no server answers at {url} ({type(e).__name__}{': ' + why[1] if why else ''}): start it or fix --api-base")
     except requests.Timeout:
         return f"server: {url} took the connection but did not answer within {wait:g} s; going on"
     require(r.status_code not in (401, 403), f"the server at {url} refuses the API key (HTTP {r.status_code}): check OPENAI_API_KEY")
@@ -256,7 +303,14 @@ def label_llm(args, names, defs, todo, out):
     body = lambda messages: {"model": args.model, "messages": messages, "temperature": args.temperature,
                              "max_tokens": args.max_tokens} | (
         {"response_format": response_schema(names, fmt[0])} if fmt[0] != "none" else {})
-    fmt = [args.response_format]  # shared by the worker threads; downgraded once if the server refuses it
+    # The response format: --response-format, else the one that worked last time with this server and model (a server
+    # that refuses json_schema refuses it every run), else json_schema. Shared by the threads; downgraded if refused.
+    memory_path, server = out / "response_format.json", args.api_base.rstrip("/")
+    remembered = read_memory(memory_path).get(server, {}).get(args.model)
+    remembered = remembered if remembered in FORMATS else None
+    fmt, accepted = [args.response_format or remembered or FORMATS[0]], set()  # accepted: forms the server answered
+    why = "--response-format" if args.response_format else f"worked last time, remembered in {memory_path}" if remembered else "default"
+    print(f"response_format: {fmt[0]} ({why})")
     # The cache: one JSON line per answer. A rerun reuses answers for the same text, model and prompt version.
     cache_path, sha = out / "cache.jsonl", {rid: hashlib.sha256(text.encode()).hexdigest() for rid, text in todo}
     cached, torn, lines = {}, 0, cache_path.read_text(encoding="utf-8", errors="replace") if cache_path.exists() else ""
@@ -272,13 +326,10 @@ def label_llm(args, names, defs, todo, out):
         shown = {k: ("Bearer [REDACTED]" if k == "Authorization" else v) for k, v in headers.items()}
         brief = body([]) | {"messages": "[system prompt, report] as below"} | ({"response_format": (  # not 150 lines of enums
             f"{fmt[0]}: an object with one key per label ({len(names)}), each one of {' | '.join(VALUES)}")} if fmt[0] != "none" else {})
-        try:
-            reach = check_server(args, headers)
-        except DataError as e:  # a dry run reports what a real run would refuse
-            reach = f"server: NOT reachable: {e}"
         print(f"POST {url}\nheaders: {json.dumps(shown)}\nbody: {json.dumps(brief)}\n--- system prompt (prompt {version}) ---\n"
               f"{system}\n--- report {todo[0][0]} ---\n{redact(todo[0][1])}\n---\ncache: {len(results)} of {len(todo)} reports "
-              f"already answered ({cache_path})\n{reach}")
+              f"already answered ({cache_path})")
+        print(check_server(args, headers))  # no server, key refused, model not listed: exit 2, as a real run would stop
         return None
     print(check_server(args, headers))  # before anything is written: a wrong URL or model costs one line, not a run
     todo = [(rid, text) for rid, text in todo if rid not in results]
@@ -296,13 +347,14 @@ def label_llm(args, names, defs, todo, out):
                 used = fmt[0]
                 try:
                     resp = post(url, headers, body(messages), args, gate)
+                    accepted.add(used)
                     break
                 except Failed as e:  # the server refuses this response_format: everyone moves to the next form
                     if not e.format_refused or used == "none":
                         raise
                     with lock:
                         if fmt[0] == used:  # another thread may have downgraded already
-                            fmt[0] = {"json_schema": "json_object", "json_object": "none"}[used]
+                            fmt[0] = FORMATS[FORMATS.index(used) + 1]
                             tqdm.write(f"note: the server refused response_format {used!r}; now using {fmt[0]!r}")
             with lock:
                 tokens[0] += int((resp.get("usage") or {}).get("total_tokens") or 0)
@@ -342,6 +394,10 @@ def label_llm(args, names, defs, todo, out):
     finally:
         pool.shutdown(wait=True, cancel_futures=True)  # on Ctrl-C: finish (and cache) what is in flight
         cache_file.close()
+    if fmt[0] in accepted and fmt[0] != (remembered or FORMATS[0]):  # the next run starts with the form that worked
+        memory = read_memory(memory_path)  # read again: another model's entry may have been written meanwhile
+        write_atomic(memory_path, json.dumps(memory | {server: memory.get(server, {}) | {args.model: fmt[0]}}, indent=2))
+        print(f"response_format: {fmt[0]} remembered for {server} and {args.model} in {memory_path}")
     print(f"llm: {len(todo)} reports in {time.time() - t_llm:.2f} s, {tokens[0]} tokens"
           + (f"; {gate.timeouts} requests timed out, finished at --concurrency {gate.limit} --timeout {gate.timeout:g}"
              if gate.timeouts else ""))
@@ -350,6 +406,13 @@ def label_llm(args, names, defs, todo, out):
 def main():
     args = get_args()
     t0, out = time.time(), Path(args.out)
+    # Reports are patient data: they go to an off-site server only if the user says so, checked before one is read.
+    # (The rules backend and --explain send nothing, so --api-base does not matter to them.)
+    if args.backend == "llm" and args.explain is None and args.api_base and not on_site(args.api_base):
+        if not args.allow_remote_api:
+            raise UsageError(f"--api-base {args.api_base} is not a local or private-network address: reports are patient data "
+                             f"and would leave the site (pass --allow-remote-api if that is allowed; see --help)")
+        print(f"note: --allow-remote-api: reports go to {args.api_base}, off this site's network")
     names, raw_defs = resolve_label_set(args.labels)
     defs = split_definitions(names, raw_defs)  # {name: (definition, [synonyms])}: the prompt and the rules use both
     patterns = compile_patterns(names, {n: defs[n][1] for n in names})

@@ -37,6 +37,8 @@ class FakeServer:
 
     def __init__(self, names=NAMES, latency=0.0, models=None, single=False):
         self.names, self.latency, self.counts, self.lock = names, latency, Counter(), threading.Lock()
+        self.formats = Counter()  # requests per response_format type (None: no response_format)
+        self.redirect_to = None  # reports "redirect*" get a 307 to this URL
         self.models = models  # GET /models lists these; None: no such endpoint (404), as on some servers
         self.slot = threading.Lock() if single else contextlib.nullcontext()  # single: one answer at a time, like llama.cpp
         fake = self
@@ -86,6 +88,7 @@ class FakeServer:
         rid = text.split("ID=")[1].split()[0]
         with self.lock:
             self.counts[rid] += 1
+            self.formats[(body.get("response_format") or {}).get("type")] += 1
             attempt = self.counts[rid]
         fixed = any(m["role"] == "assistant" for m in body["messages"])  # the validation error was fed back
         if rid.startswith("llamacpp"):  # llama-cpp-python's server: json_object + schema only (HTTP 500 otherwise)
@@ -109,6 +112,8 @@ class FakeServer:
             return 503, "down", {}
         if rid.startswith("junk"):
             return 200, "I cannot answer that.", {}
+        if rid.startswith("redirect"):  # a 307 asks the client to resend the same body elsewhere
+            return 307, "moved", {"Location": self.redirect_to}
         if rid.startswith("echo"):  # a server echoing the request headers in its error text
             return 401, f"bad key {headers.get('Authorization')}", {}
         raise AssertionError(rid)
@@ -457,9 +462,16 @@ def test_dry_run_is_short_and_says_what_a_run_would_do(server, tmp_path, run_her
     assert "cache: 0 of 2 reports already answered" in out  # the labels changed: a new prompt, nothing reusable
     code, out, err = run_here(llm_args(server, tmp_path, tmp_path / "r.csv", "--dry-run"))
     assert "cache: 1 of 2 reports already answered" in out and f"server: {server.url}/models answers" in out
+
+def test_dry_run_unreachable_server_exits_2(tmp_path):
+    """A dry run is the check before a long run: nothing listening must fail it (exit 2, one line naming the address)."""
+    write_reports(tmp_path / "r.csv", ["ok1"])
     url = f"http://127.0.0.1:{free_port()}/v1"
-    code, out, err = run_here(llm_args(server, tmp_path, tmp_path / "r.csv", "--dry-run", "--api-base", url))
-    assert code == 0 and "server: NOT reachable" in out and url in out
+    r = run(["--reports", tmp_path / "r.csv", "--labels", labels_file(tmp_path), "--api-base", url, "--model", "m",
+             "--dry-run", "--timeout", 2], tmp_path)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr
+    assert f"no server answers at {url}/models (ConnectionError: " in r.stderr, r.stderr
+    assert "--- system prompt" in r.stdout  # the prompt is still shown: a dry run is also for reading it
 
 def test_help_explains_every_flag_and_the_label_file(capsys, monkeypatch):
     with pytest.raises(SystemExit):
@@ -471,7 +483,11 @@ def test_help_explains_every_flag_and_the_label_file(capsys, monkeypatch):
     monkeypatch.setattr(argparse.ArgumentParser, "parse_args", lambda self, argv=None: parsers.append(self))
     distill.get_args([])
     flags = [a for a in parsers[0]._actions if a.dest != "help"]
-    assert len(flags) == 20 and all(a.help and len(a.help) > 15 and a.option_strings[0] in text for a in flags)
+    assert len(flags) == 21 and all(a.help and len(a.help) > 15 and a.option_strings[0] in text for a in flags)
+    no_default = [a.option_strings[0] for a in flags if "(default" not in a.help and "; default" not in a.help]
+    assert no_default == [], no_default  # every flag says what it is when not given
+    flat = " ".join(text.split())  # argparse wraps lines
+    assert "(default: 120)" in flat and "default: 8)" in flat and "(default: 5)" in flat  # the values, not "%(default)s"
 
 def test_explain_one_report(tmp_path):
     reports = tmp_path / "r.csv"
@@ -488,3 +504,78 @@ def test_explain_one_report(tmp_path):
     assert not (tmp_path / "out").exists()  # explaining writes nothing
     r = run(["--backend", "rules", "--reports", reports, "--explain", "zzz"], tmp_path)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "--explain zzz" in r.stderr
+
+
+# -----------------------------------------------------------------------------
+# reports stay on site (issue 21), and what a real llama.cpp run showed
+
+@pytest.mark.parametrize("url, here", [
+    ("http://localhost:8000/v1", True), ("http://LOCALHOST./v1", True), ("http://127.0.0.1:8000/v1", True),
+    ("http://127.1:8000/v1", True), ("http://[::1]:8000/v1", True), ("http://10.20.30.40/v1", True),
+    ("http://172.16.0.5:8080/v1", True), ("http://172.31.255.1/v1", True), ("http://192.168.1.10:11434/v1", True),
+    ("http://169.254.10.1/v1", True), ("http://[fe80::1%25eth0]:8000/v1", True), ("http://[fd12:3456::1]/v1", True),
+    ("http://llmserver:8000/v1", True), ("http://gpu1.local/v1", True), ("http://vllm.internal/v1", True),
+    ("http://box.lan/v1", True), ("http://llm.home.arpa/v1", True),
+    ("https://api.openai.com/v1", False), ("https://gpu1.hospital.org/v1", False), ("http://8.8.8.8/v1", False),
+    ("http://172.32.0.1/v1", False), ("http://100.64.0.1/v1", False), ("http://[2001:4860::8888]/v1", False),
+    ("http://[::ffff:8.8.8.8]/v1", False), ("http://134744072/v1", False),  # 8.8.8.8 in disguise
+    ("http://localhost@api.openai.com/v1", False), ("http://localhost.openai.com/v1", False),
+])
+def test_on_site_address_table(url, here):
+    assert distill.on_site(url) is here
+
+@pytest.mark.parametrize("url", ["localhost:8000/v1", "ftp://llmserver/v1", "http:///v1", "http://host:port/v1"])
+def test_on_site_bad_url_is_a_usage_error(url):
+    with pytest.raises(data.UsageError, match="not an http"):
+        distill.on_site(url)
+
+def test_remote_api_base_refused_before_any_report_is_read(tmp_path):
+    """Off site without --allow-remote-api: one line, exit 2, before the (here missing) reports file is even opened."""
+    r = run(["--reports", tmp_path / "missing.csv", "--api-base", "https://api.openai.com/v1", "--model", "gpt-4o"], tmp_path)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr
+    assert "https://api.openai.com/v1" in r.stderr and "patient data" in r.stderr and "--allow-remote-api" in r.stderr
+    assert "missing.csv" not in r.stderr and not (tmp_path / "out").exists()
+
+def test_allow_remote_api_lets_it_through(server, tmp_path, run_here, monkeypatch):
+    write_reports(tmp_path / "r.csv", ["ok1"])
+    monkeypatch.setattr(distill, "on_site", lambda url: False)  # the fake server, seen as off site (no network needed)
+    code, out, err = run_here(llm_args(server, tmp_path, tmp_path / "r.csv"))
+    assert code == 2 and "--allow-remote-api" in err and server.counts == Counter() and not (tmp_path / "out").exists()
+    code, out, err = run_here(llm_args(server, tmp_path, tmp_path / "r.csv", "--allow-remote-api"))
+    assert code == 0 and f"reports go to {server.url}, off this site" in out and server.counts["ok1"] == 1, out + err
+    # The rules backend and --explain send nothing: an off-site --api-base (say from $OPENAI_BASE_URL) is no reason to stop.
+    code, out, err = run_here(["--backend", "rules", "--reports", tmp_path / "r.csv", "--api-base", "https://api.openai.com/v1"])
+    assert code == 0, err
+    code, out, err = run_here(["--reports", tmp_path / "r.csv", "--api-base", "https://api.openai.com/v1", "--explain", "ok1"])
+    assert code == 0 and "report ok1" in out, err
+
+def test_redirect_is_not_followed(server, tmp_path, run_here):
+    """A 307 would resend the report, body and all, wherever it points: the report fails instead, and says where."""
+    elsewhere = FakeServer()
+    try:
+        server.redirect_to = f"{elsewhere.url}/chat/completions"
+        write_reports(tmp_path / "r.csv", ["redirect1", "ok1"])
+        code, out, err = run_here(llm_args(server, tmp_path, tmp_path / "r.csv"))
+        assert code == 1 and elsewhere.counts == Counter(), out + err
+        reason = read_csv(tmp_path / "out/distill/failures.csv")[0]["reason"]
+        assert "HTTP 307" in reason and f"redirect to {server.redirect_to} not followed" in reason
+    finally:
+        elsewhere.close()
+
+def test_refused_response_format_is_remembered(server, tmp_path, run_here):
+    """llama-cpp-python refuses json_schema (HTTP 500) on every run: the first run finds json_object and writes it down per
+    server and model; the next run starts with it and sends no refused request."""
+    write_reports(tmp_path / "r.csv", [f"llamacpp{i}" for i in range(4)])
+    args = ["--reports", tmp_path / "r.csv", "--labels", labels_file(tmp_path), "--api-base", server.url, "--model", "m",
+            "--concurrency", 1, "--backoff", 0.01]
+    code, out, err = run_here(args + ["--limit", 2])
+    assert code == 0 and "response_format: json_schema (default)" in out, out + err
+    assert server.formats == Counter({"json_schema": 1, "json_object": 2})  # one refusal, then the fallback
+    memory = tmp_path / "out/distill/response_format.json"
+    assert json.loads(memory.read_text()) == {server.url: {"m": "json_object"}} and "json_object remembered" in out
+    code, out, err = run_here(args)  # two reports left to ask
+    assert code == 0 and server.formats == Counter({"json_schema": 1, "json_object": 4}), out + err
+    assert f"response_format: json_object (worked last time, remembered in {Path('out/distill/response_format.json')})" in out
+    assert "the server refused" not in out + err and "remembered for" not in out  # nothing new to write
+    code, out, err = run_here(args + ["--model", "other", "--dry-run"])  # another model on that server: not assumed
+    assert code == 0 and "response_format: json_schema (default)" in out, out + err
