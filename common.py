@@ -81,6 +81,12 @@ def parser(doc, images=True, **paper_defaults):
     return p
 
 
+def training_defaults(path, stage):
+    """Training flags a data set recommends for a stage: dataset.json's {"train": {stage: {flag: value}}}. The stage
+    scripts apply them under the command line and print them."""
+    return D.dataset_defaults(path).get("train", {}).get(stage, {}) if D.manifest_path(path).is_file() else {}
+
+
 def parse(p, stage):
     """Parse the command line over the data set's recommended defaults (the tiny demo set needs more epochs and
     other rates than CT-RATE): its dataset.json's "train" entry for the stage (vision, vision-lite, text, align,
@@ -88,7 +94,7 @@ def parse(p, stage):
     command line still win. -> args, with args.out filled in."""
     pre = p.parse_known_args()[0]
     key = stage + ("-lite" if getattr(pre, "lite", False) else "")
-    tuned = DEMO_TRAIN.get(key, {}) if pre.data == D.DEMO_DIR else D.training_defaults(pre.data, key)
+    tuned = DEMO_TRAIN.get(key, {}) if pre.data == D.DEMO_DIR else training_defaults(pre.data, key)
     p.set_defaults(**tuned)
     args = p.parse_args()
     args.out = Path(args.out or f"out/{key}")
@@ -144,6 +150,24 @@ def keep_freed_memory():
     libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD: give the heap's free top back to the system only beyond 1 GB
 
 
+DISTILL_LABELS = "out/distill/labels.csv"  # where distill.py writes labels, read by later stages by default
+
+
+def pick_labels(table, path=None):
+    """The labels a stage trains on: `path` when given (it must cover every id), else distill.py's output
+    when it covers this data set, else the manifest's own columns. -> (table, what was used, for the log)."""
+    if path:
+        return table.with_labels(path), str(path)
+    if Path(DISTILL_LABELS).is_file():
+        if Path(DISTILL_LABELS).stat().st_mtime < Path(table.source).stat().st_mtime:  # e.g. a rebuilt demo set
+            return table, f"the manifest label columns (not {DISTILL_LABELS}: older than {table.source}; run distill.py again)"
+        try:
+            return table.with_labels(DISTILL_LABELS), DISTILL_LABELS
+        except D.DataError as e:  # labels of another data set: say so, and use the manifest's own
+            return table, f"the manifest label columns (not {DISTILL_LABELS}: {e})"
+    return table, "the manifest label columns"
+
+
 def load_data(run, images=True, reports=True):
     """The data set -> (table, preset, cache): the manifest; its labels (--labels, else distill.py's, else the
     manifest's own); rows without report text skipped (and named) when reports are read; the preset and cache
@@ -154,7 +178,7 @@ def load_data(run, images=True, reports=True):
     if run.ddp:
         dist.barrier()
     table = D.load_table(args.data)
-    table, labels_used = D.pick_labels(table, args.labels)
+    table, labels_used = pick_labels(table, args.labels)
     empty = [rid for rid, r in zip(table.ids, table.reports) if not r.strip()] if reports else []
     if empty:  # no text to learn from (distill.py lists such reports as failures): skipped, and counted
         log(f"skipping {len(empty)} rows with an empty report: {', '.join(empty[:5])}{' ...' if len(empty) > 5 else ''}")

@@ -2,14 +2,16 @@
 
   manifest.csv: id, image, report, split, [spacing, rescale_slope, rescale_intercept], label columns
     -> load_table()         Table: ids, image paths, reports, splits, labels (N, C), nan = not mentioned
-    -> preprocess_volume()  NIfTI -> canonical (D, H, W) HU at the preset spacing, air-padded or
+    -> preprocess_volume()  image (a NIfTI file, or a DICOM series: a folder or folder::SeriesInstanceUID, read by
+                            dicom.py) -> canonical (D, H, W) HU at the preset spacing, air-padded or
                             center-cropped to the preset's stored size; cached as <cache>/<id>.npy
     -> VolumeReportDataset  random (train) or center (eval) crop + intensity windows -> {"image"
                             (K windows, D, H, W), "report", "targets" (C,), "mask" (C,), "id", "index"}
 Orientation: nibabel's closest canonical orientation, RAS+ (array axis x points to the patient's
 Right, y Anterior, z Superior), then (x, y, z) -> (z, y, x): D runs inferior -> superior (the body's
-long axis), H posterior -> anterior, W left -> right, whatever affine the scanner wrote. Spacing is
-the header's (after reorientation) unless the manifest's `spacing` column ("x,y,z" mm) overrides it.
+long axis), H posterior -> anterior, W left -> right, whatever affine the scanner wrote; a rotated or sheared
+grid (oblique, gantry tilt) is resampled exactly instead. Spacing is the header's (after reorientation)
+unless the manifest's `spacing` column ("x,y,z" mm) overrides it.
 Labels: 1 present, 0 absent, -1 uncertain, empty = not mentioned (uncertain/empty masked by default).
 
 Presets (spacing, stored size, crop, intensity rule) are named (PRESETS) or written as JSON: a data set's
@@ -17,8 +19,8 @@ dataset.json {"preset": {...}} or `--preset my_preset.json`, so a new modality n
 
 CLI (bad input stops with one line naming the file and row, never a traceback):
   python data.py preprocess --data data/demo --workers 2               # fill the cache
-The data-set builders are scripts of their own: `python demo.py` (the synthetic demo set) and
-`python ctrate.py` (a CT-RATE manifest). This module imports no other module of the project.
+The data-set builders are scripts of their own: `python demo.py` (the synthetic demo set), `python ctrate.py`
+(a CT-RATE manifest), `python pacs.py` (a hospital's DICOM export). Of the project, this module imports dicom.py only.
 """
 import argparse, csv, hashlib, json, os, re, sys  # noqa: E401
 from dataclasses import dataclass, replace
@@ -30,6 +32,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
+
+from dicom import SeriesError, is_series, read_series, resample_exact
 
 class DataError(Exception):
     """Bad input data; the message is one line naming the file and the row, ID or problem."""
@@ -325,24 +329,38 @@ def oblique_degrees(affine):
     cosines = np.abs(axes).max(0) / np.linalg.norm(axes, axis=0)  # (3,) per voxel axis
     return float(np.degrees(np.arccos(np.clip(cosines, 0, 1))).max())
 
-def load_volume(path, spacing_out=(1.5, 1.5, 3.0), spacing_in=None, rescale=None):
-    """NIfTI -> float32 (D, H, W) in canonical orientation at spacing_out (x, y, z mm); HU for CT.
-    spacing_in (x, y, z) overrides the header; rescale (slope, intercept) turns raw CT-RATE v1
-    values into HU and is ignored for v2 *_fixed files (rescaling twice is a known peer bug)."""
-    require(os.path.isfile(path), f"{path}: file not found")
+def image_exists(path):
+    """A NIfTI file or a DICOM folder is there (a folder's series are checked when it is read)."""
+    return os.path.isfile(path) or is_series(path)
+
+def load_volume(path, spacing_out=(1.5, 1.5, 3.0), spacing_in=None, rescale=None, modality=None):
+    """NIfTI file or DICOM series (modality: the one the preset expects, warned otherwise) -> float32 (D, H, W) in canonical orientation at spacing_out (x, y, z mm); HU for CT.
+    spacing_in (x, y, z) overrides the header; rescale (slope, intercept) turns raw CT-RATE v1 values into HU and is
+    ignored for v2 *_fixed files (rescaling twice is a known peer bug). A DICOM series rescales itself, per slice."""
+    series = is_series(path)  # a folder, or folder::SeriesInstanceUID: dicom.py reads it, into the same hand-off
+    require(series or os.path.isfile(path), f"{path}: file not found")
+    require(not (series and (spacing_in or rescale)), f"{path}: a DICOM series's own headers give its spacing and "
+            "rescale; leave the manifest's spacing and rescale cells empty for it")
     try:
-        img = nib.load(path)
+        img = nib.Nifti1Image(*read_series(path, modality)) if series else nib.load(path)  # voxels + affine to RAS mm
         shape = img.shape  # (x, y, z), or (x, y, z, 1): one channel
         require(len(shape) >= 3 and min(shape[:3]) > 1 and all(s == 1 for s in shape[3:]),
                 f"{path}: expected a 3D volume with one channel, got shape {shape}")
-        if (tilt := oblique_degrees(img.affine)) > 1:  # as_closest_canonical only flips and permutes axes
-            print(f"warning: {path}: oblique or sheared affine (a voxel axis {tilt:.1f} degrees off the nearest "
-                  "canonical axis); reorienting to the closest canonical axes only approximates it", file=sys.stderr, flush=True)
-        img = nib.as_closest_canonical(img)  # RAS+ as views (flips, transposes); zooms permuted with the axes
-        zooms = tuple(float(z) for z in img.header.get_zooms()[:3])
+        affine = img.affine.astype(np.float64)
+        if spacing_in:  # each voxel axis gets the spacing of the patient axis it runs nearest to
+            axes = np.abs(affine[:3, :3]).argmax(0)  # (3,) x, y or z for voxel axes i, j, k
+            affine[:3, :3] *= np.asarray(spacing_in, float)[axes] / np.linalg.norm(affine[:3, :3], axis=0)  # per column
+        exact = oblique_degrees(affine) > 0.01  # a rotated or sheared grid: resampled exactly, not just flipped
+        if exact and oblique_degrees(affine) > 1 and not series:  # dicom.py has named its gantry tilt
+            print(f"warning: {path}: oblique or sheared affine (a voxel axis {oblique_degrees(affine):.1f} degrees off the "
+                  "nearest canonical axis); resampled exactly onto the patient's axes", file=sys.stderr, flush=True)
+        if not exact:
+            img = nib.as_closest_canonical(nib.Nifti1Image(img.dataobj, affine, img.header))  # RAS+ by flips, transposes
         vol = np.asanyarray(img.dataobj).reshape(img.shape[:3])  # (x, y, z), as stored (int16 for most CT)
     except DataError:
         raise
+    except SeriesError as e:
+        raise DataError(str(e)) from None
     except Exception as e:  # truncated gzip, not a NIfTI, ...: nibabel raises many kinds
         raise DataError(f"{path}: cannot read NIfTI ({type(e).__name__}: {str(e)[:200]!r})") from None
     require(vol.dtype.kind != "f" or np.isfinite(vol).all(), f"{path}: volume contains NaN or infinite voxels")
@@ -350,9 +368,11 @@ def load_volume(path, spacing_out=(1.5, 1.5, 3.0), spacing_in=None, rescale=None
     t = torch.from_numpy(np.ascontiguousarray(vol.T)).to(torch.float32, copy=True)
     if rescale is not None and not is_fixed(path):
         t = t * float(rescale[0]) + float(rescale[1])
-    spacing_in = spacing_in or zooms
-    require(min(spacing_in) > 0, f"{path}: voxel spacing {spacing_in} is not positive")
-    size = [max(1, round(n * a / b)) for n, a, b in zip(vol.shape, spacing_in, spacing_out)][::-1]  # (D, H, W)
+    if exact:
+        return resample_exact(t, affine, np.asarray(spacing_out, float), float(t.min())).numpy()
+    zooms = np.linalg.norm(img.affine[:3, :3], axis=0)  # (x, y, z) mm after reorientation
+    require(min(zooms) > 0, f"{path}: voxel spacing {tuple(zooms)} is not positive")
+    size = [max(1, round(n * a / b)) for n, a, b in zip(vol.shape, zooms, spacing_out)][::-1]  # (D, H, W)
     if list(t.shape) != size:
         t = F.interpolate(t[None, None], size=size, mode="trilinear", align_corners=False)[0, 0]
     return t.numpy()
@@ -393,7 +413,7 @@ def preprocess_volume(path, preset, meta=None):
     """NIfTI -> the stored (D, H, W) volume at the preset's spacing and size: int16 HU padded with
     air (-1024) for CT; float32 padded with 0 for MRI (its intensities have no fixed scale)."""
     p, meta = get_preset(preset), meta or {}
-    vol = load_volume(path, p["spacing"], meta.get("spacing"), meta.get("rescale"))
+    vol = load_volume(path, p["spacing"], meta.get("spacing"), meta.get("rescale"), None if p["intensity"] == "mri" else "CT")
     require(vol.max() > vol.min(), f"{path}: every voxel is {vol.flat[0]:g}: an empty or failed export, not an image")
     # A CT of the chest or abdomen holds air (outside the body, lungs, bowel gas: about -1000 HU), so one without a voxel
     # below -500 is not in HU: a uint8 0-255 export, raw values never rescaled (0..4095), a normalised volume (or, rarely,
@@ -471,7 +491,7 @@ class VolumeReportDataset(torch.utils.data.Dataset):
         if self.cache_dir:
             check_cache(self.cache_dir, preset)
         require(not images or None not in table.images, f"{table.source}: a row has no image")
-        lost = [i for i, f in enumerate(table.images) if images and not os.path.isfile(f)
+        lost = [i for i, f in enumerate(table.images) if images and not image_exists(f)
                 and not (self.cache_dir and cache_file(self.cache_dir, table.ids[i]).is_file())]
         if lost:  # found now, not hours into training
             raise DataError(f"{table.images[lost[0]]}: file not found (id {table.ids[lost[0]]}; {len(lost)} of {len(table)} images missing)")
@@ -520,28 +540,8 @@ def main(argv=None):
     args = ap.parse_args(argv)
     sys.exit(1 if preprocess_dataset(args.data, args.cache, args.preset, args.workers) else 0)  # failures listed above
 
-# ----------------------------------------------------------------------------- stage defaults
+# ----------------------------------------------------------------------------- the demo's place
 DEMO_DIR = "data/demo"  # where every stage looks for (and builds, demo.ensure_demo) the demo set by default
-DISTILL_LABELS = "out/distill/labels.csv"  # where distill.py writes labels, read by later stages by default
-
-def pick_labels(table, path=None):
-    """The labels a stage trains on: `path` when given (it must cover every id), else distill.py's output
-    when it covers this data set, else the manifest's own columns. -> (table, what was used, for the log)."""
-    if path:
-        return table.with_labels(path), str(path)
-    if Path(DISTILL_LABELS).is_file():
-        if Path(DISTILL_LABELS).stat().st_mtime < Path(table.source).stat().st_mtime:  # e.g. a rebuilt demo set
-            return table, f"the manifest label columns (not {DISTILL_LABELS}: older than {table.source}; run distill.py again)"
-        try:
-            return table.with_labels(DISTILL_LABELS), DISTILL_LABELS
-        except DataError as e:  # labels of another data set: say so, and use the manifest's own
-            return table, f"the manifest label columns (not {DISTILL_LABELS}: {e})"
-    return table, "the manifest label columns"
-
-def training_defaults(path, stage):
-    """Training flags a data set recommends for a stage: dataset.json's {"train": {stage: {flag: value}}}. The stage
-    scripts apply them under the command line and print them."""
-    return dataset_defaults(path).get("train", {}).get(stage, {}) if manifest_path(path).is_file() else {}
 
 if __name__ == "__main__":
     run_main(main)

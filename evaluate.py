@@ -117,11 +117,11 @@ def _fmt(x, nd=3):
 
 @torch.no_grad()
 def predict_scans(args):
-    """--scan mode: each NIfTI file through the checkpoint's own preset and the evaluation path of the manifest
+    """--scan mode: each NIfTI file or DICOM series through the checkpoint's own preset and the evaluation path of the manifest
     (VolumeReportDataset, train=False: center crop), then per finding the zero-shot probability (--template's prompt
     pair) and the shared classifier's. A finding outside the trained labels has a prompt pair but no classifier output."""
     for scan in args.scan:  # found before any work
-        D.require(Path(scan).is_file(), f"{scan}: file not found")
+        D.require(D.image_exists(scan), f"{scan}: file not found")
     model, ckpt = checkpoints.model_from_checkpoint(args.ckpt, stage="align")
     preset = (ckpt.get("extra") or {}).get("preset") or ckpt["args"].get("preset")  # align.py saves it in "extra"
     asked = D.resolve_preset(args.preset, ".") if args.preset else None  # a name, or a .json preset file
@@ -204,7 +204,8 @@ def get_args():
     g.add_argument("--max-len", type=int, default=None, help="token cap for reports and prompts (default: the checkpoint's)")
     g.add_argument("--out", default="out/eval", help="output folder")
     g = p.add_argument_group("single scans (predict_scans: no manifest, no labels)")
-    g.add_argument("--scan", nargs="+", default=None, help="NIfTI file(s): print each finding's probabilities instead of evaluating --data")
+    g.add_argument("--scan", nargs="+", default=None, help="NIfTI file(s) or DICOM series folder(s) (FOLDER::SeriesInstanceUID "
+                   "picks one of several): print each finding's probabilities instead of evaluating --data")
     g.add_argument("--findings", default=None, help='with --scan: "a, b, c" or a label file (default: the checkpoint\'s labels)')
     g.add_argument("--save-latents", default=None, help="with --scan: .npz of each scan's image latent (768) and encoder feature (512)")
     args = p.parse_args()
@@ -215,7 +216,7 @@ def get_args():
 
 def main():
     args = get_args()
-    if args.scan:  # one or more NIfTI files, no labels: probabilities per finding
+    if args.scan:  # one or more NIfTI files or DICOM series, no labels: probabilities per finding
         return predict_scans(args)
     device, out = torch.device(args.device), Path(args.out)  # evaluation runs in one process, in fp32
     out.mkdir(parents=True, exist_ok=True)

@@ -339,17 +339,18 @@ def test_ctrate_manifest(tmp_path):
 
 
 def test_pick_labels_prefers_fresh_distilled_labels(tmp_path, monkeypatch):
+    import common  # the stage plumbing picks the labels (moved from data.py with this test)
     monkeypatch.chdir(tmp_path)  # DISTILL_LABELS is relative to where a stage runs
     write_csv(tmp_path / "manifest.csv", ["id", "image", "report", "A"],
               [["a", "a.nii.gz", "r", "1"], ["b", "b.nii.gz", "r", "0"]])
     table = data.load_table(tmp_path)
-    assert data.pick_labels(table)[1] == "the manifest label columns"  # nothing distilled yet
+    assert common.pick_labels(table)[1] == "the manifest label columns"  # nothing distilled yet
     (tmp_path / "out" / "distill").mkdir(parents=True)
-    write_csv(tmp_path / data.DISTILL_LABELS, ["id", "A"], [["a", "0"], ["b", "1"]])
-    t, used = data.pick_labels(table)
-    assert used == data.DISTILL_LABELS and t.labels[:, 0].tolist() == [0, 1]
+    write_csv(tmp_path / common.DISTILL_LABELS, ["id", "A"], [["a", "0"], ["b", "1"]])
+    t, used = common.pick_labels(table)
+    assert used == common.DISTILL_LABELS and t.labels[:, 0].tolist() == [0, 1]
     # A data set rebuilt after distillation (same ids, new reports): the stale labels are not used silently.
-    os.utime(tmp_path / data.DISTILL_LABELS, (1e9, 1e9))
-    t, used = data.pick_labels(table)
+    os.utime(tmp_path / common.DISTILL_LABELS, (1e9, 1e9))
+    t, used = common.pick_labels(table)
     assert t.labels[:, 0].tolist() == [1, 0] and "older than" in used and "run distill.py again" in used
-    assert data.pick_labels(table, data.DISTILL_LABELS)[0].labels[:, 0].tolist() == [0, 1]  # --labels: as asked
+    assert common.pick_labels(table, common.DISTILL_LABELS)[0].labels[:, 0].tolist() == [0, 1]  # --labels: as asked

@@ -4,8 +4,8 @@ import ast
 
 from conftest import ROOT
 
-LAYERS = [("data",), ("model", "demo", "rules", "metrics"), ("checkpoints",), ("common",),
-          ("distill", "pretrain_vision", "pretrain_text", "align", "evaluate", "ctrate", "bench")]
+LAYERS = [("dicom",), ("data",), ("model", "demo", "rules", "metrics"), ("checkpoints",), ("common",),
+          ("distill", "pretrain_vision", "pretrain_text", "align", "evaluate", "ctrate", "pacs", "bench")]
 LAYER = {name: i for i, names in enumerate(LAYERS) for name in names}
 
 
