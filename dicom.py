@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from pydicom.errors import InvalidDicomError
 
 ENHANCED = {"1.2.840.10008.5.1.4.1.1.2.1", "1.2.840.10008.5.1.4.1.1.2.2"}  # Enhanced CT, Legacy Converted Enhanced CT
+NOT_IMAGE = "not an image (a report, dose sheet or DICOMDIR)"
 MAX_STEP = 1.5  # a step up to 1.5x the median is jitter, resampled; more is a gap (one missing slice doubles it)
 
 
@@ -173,7 +174,7 @@ def group_series(headers):
         if d is None:
             skipped.setdefault(why, []).append(f)
         elif not is_image(d):
-            skipped.setdefault("not an image (a report, dose sheet or DICOMDIR)", []).append(f)
+            skipped.setdefault(NOT_IMAGE, []).append(f)
         else:
             groups.setdefault(str(d.get("SeriesInstanceUID", "")), []).append((f, d))
     return groups, skipped

@@ -137,6 +137,39 @@ def test_real_chest_ct(ck, monkeypatch, capsys):
     assert saved["latent"].shape == (1, 768) and np.isfinite(saved["feature"]).all()
 
 
+def test_real_chest_ct_as_a_dicom_series(ck, tmp_path):
+    """The real chest CT written as a DICOM series (files shuffled, InstanceNumber reversed, a localiser beside it):
+    `data.py preprocess` caches the NIfTI path's tensor and `evaluate.py --scan FOLDER` prints its probabilities. The
+    headers carry a patient's name, ID and birth date: none of them reaches an output, a log line or the cache."""
+    from dicomfake import BIRTH_DATE, PATIENT_ID, PATIENT_NAME, write_localiser, write_series
+    path = SAMPLE / "ct" / "totalseg_chest_ct_cropped_120x126x164_1.5mm.nii.gz"
+    if not path.exists():
+        pytest.skip(f"sample data absent: {path}")
+    d, _ = ck
+    img = nib.load(path)
+    z = img.shape[2]
+    study, _ = write_series(tmp_path / "series", np.asanyarray(img.dataobj), img.affine, instance_numbers=np.arange(z, 0, -1),
+                            order=np.random.default_rng(0).permutation(z))
+    write_localiser(tmp_path / "series", study)
+    (tmp_path / "manifest.csv").write_text(f"id,image,report,split\nnifti,{path},,train\ndicom,series,,train\n")
+    r = subprocess.run([sys.executable, str(ROOT / "data.py"), "preprocess", "--data", str(tmp_path), "--preset", "chest"],
+                       capture_output=True, text=True, env=ENV, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    cache = tmp_path / "cache-chest"
+    np.testing.assert_array_equal(np.load(cache / "dicom.npy"), np.load(cache / "nifti.npy"))
+    e = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), "--scan", str(path), str(tmp_path / "series"), "--ckpt",
+                        str(d / "chest.pt"), "--save-latents", str(tmp_path / "lat.npz")],
+                       capture_output=True, text=True, env=ENV, cwd=tmp_path)
+    assert e.returncode == 0, e.stderr[-2000:]
+    got = tables(e.stdout)
+    assert got[str(tmp_path / "series")] == got[str(path)] and len(got[str(path)]) == 18
+    assert "dropped 1 localiser image(s), kept 164 slices" in e.stderr
+    secrets = [PATIENT_NAME, *[p for p in PATIENT_NAME.split("^") if len(p) > 2], PATIENT_ID, BIRTH_DATE]
+    outputs = [r.stdout, r.stderr, e.stdout, e.stderr] + [p.read_bytes().decode("latin-1") for p in tmp_path.rglob("*")
+                                                          if p.is_file() and p.parent.name != "series"]
+    assert not [s for s in secrets for o in outputs if s in o]
+
+
 def test_bad_input_is_one_line(ck, monkeypatch, capsys):
     d, table = ck
     flat = d / "flat.nii.gz"
