@@ -50,8 +50,9 @@ def run_main(fn):
     """Run a script's main(): DataError or UsageError -> one line on stderr, exit 2 (no traceback); Ctrl-C -> 130."""
     try:
         return fn()
-    except (DataError, UsageError) as e:  # raised in a DataLoader worker, it carries the worker's traceback: keep its last line
-        print("error:", re.sub(r"^[\w.]*(DataError|UsageError): ", "", str(e).strip().splitlines()[-1]), file=sys.stderr)
+    except (DataError, UsageError) as e:  # raised in a DataLoader worker, it carries the worker's traceback: skip it
+        msg = str(e).strip()  # one line, or a first line plus one line per item (the series of a DICOM folder)
+        print("error:", msg[m.end():] if (m := re.search(r"^[\w.]*(DataError|UsageError): ", msg, re.M)) else msg, file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         sys.exit(130)
@@ -473,7 +474,7 @@ def preprocess_dataset(data, cache_dir=None, preset=None, workers=1):
             results = list(tqdm(pool.imap_unordered(preprocess_one, todo), total=len(todo)))
     else:
         results = [preprocess_one(j) for j in tqdm(todo)]
-    failed = [(img, " ".join(err.split())) for img, err in results if err]  # one line each
+    failed = [(img, "\n    ".join(err.strip().splitlines())) for img, err in results if err]  # one line each (+ its list)
     if failed:
         print(f"{len(failed)} of {len(todo)} volumes failed:", *(f"  {e}" for _, e in failed), sep="\n",
               file=sys.stderr)

@@ -170,6 +170,28 @@ def test_real_chest_ct_as_a_dicom_series(ck, tmp_path):
     assert not [s for s in secrets for o in outputs if s in o]
 
 
+def test_a_folder_of_two_series_is_refused_with_one_line_each(ck, tmp_path):
+    """evaluate.py --scan and data.py preprocess on a study folder: the refusal names each series and how to pick one,
+    with no traceback; FOLDER::SeriesInstanceUID then reads."""
+    from dicomfake import write_series
+    d, _ = ck
+    vol = np.random.default_rng(0).integers(-1000, 400, (16, 16, 10)).astype(np.int16)
+    uids = [write_series(tmp_path / "study", vol, np.diag([-4.0, -4, 8, 1]), name=n, description=n.upper())[1] for n in "ab"]
+    r = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), "--scan", str(tmp_path / "study"), "--ckpt", str(d / "demo.pt")],
+                       capture_output=True, text=True, env=ENV, cwd=tmp_path)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 3 and "Traceback" not in r.stderr, r.stderr
+    assert lines[0].startswith("error: ") and "2 series in one folder" in lines[0] and "::SeriesInstanceUID" in lines[0]
+    assert uids[0] in lines[1] + lines[2] and uids[1] in lines[1] + lines[2] and "'A', 10 images" in r.stderr
+    (tmp_path / "manifest.csv").write_text("id,image,report,split\nboth,study,,train\n")
+    p = subprocess.run([sys.executable, str(ROOT / "data.py"), "preprocess", "--data", str(tmp_path), "--preset", "demo"],
+                       capture_output=True, text=True, env=ENV, cwd=tmp_path)
+    assert p.returncode == 1 and "1 of 1 volumes failed" in p.stderr and all(u in p.stderr for u in uids), p.stderr
+    ok = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), "--scan", f"{tmp_path / 'study'}::{uids[1]}", "--ckpt",
+                         str(d / "demo.pt")], capture_output=True, text=True, env=ENV, cwd=tmp_path)
+    assert ok.returncode == 0 and len(tables(ok.stdout)) == 1, ok.stderr[-2000:]
+
+
 def test_bad_input_is_one_line(ck, monkeypatch, capsys):
     d, table = ck
     flat = d / "flat.nii.gz"
