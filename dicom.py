@@ -98,39 +98,40 @@ def describe(d):
             "accession": str(d.get("AccessionNumber", ""))}
 
 
-def series_geometry(where, items):
-    """One series' images [(file, header)] -> its geometry, or SeriesError naming the problem.
-    -> {"files" sorted along the normal, "affine" (4, 4) voxel -> LPS mm, "positions" (Z,) mm along the normal,
-        "regular": bool, "step" mm, "tilt" degrees, "spacing" (row, column) mm, "dropped" {reason: count}}."""
+def series_slices(where, items):
+    """One series' images [(file, header)] -> ([(file, header)] of its own slices, {reason: count} dropped): localisers
+    out, then every image whose orientation is not the series' own (its most images'), e.g. a reformat slipped in."""
     d0 = items[0][1]
     if str(d0.get("SOPClassUID", "")) in ENHANCED or int(d0.get("NumberOfFrames", 1) or 1) > 1:
         raise SeriesError(f"{where}: an enhanced multi-frame image ({d0.get('NumberOfFrames', '?')} frames in one file): "
                           "not supported; export the series as classic single-frame CT images, or convert it with dcm2niix")
-    dropped = {}
     keep = [(f, d) for f, d in items if not is_localiser(d)]
-    if len(keep) < len(items):
-        dropped["localiser"] = len(items) - len(keep)
-    orient = [floats(d, "ImageOrientationPatient", 6) for _, d in keep]
-    keys = [tuple(np.round(o, 3)) if o is not None else None for o in orient]
-    common = max(set(keys) - {None}, key=keys.count, default=None)  # the series' own orientation: its most images'
+    keys = [tuple(np.round(o, 3)) if (o := floats(d, "ImageOrientationPatient", 6)) is not None else None for _, d in keep]
+    common = max(set(keys) - {None}, key=keys.count, default=None)
     if common is None:
         raise SeriesError(f"{where}: no image has a valid ImageOrientationPatient")
-    kept = [(f, d, o) for (f, d), o, k in zip(keep, orient, keys) if k == common]
-    if len(kept) < len(keep):
-        dropped["another orientation"] = len(keep) - len(kept)
+    kept = [x for x, k in zip(keep, keys) if k == common]
     if len(kept) < 2:
         raise SeriesError(f"{where}: {len(kept)} image(s) in the series' orientation: not a volume")
-    o = kept[0][2]
+    return kept, {"localiser": len(items) - len(keep), "another orientation": len(keep) - len(kept)}
+
+
+def series_geometry(where, items):
+    """One series' images [(file, header)] -> its geometry, or SeriesError naming the problem.
+    -> {"files" sorted along the normal, "affine" (4, 4) voxel -> LPS mm, "positions" (Z,) mm along the normal,
+        "regular": bool, "step" mm, "tilt" degrees, "spacing" (row, column) mm, "dropped" {reason: count}}."""
+    kept, dropped = series_slices(where, items)
+    o = floats(kept[0][1], "ImageOrientationPatient", 6)
     row, col = o[:3] / np.linalg.norm(o[:3]), o[3:] / np.linalg.norm(o[3:])
     normal = np.cross(row, col)  # (3,) LPS: the direction slices are stacked along
-    ipp = np.stack([floats(d, "ImagePositionPatient", 3) if floats(d, "ImagePositionPatient", 3) is not None
-                    else np.full(3, np.nan) for _, d, _ in kept])  # (Z, 3) LPS mm
-    bad = [f for (f, _, _), p in zip(kept, ipp) if not np.isfinite(p).all()]
+    missing = lambda v, n: v if v is not None else np.full(n, np.nan)  # noqa: E731
+    ipp = np.stack([missing(floats(d, "ImagePositionPatient", 3), 3) for _, d in kept])  # (Z, 3) LPS mm
+    bad = [f for (f, _), p in zip(kept, ipp) if not np.isfinite(p).all()]
     if bad:
         raise SeriesError(f"{bad[0]}: no valid ImagePositionPatient ({len(bad)} of {len(kept)} images)")
-    spacing = {tuple(floats(d, "PixelSpacing", 2) if floats(d, "PixelSpacing", 2) is not None else (0, 0)) for _, d, _ in kept}
-    shapes = {(int(d.Rows), int(d.Columns)) for _, d, _ in kept}
-    if len(spacing) > 1 or len(shapes) > 1 or min(next(iter(spacing))) <= 0:
+    spacing = {tuple(missing(floats(d, "PixelSpacing", 2), 2)) for _, d in kept}
+    shapes = {(int(d.Rows), int(d.Columns)) for _, d in kept}
+    if len(spacing) > 1 or len(shapes) > 1 or not min(next(iter(spacing))) > 0:
         raise SeriesError(f"{where}: images of different sizes or pixel spacings in one series ({sorted(shapes)}, "
                           f"{sorted(spacing)}): a merged export? pick one reconstruction")
     order = np.argsort(ipp @ normal, kind="stable")
@@ -235,8 +236,8 @@ def read_series(path, expect_modality=None):
     (RescaleSlope, RescaleIntercept may differ between images). Warnings go to stderr, one line each."""
     where, items, skipped = pick_series(path)
     g = series_geometry(where, items)
-    if g["dropped"] or "localiser" in skipped:
-        n = dict(g["dropped"], localiser=g["dropped"].get("localiser", 0) + len(skipped.get("localiser", [])))
+    n = dict(g["dropped"], localiser=g["dropped"]["localiser"] + len(skipped.get("localiser", [])))  # + scout series
+    if any(n.values()):
         warn(f"{where}: dropped {', '.join(f'{v} {k}' for k, v in n.items() if v)} image(s), kept {len(g['files'])} slices")
     first = items[0][1]
     if expect_modality and str(first.get("Modality", "")) != expect_modality:

@@ -58,13 +58,14 @@ def test_real_ct_series_gives_the_nifti_tensor(tmp_path, capsys, feet_first):
     assert "dropped 1 localiser image(s), kept 164 slices" in err and "gantry tilt" not in err
 
 
-def test_synthetic_series_head_and_feet_first_match_nifti(tmp_path):
+def test_synthetic_series_head_and_feet_first_match_nifti(tmp_path, capsys):
     vol = phantom()
     ref = native(nifti(tmp_path, vol))
     for name, kw in (("hf", {}), ("ff", {"feet_first": True}),
                      ("shuffled", {"order": np.random.default_rng(0).permutation(12), "instance_numbers": np.arange(12)[::-1]})):
         write_series(tmp_path / name, vol, AFFINE, **kw)
         np.testing.assert_array_equal(native(tmp_path / name), ref, err_msg=name)
+        assert capsys.readouterr().err == ""  # a clean series reads without a word
     v, a = dicom.read_series(str(tmp_path / "hf"))  # the hand-off itself: the voxels and the RAS affine written
     np.testing.assert_array_equal(v, vol)
     np.testing.assert_allclose(a, AFFINE, atol=1e-4)
