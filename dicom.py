@@ -230,6 +230,19 @@ def decoder_check(where, d):
                           f"it: pip install {' '.join(pkgs) or 'pylibjpeg pylibjpeg-libjpeg'} (or python-gdcm)")
 
 
+def raw_pixels(d):
+    """Uncompressed 16-bit little-endian pixels, one sample, all 16 bits stored -> a (Rows, Columns) view of the bytes,
+    4x faster than pixel_array over a series; anything else (compressed, 12 of 16 bits, ...) -> None: pixel_array's."""
+    syntax = d.file_meta.get("TransferSyntaxUID")
+    if (syntax not in (pydicom.uid.ExplicitVRLittleEndian, pydicom.uid.ImplicitVRLittleEndian) or d.get("BitsAllocated") != 16
+            or d.get("BitsStored") != 16 or d.get("SamplesPerPixel", 1) != 1 or "PixelData" not in d):
+        return None
+    rows, cols = int(d.Rows), int(d.Columns)
+    if len(d.PixelData) < rows * cols * 2:  # cut short: pixel_array says so
+        return None
+    return np.frombuffer(d.PixelData, "<i2" if d.get("PixelRepresentation") == 1 else "<u2", rows * cols).reshape(rows, cols)
+
+
 def read_series(path, expect_modality=None):
     """A DICOM folder (or folder::SeriesInstanceUID) -> (voxels (X, Y, Z) float32, affine (4, 4) RAS mm).
     Voxel [i, j, k] is column i, row j of the k-th slice along the normal; values are rescaled per slice
@@ -251,11 +264,12 @@ def read_series(path, expect_modality=None):
             raise SeriesError(f"{f}: unreadable on the second pass ({type(e).__name__})") from None
         decoder_check(f, d)
         try:
-            pix = d.pixel_array  # (Rows, Columns), as stored
+            pix = raw_pixels(d)
+            pix = d.pixel_array if pix is None else pix  # (Rows, Columns), as stored
         except Exception as e:
             raise SeriesError(f"{f}: cannot decode pixel data ({type(e).__name__}: {str(e)[:120]})") from None
         if vol is None:
-            vol = np.empty((pix.shape[1], pix.shape[0], len(g["files"])), np.float32)  # (X, Y, Z)
+            vol = np.empty((len(g["files"]), *pix.shape), np.float32).T  # (X, Y, Z) view of (Z, Y, X): slices contiguous
         slope, intercept = float(d.get("RescaleSlope", 1) or 1), float(d.get("RescaleIntercept", 0) or 0)
         vol[:, :, k] = pix.T * np.float32(slope) + np.float32(intercept)
     if not g["regular"]:  # linear interpolation along the normal onto the median step, from the first slice to the last

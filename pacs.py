@@ -24,6 +24,7 @@ A script of its own, beside data.py (which it uses), like ctrate.py; dicom.py re
 """
 import argparse
 import csv
+import gc
 import io
 import os
 import sys
@@ -67,8 +68,18 @@ def identifiers_in(path, d):
 
 
 def index_export(root, out_dir):
-    """Walk a PACS export -> (rows: one dict per series with COLUMNS, {reason: [files]} not in any row).
+    """Walk a PACS export -> (rows: one dict per series with COLUMNS, {reason: [files]} not in any row, files walked).
     `image` is FOLDER::SeriesInstanceUID relative to out_dir, the form a manifest's image column takes."""
+    enabled = gc.isenabled()
+    gc.disable()  # thousands of header datasets stay alive, without cycles: each collection would walk them all again
+    try:  # (a third of the time on a large export)
+        return _index_export(root, out_dir)
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def _index_export(root, out_dir):
     files = dicom.files_under(root)
     headers = [(f, *dicom.read_header(f)) for f in tqdm(files, unit="file", desc="reading headers", mininterval=1)]
     groups, skipped = dicom.group_series(headers)
