@@ -121,7 +121,8 @@ def main():
                             lr=args.lr, weight_decay=args.weight_decay, fused=True)
     run.log(f"learning rates: encoders {args.lr:g}, projections + classifier {args.lr * head_scale:g} (peak, cosine to "
             f"{args.min_lr:g}{f' x {head_scale:g}' if head_scale != 1 else ''})")
-    train_model = common.start(run, model, opt, train_ds, model_config, table.label_names, extra={"preset": preset})
+    train_model = common.start(run, model, opt, train_ds, model_config, table.label_names,
+                               extra={"preset": preset, "data": common.data_record(args, table)})  # scan.py reads both
 
     # -----------------------------------------------------------------------------
     # training loop

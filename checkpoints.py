@@ -11,15 +11,23 @@ A checkpoint is a dict of plain values (so torch.load(weights_only=True) reads i
     save_checkpoint         writes one atomically: a crash mid-save leaves the previous file whole
     load_checkpoint         reads one and checks it is the stage and label set the caller expects
     model_from_checkpoint   the model rebuilt from the file alone, its weights loaded strictly
+    save_reference, load_reference   what evaluate.py measured of an aligned checkpoint, beside it, for scan.py:
+                            <stem>.operating_points.json (thresholds, temperatures, validation scores: readable) and
+                            <stem>.features.npz (the training features' Gaussian); both carry the checkpoint's
+                            fingerprint, so a file made for other weights is refused, never used
 Anything that does not fit is one line naming the file (data.DataError), never a traceback and never a model left
 silently at random weights.
 """
+import hashlib
+import io
+import json
 import os
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from data import DataError
+from data import DataError, write_atomic
 from model import STAGES, build_model, load_state_strict, unwrap
 
 KEYS = ("stage", "model", "model_config", "args", "label_names", "optimizer", "step", "epoch", "best_metric")
@@ -103,3 +111,44 @@ def model_from_checkpoint(path, stage=None, label_names=None):
         raise DataError(f"{path}: cannot rebuild the model from its model_config ({type(e).__name__}: {e})") from None
     load_state_strict(model, ckpt["model"], path)
     return model, ckpt
+
+
+def fingerprint(path):
+    """The first 16 hex digits of the file's SHA-1: which weights a reference was measured on."""
+    h = hashlib.sha1()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def reference_paths(ckpt_path):
+    p = Path(ckpt_path)
+    return p.with_name(f"{p.stem}.operating_points.json"), p.with_name(f"{p.stem}.features.npz")
+
+
+def save_reference(ckpt_path, points, features=None):
+    """points: a JSON-able dict (evaluate.py's operating points); features: {"mean", "precision", ...} arrays or None.
+    Written atomically beside the checkpoint, stamped with its fingerprint. -> the paths written."""
+    js, npz = reference_paths(ckpt_path)
+    fp = fingerprint(ckpt_path)
+    write_atomic(js, json.dumps({"checkpoint": Path(ckpt_path).name, "fingerprint": fp, **points}, indent=1))
+    if features is not None:
+        buf = io.BytesIO()
+        np.savez(buf, fingerprint=np.array(fp), **features)
+        write_atomic(npz, buf.getvalue())
+    return [js] + ([npz] if features is not None else [])
+
+
+def load_reference(ckpt_path):
+    """-> (points dict or None, features dict or None): None where evaluate.py has not written one. A file made for
+    other weights (another fingerprint) is a DataError naming the command that remakes it."""
+    js, npz = reference_paths(ckpt_path)
+    points = json.loads(js.read_text()) if js.is_file() else None
+    features = dict(np.load(npz)) if npz.is_file() else None
+    fp = fingerprint(ckpt_path) if points or features else None
+    for f, stamp in ((js, points and points.get("fingerprint")), (npz, features and str(features.get("fingerprint")))):
+        if stamp and stamp != fp:
+            raise DataError(f"{f}: made for other weights than {ckpt_path} (fingerprint {stamp}, not {fp}); make it "
+                            f"again: python evaluate.py --ckpt {ckpt_path} --data <its data set>")
+    return points, features

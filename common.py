@@ -195,6 +195,14 @@ def load_data(run, images=True, reports=True):
     return table, preset, cache
 
 
+def data_record(args, table):
+    """What a model was trained on, kept in its checkpoint: the data set, its training volumes, and whether it is the
+    synthetic demo (dataset.json "synthetic", or the demo preset), so a scan's answers can be put in context."""
+    info = D.dataset_defaults(args.data)
+    return {"source": str(table.source), "name": info.get("name") or Path(table.source).parent.name,
+            "train_volumes": table.splits.count("train"), "synthetic": bool(info.get("synthetic", info.get("preset") == "demo"))}
+
+
 def tokenize(tokenizer, reports, max_len, device):
     """B report strings -> input_ids, attention_mask (B, L) each, on the device; longer reports are cut at max_len."""
     enc = tokenizer(list(reports), padding=True, truncation=True, max_length=max_len, return_tensors="pt")

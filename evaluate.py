@@ -5,7 +5,8 @@ Reads:  an aligned checkpoint (--ckpt, default out/align/best.pt or out/align-li
         align.py), a manifest with volumes and reports (--data, default the demo set) and optionally a
         reference label CSV that replaces the manifest's labels (--labels, matched on id).
 Writes: --out (default out/eval): per_label.csv, summary.json (checkpoint, protocol, all metrics,
-        retrieval), roc.png when matplotlib is installed.
+        retrieval, calibration, out-of-distribution rate), roc.png, reliability.png; and beside the checkpoint,
+        for scan.py (make_reference): <stem>.operating_points.json and <stem>.features.npz.
 
 Each label gets a positive and a negative prompt ("There is X." / "There is no X."); a volume's score
 is the softmax over the pair of raw dot products between its image latent and the two prompt latents.
@@ -19,6 +20,12 @@ Protocol choices, all stated in the output (the functions are in metrics.py):
   its volumes' scores, its reference the max over its volumes (identical within a CT-RATE scan).
 - Retrieval: report -> volume Recall@K over all units of the split (latents averaged per unit, raw dot
   products); a K larger than the number of units is undefined (null), not clipped.
+- For scan.py (make_reference), per volume on --threshold-split (else the evaluated split): one temperature for the
+  zero-shot logits and one for the classifier's (temperature scaling: every AUC unchanged), Youden's J and
+  sensitivity-0.90 thresholds of the calibrated zero-shot probability, and its values among positives and
+  negatives; the training split's 512-d features as a Gaussian, with the --ood-percentile of the threshold split's
+  Mahalanobis distances as the out-of-distribution cut-off. Printed and in summary.json: the evaluated split's
+  calibration error before and after, and its share of volumes beyond the cut-off.
 
 Examples:
     # demo set on the CPU (built if missing), checkpoint from `python align.py`
@@ -27,8 +34,8 @@ Examples:
     python evaluate.py --device cuda --data data/ctrate --split valid --unit scan --protocol ctrate18 --threshold-split train
     # external RAD-ChestCT, the 15 classes it can express
     python evaluate.py --device cuda --data data/radchestct --labels rad_chestct_labels.csv --protocol radchestct15
-    # single scans, no labels needed: probabilities per finding, findings outside the label set too (predict_scans)
-    python evaluate.py --scan a.nii.gz b.nii.gz --findings "pneumothorax, rib fracture" --save-latents out/scans.npz
+
+Single scans (no labels): scan.py, which reads the operating points this script writes beside the checkpoint.
 """
 import argparse
 import csv
@@ -87,17 +94,20 @@ def unit_max(inv, y):
 
 @torch.no_grad()
 def encode_split(model, tokenizer, loader, max_len, device):
-    """Image and report latents of every volume -> ids, img (N, 768), txt (N, 768). fp32 throughout:
-    evaluation is cheap next to training, and exact numbers are worth more here."""
-    ids, img, txt = [], [], []
+    """Image and report latents of every volume -> ids, img (N, 768), txt (N, 768), feat (N, 512): the vision
+    encoder's pooled feature, of which img is the projection. fp32 throughout: evaluation is cheap next to training,
+    and exact numbers are worth more here."""
+    ids, img, txt, feat = [], [], [], []
     for batch in loader:
         tok = tokenizer(list(batch["report"]), padding=True, truncation=True, max_length=max_len,
                         return_tensors="pt")
-        img.append(model.encode_image(batch["image"].to(device)).float().cpu())  # (B, 768)
+        f = model.vision(batch["image"].to(device))  # (B, 512)
+        feat.append(f.float().cpu())
+        img.append(model.img_proj(f).float().cpu())  # (B, 768) = model.encode_image
         txt.append(model.encode_text(tok["input_ids"].to(device),
                                      tok["attention_mask"].to(device)).float().cpu())  # (B, 768)
         ids += list(batch["id"])
-    return ids, torch.cat(img), torch.cat(txt)
+    return ids, torch.cat(img), torch.cat(txt), torch.cat(feat)
 
 
 def _plain(x):
@@ -113,69 +123,6 @@ def _plain(x):
 
 def _fmt(x, nd=3):
     return "  -  " if x is None or not np.isfinite(x) else f"{x:.{nd}f}"
-
-
-@torch.no_grad()
-def predict_scans(args):
-    """--scan mode: each NIfTI file or DICOM series through the checkpoint's own preset and the evaluation path of the manifest
-    (VolumeReportDataset, train=False: center crop), then per finding the zero-shot probability (--template's prompt
-    pair) and the shared classifier's. A finding outside the trained labels has a prompt pair but no classifier output."""
-    for scan in args.scan:  # found before any work
-        D.require(D.image_exists(scan), f"{scan}: file not found")
-    model, ckpt = checkpoints.model_from_checkpoint(args.ckpt, stage="align")
-    preset = (ckpt.get("extra") or {}).get("preset") or ckpt["args"].get("preset")  # align.py saves it in "extra"
-    asked = D.resolve_preset(args.preset, ".") if args.preset else None  # a name, or a .json preset file
-    if asked and preset and D.get_preset(asked) != D.get_preset(preset):
-        raise D.UsageError(f"--preset {args.preset}: {args.ckpt} was trained on preset {D.preset_name(preset)}, and a scan "
-                           f"must go through the same preprocessing (leave --preset out)")
-    preset = preset or asked
-    D.require(preset, f"{args.ckpt}: the checkpoint does not record its preset; pass the one it was trained with (--preset)")
-    D.require_channels(ckpt["model_config"]["vision"], preset, args.ckpt)
-    device = torch.device(args.device)
-    model.to(device).eval()
-    text_cfg = ckpt["model_config"]["text"]
-    tokenizer = M.tokenizer_from_cfg(text_cfg)
-    ck_names = list(ckpt["label_names"])
-    findings = ck_names
-    if args.findings:  # a label file (.txt: one name a line, as distill.py --labels reads; .csv: its header), or "a, b, c"
-        findings = (D.resolve_label_set(args.findings)[0] if Path(args.findings).is_file()
-                    else [f.strip() for f in args.findings.split(",") if f.strip()])
-        D.require(findings, f"--findings {args.findings!r}: no finding names")
-    key = lambda n: n.lower().replace("_", " ").strip()  # noqa: E731  how the prompts spell a name, too
-    col = {key(n): c for c, n in enumerate(ck_names)}
-    cols = [col.get(key(f)) for f in findings]  # classifier output of each finding, None = not a trained label
-    prompts = M.prompt_latents(model, tokenizer, findings, args.template, args.max_len or text_cfg["max_len"], device)
-    n = len(args.scan)  # the scans as a label-free table: the dataset reads, resamples and crops them as for a manifest
-    table = D.Table(ids=[str(s) for s in args.scan], images=[str(s) for s in args.scan], reports=[""] * n,
-                    splits=["scan"] * n, label_names=[], labels=np.zeros((n, 0), np.float32), meta=[{}] * n, source="--scan")
-    ds = D.VolumeReportDataset(table, preset, train=False)  # no cache: each file is read and preprocessed afresh
-    p = D.get_preset(preset)
-    print(f"checkpoint {args.ckpt}: {len(ck_names)} trained labels; preset {D.preset_name(preset)} "
-          f"({'x'.join(f'{s:g}' for s in p['spacing'])} mm, center crop {'x'.join(map(str, p['crop']))}); template {args.template}")
-    if None in cols:
-        print(f"note: {cols.count(None)} of {len(findings)} findings are not among the checkpoint's trained labels: they are "
-              f"answered through the prompt pair only (the shared classifier has one output per trained label)")
-    feats, lats, zs, clfs = [], [], [], []
-    for i in range(n):
-        x = ds[i]["image"][None].to(device)  # (1, K, D, H, W)
-        feat = model.vision(x)  # (1, 512): the encoder's pooled feature
-        lat = model.img_proj(feat)  # (1, 768) = model.encode_image(x)
-        zs.append(M.zero_shot_scores(lat.float().cpu(), prompts.cpu())[0].numpy())  # (F,)
-        clf = torch.sigmoid(model.classifier(lat)).float().cpu()[0]  # (C,)
-        clfs.append(np.array([np.nan if c is None else float(clf[c]) for c in cols]))  # (F,), nan = not trained
-        feats.append(feat.float().cpu()[0].numpy())
-        lats.append(lat.float().cpu()[0].numpy())
-        print(f"\nscan {args.scan[i]}\n  {'finding':34s} {'zero-shot':>9s}  classifier")
-        for f, z, c in zip(findings, zs[-1], clfs[-1]):
-            print(f"  {f[:34]:34s} {z:9.4f}  {'n/a (not a trained label)' if np.isnan(c) else f'{c:10.4f}'}")
-    if args.save_latents:  # plain arrays, rows in --scan order; classifier nan where a finding is not a trained label
-        buf = io.BytesIO()
-        np.savez(buf, scans=np.array(args.scan), findings=np.array(findings), latent=np.stack(lats),
-                 feature=np.stack(feats), zero_shot=np.stack(zs), classifier=np.stack(clfs))
-        Path(args.save_latents).parent.mkdir(parents=True, exist_ok=True)
-        D.write_atomic(args.save_latents, buf.getvalue())
-        print(f"\nwrote {args.save_latents}: scans, findings, latent (N, {lats[0].size}), feature (N, {feats[0].size}), "
-              f"zero_shot and classifier (N, F)")
 
 
 def get_args():
@@ -203,21 +150,21 @@ def get_args():
     g.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
     g.add_argument("--max-len", type=int, default=None, help="token cap for reports and prompts (default: the checkpoint's)")
     g.add_argument("--out", default="out/eval", help="output folder")
-    g = p.add_argument_group("single scans (predict_scans: no manifest, no labels)")
-    g.add_argument("--scan", nargs="+", default=None, help="NIfTI file(s) or DICOM series folder(s) (FOLDER::SeriesInstanceUID "
-                   "picks one of several): print each finding's probabilities instead of evaluating --data")
-    g.add_argument("--findings", default=None, help='with --scan: "a, b, c" or a label file (default: the checkpoint\'s labels)')
-    g.add_argument("--save-latents", default=None, help="with --scan: .npz of each scan's image latent (768) and encoder feature (512)")
+    g = p.add_argument_group("operating points for scan.py (written beside --ckpt)")
+    g.add_argument("--no-reference", action="store_true", help="do not write <ckpt stem>.operating_points.json and .features.npz")
+    g.add_argument("--ood-percentile", type=float, default=99.0, help="feature-distance cut-off: this percentile of the "
+                   "threshold split's scans (default: %(default)s)")
+    g.add_argument("--ood-fit-max", type=int, default=2000, help="training volumes (a seeded sample) whose features "
+                   "define the reference Gaussian (default: %(default)s)")
+    p.add_argument("--scan", nargs="*", help=argparse.SUPPRESS)  # moved to scan.py: said, not a bare argparse error
     args = p.parse_args()
-    if not args.scan and (args.findings or args.save_latents):
-        raise D.UsageError("--findings and --save-latents go with --scan")
+    if args.scan is not None:
+        raise D.UsageError("--scan moved to a script of its own: python scan.py SCAN [SCAN ...] (the same flags)")
     return args
 
 
 def main():
     args = get_args()
-    if args.scan:  # one or more NIfTI files or DICOM series, no labels: probabilities per finding
-        return predict_scans(args)
     device, out = torch.device(args.device), Path(args.out)  # evaluation runs in one process, in fp32
     out.mkdir(parents=True, exist_ok=True)
 
@@ -263,7 +210,7 @@ def main():
     ci, macro_ci = metrics.bootstrap_auc(y, s, args.bootstrap, args.seed) if args.bootstrap else (
         [(np.nan, np.nan)] * len(names), (np.nan, np.nan))
     thr_self = metrics.youden_thresholds(y, s)  # CT-CLIP: picked on the evaluated set itself
-    thr_other = np.full(len(names), np.nan)
+    thr_other, tv = np.full(len(names), np.nan), None
     if thr_split:  # the same rule on another split, then applied to the evaluated one
         tv = score_split(table, thr_split, labels_required=False, **score)
         thr_other = metrics.youden_thresholds(tv["y"], tv["scores"][args.template])
@@ -304,7 +251,72 @@ def main():
         "retrieval": {"direction": "report->volume", "n": len(ev["units"]), "unit": args.unit,
                       "k_larger_than_n": "undefined (null)", **{f"recall@{k}": v for k, v in retrieval.items()}},
     }
+    if not args.no_reference:  # what scan.py needs to weigh one scan's answers, beside the checkpoint
+        summary["reference"] = make_reference(ev, tv if thr_split else ev, thr_split or split, table, score)
+        plot_reliability(out, summary["reference"]["calibration"], split)
     write_outputs(out, rows, mac, summary, y, s, names, aucs, args.template)
+
+
+def make_reference(ev, rv, ref_split, table, score):
+    """Operating points, temperatures and the feature reference for scan.py, measured per volume (a scan is one):
+    fitted on rv (the threshold split), checked on ev (the evaluated split); written beside the checkpoint.
+    -> what summary.json records of them."""
+    args, names, sig = score["args"], score["names"], lambda z: 1 / (1 + np.exp(-z))  # noqa: E731
+    v, e = rv["volume"], ev["volume"]
+    t_zs, t_clf = metrics.fit_temperature(v["logits"], v["y"]), metrics.fit_temperature(v["clf_logits"], v["y"])
+    p = sig(v["logits"] / t_zs)  # (N, C) calibrated zero-shot probabilities of the threshold split
+    youden, screen = metrics.youden_thresholds(v["y"], p), metrics.sensitivity_thresholds(v["y"], p, 0.9)
+    labels = {n: {"youden": youden[c], "sensitivity_0.9": screen[c],
+                  **{k: sorted(round(float(x), 5) for x in p[metrics.has_ref(v["y"], c) & (v["y"][:, c] == want), c])
+                     for k, want in (("positives", 1), ("negatives", 0))}}
+              for c, n in enumerate(names) if np.isfinite(youden[c])}  # a label without both classes: no decision
+    calibration = {k: {"temperature": t, "before": metrics.calibration_error(e["y"], sig(z))[1],
+                       "after": metrics.calibration_error(e["y"], sig(z / t))[1],
+                       "ece_before": metrics.calibration_error(e["y"], sig(z))[0],
+                       "ece_after": metrics.calibration_error(e["y"], sig(z / t))[0]}
+                   for k, z, t in (("zero_shot", e["logits"], t_zs), ("classifier", e["clf_logits"], t_clf))}
+    features, ood = None, {"note": "no training split: no feature reference"}
+    if "train" in table.splits:  # the Gaussian of the training features; the cut-off from held-out scans
+        train = table.subset("train")
+        pick = np.random.default_rng(0).permutation(len(train))[:args.ood_fit_max]
+        tr = score_split(train.take(sorted(pick)), "train", labels_required=False, **score)["volume"]["feat"]
+        mean, precision = metrics.fit_gaussian(tr)
+        cut = float(np.percentile(metrics.mahalanobis(v["feat"], mean, precision), args.ood_percentile))
+        beyond = float((metrics.mahalanobis(e["feat"], mean, precision) > cut).mean())
+        features = {"mean": mean, "precision": precision, "cutoff": np.array(cut), "percentile": np.array(args.ood_percentile)}
+        ood = {"fit_volumes": len(pick), "cutoff": cut, "percentile": args.ood_percentile, "beyond_evaluated": beyond}
+    points = {"split": ref_split, "n_volumes": len(v["y"]), "template": args.template, "labels": labels,
+              "temperature": {"zero_shot": t_zs, "classifier": t_clf}}
+    written = checkpoints.save_reference(args.ckpt, _plain(points), features)
+    print(f"\noperating points on '{ref_split}' ({len(v['y'])} volumes), for scan.py: temperature zero-shot {t_zs:.3g} "
+          f"(ECE on the evaluated split {calibration['zero_shot']['ece_before']:.3f} -> {calibration['zero_shot']['ece_after']:.3f}), "
+          f"classifier {t_clf:.3g} ({calibration['classifier']['ece_before']:.3f} -> {calibration['classifier']['ece_after']:.3f})")
+    if features is not None:
+        print(f"feature reference: {len(pick)} training volumes; cut-off {cut:.1f} (the {args.ood_percentile:g}th percentile "
+              f"of '{ref_split}'); {100 * beyond:.1f}% of the evaluated split lies beyond it")
+    print("wrote " + " and ".join(map(str, written)))
+    return {"split": ref_split, "calibration": calibration, "ood": ood, "files": [str(w) for w in written]}
+
+
+def plot_reliability(out, calibration, split):
+    """reliability.png: observed frequency against mean probability per bin, before and after temperature scaling."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(9, 4.5))
+    for ax, (kind, c) in zip(axes, calibration.items()):
+        for tag, style in (("before", "o--"), ("after", "s-")):
+            m, f, n = (np.array([b[i] for b in c[tag] if b[2]], dtype=float) for i in range(3))
+            ax.plot(m, f, style, label=f"{tag} (T = {c['temperature'] if tag == 'after' else 1:.2g}, ECE {c[f'ece_{tag}']:.3f})")
+        ax.plot([0, 1], [0, 1], "k:", lw=0.8)
+        ax.set(xlabel="mean predicted probability (bin)", ylabel="observed frequency", title=f"{kind} ({split})",
+               xlim=(0, 1), ylim=(0, 1))
+        ax.legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=120)
+    plt.close(fig)
+    D.write_atomic(out / "reliability.png", png.getvalue())
 
 
 def score_split(table, name, labels_required, model, tokenizer, prompts, names, max_len, preset, cache, args, ck_cols):
@@ -332,16 +344,19 @@ def score_split(table, name, labels_required, model, tokenizer, prompts, names, 
     ds = D.VolumeReportDataset(t, preset, train=False, cache_dir=cache)  # eval = center crop
     loader = torch.utils.data.DataLoader(ds, batch_size=args.batch_size, num_workers=args.workers)
     device = next(model.parameters()).device
-    ids, img, txt = encode_split(model, tokenizer, loader, max_len, device)
+    ids, img, txt, feat = encode_split(model, tokenizer, loader, max_len, device)
     with torch.no_grad():  # the shared classifier read directly: sigmoid(W img + b), (N, C)
-        clf = torch.sigmoid(model.classifier(img.to(device))).cpu()[:, ck_cols].numpy()
+        clf_logits = model.classifier(img.to(device)).cpu()[:, ck_cols].numpy()
+    clf = 1 / (1 + np.exp(-clf_logits))
     scores = {k: M.zero_shot_scores(img, P).numpy() for k, P in prompts.items()}  # (N, C) each
     scores["ensemble"] = np.mean([scores[k] for k in M.PROMPT_TEMPLATES], axis=0)
     scores["classifier"] = clf
     units, inv = np.unique(unit_keys(ids, args.unit), return_inverse=True)
     return {"n_volumes": len(ids), "units": list(units), "y": unit_max(inv, y),
             "scores": {k: unit_mean(inv, s) for k, s in scores.items()},
-            "img": unit_mean(inv, img.numpy()), "txt": unit_mean(inv, txt.numpy())}
+            "img": unit_mean(inv, img.numpy()), "txt": unit_mean(inv, txt.numpy()),
+            "volume": {"y": y, "feat": feat.numpy(), "clf_logits": clf_logits,  # per volume, as scan.py sees a scan
+                       "logits": M.zero_shot_logits(img, prompts[args.template]).numpy()}}
 
 
 def print_table(rows, mac, ev, split, thr_split, args, undefined, by_score, retrieval):

@@ -5,6 +5,9 @@ uncertain and nan carry no reference and drop out per label) and scores (N, C).
     fast_auc             the same AUC by the Mann-Whitney rank sum, for all labels at once (the bootstrap's)
     bootstrap_auc        95 % percentile intervals over resampled units
     youden_thresholds, threshold_metrics, macro_of   F1 / accuracy / precision at a threshold per label
+    sensitivity_thresholds  the operating point that keeps a given share of the positives
+    calibration_error, fit_temperature   do probabilities mean what they say; the one-parameter fix
+    fit_gaussian, mahalanobis   how far a scan's feature lies from the features the model was trained on
     recall_at_k          retrieval: is the matching item among the top K?
 Used by common.validate (training), align.py and evaluate.py; the tests check them against sklearn and by hand.
 """
@@ -114,3 +117,53 @@ def recall_at_k(sim, ks=KS):
     sim = np.asarray(sim)
     rank = (sim > np.diag(sim)[:, None]).sum(1)  # (N,) candidates scoring above the true match
     return {k: (float((rank < k).mean()) if k <= len(sim) else None) for k in ks}
+
+
+def sensitivity_thresholds(y, scores, target=0.9):
+    """Per label, the highest threshold at which at least `target` of the positives score >= it (a screening
+    operating point: few missed findings, more false alarms); nan for a label without positives."""
+    t = np.full(y.shape[1], np.nan)
+    for c in range(y.shape[1]):
+        pos = np.sort(scores[has_ref(y, c) & (y[:, c] == 1), c])
+        if pos.size:  # every positive from this index on is >= pos[i]: at least target * n of them
+            t[c] = pos[int(np.floor((1 - target) * pos.size + 1e-9))]
+    return t
+
+
+def calibration_error(y, p, bins=10):
+    """Expected calibration error of probabilities p (N, C) against y, pooled over every (row, label) with a
+    reference, in `bins` equal-width bins -> (ece, [(mean probability, observed frequency, count)] per bin).
+    ECE = sum over bins of count / total * |frequency - mean probability|: 0 when "0.7" comes true 70% of the time."""
+    keep = (y == 0) | (y == 1)
+    yy, pp = y[keep].astype(float), np.asarray(p, dtype=float)[keep]
+    b = np.minimum((pp * bins).astype(int), bins - 1)
+    rows = [(pp[b == k].mean(), yy[b == k].mean(), int((b == k).sum())) if (b == k).any() else (np.nan, np.nan, 0)
+            for k in range(bins)]
+    return float(sum(n / len(pp) * abs(f - m) for m, f, n in rows if n)), rows
+
+
+def fit_temperature(logits, y):
+    """One temperature T for all labels: the T minimising the binary cross-entropy of sigmoid(logits / T) on the
+    rows with a reference (temperature scaling). Dividing by T > 0 keeps every ranking, so AUCs do not change."""
+    from scipy.optimize import minimize_scalar
+    keep = (y == 0) | (y == 1)
+    z, t = np.asarray(logits, dtype=np.float64)[keep], y[keep].astype(np.float64)
+
+    def nll(log_t):  # mean of log(1 + e^s) - t s, with s = z / T: BCE written so that large |s| cannot overflow
+        s = z / np.exp(log_t)
+        return float(np.mean(np.logaddexp(0, s) - t * s))
+    return float(np.exp(minimize_scalar(nll, bounds=(-7, 7), method="bounded").x))
+
+
+def fit_gaussian(features):
+    """features (N, D) -> (mean (D,), precision (D, D)): a Gaussian with the Ledoit-Wolf shrunk covariance, which
+    stays invertible when N is not much larger than D (a few hundred demo volumes, 512 features)."""
+    from sklearn.covariance import LedoitWolf
+    lw = LedoitWolf().fit(np.asarray(features, dtype=np.float64))
+    return lw.location_, lw.precision_
+
+
+def mahalanobis(features, mean, precision):
+    """Distance of each row of features (N, D) from the Gaussian (mean, precision) -> (N,)."""
+    d = np.asarray(features, dtype=np.float64) - mean
+    return np.sqrt(np.maximum(np.einsum("nd,de,ne->n", d, precision, d), 0))

@@ -433,6 +433,11 @@ def prompt_latents(model, tokenizer, label_names, template, max_len, device):
     return lat.float().view(len(label_names), 2, -1)  # (C, 2, 768): [:, 0] positive, [:, 1] negative
 
 
+def zero_shot_logits(img_lat, prompt_lat):
+    """(N, C): img . pos - img . neg, the logit whose sigmoid is zero_shot_scores (temperature scaling divides it)."""
+    return torch.einsum("nd,cd->nc", img_lat.float(), (prompt_lat[:, 0] - prompt_lat[:, 1]).float())
+
+
 def zero_shot_scores(img_lat, prompt_lat):
     """Positive probability per label -> (N, C): softmax over the pair of raw dot products
     [img . pos, img . neg] (= sigmoid of their difference). No L2 normalisation, as in training."""

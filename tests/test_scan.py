@@ -1,4 +1,4 @@
-"""evaluate.py --scan (predict_scans): single NIfTI files through the checkpoint's own preset. The printed probabilities
+"""scan.py: single NIfTI files and DICOM series through the checkpoint's own preset. The printed probabilities
 equal the manifest evaluation's for the same demo volume; findings outside the label set; the real chest CT; bad input
 (one line, exit 2) and suspect input (one warning line, then processed), here and in `data.py preprocess`.
 Checkpoints have random weights at toy width: the comparison needs the same model on both paths, not a trained one."""
@@ -15,11 +15,12 @@ import torch
 import checkpoints
 import data as D
 import evaluate as E
+import scan as S
 import model as M
 from conftest import ROOT, SAMPLE
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-ROW = re.compile(r"^  (.{34}) +(\d\.\d{4})  (n/a \(not a trained label\)| +\d\.\d{4})$")  # one finding's line
+ROW = re.compile(r"^  (.{34}) +(\d\.\d{4})  +(n/a|\d\.\d{4})  (positive|negative|-) +(positive|negative|-) +(.*)$")  # a finding
 
 
 @pytest.fixture(scope="module")
@@ -40,10 +41,10 @@ def ck(tmp_path_factory):
 
 
 def cli(monkeypatch, capsys, *argv):
-    """evaluate.py's command line in this process (as its __main__ runs it) -> (exit code, stdout, stderr)."""
-    monkeypatch.setattr(sys, "argv", ["evaluate.py", *map(str, argv)])
+    """scan.py's command line in this process (as its __main__ runs it) -> (exit code, stdout, stderr)."""
+    monkeypatch.setattr(sys, "argv", ["scan.py", *map(str, argv)])
     try:
-        D.run_main(E.main)
+        D.run_main(S.main)
         rc = 0
     except SystemExit as e:
         rc = e.code
@@ -58,7 +59,7 @@ def tables(stdout):
         if line.startswith("scan "):
             scan = got.setdefault(line[5:], {})
         elif (m := ROW.match(line)) and scan is not None:
-            scan[m[1].strip()] = (float(m[2]), None if m[3].startswith("n/a") else float(m[3]))
+            scan[m[1].strip()] = (float(m[2]), None if m[3] == "n/a" else float(m[3]))
     return got
 
 
@@ -78,7 +79,7 @@ def suspect_volumes(d):
 def test_scan_probabilities_equal_the_manifest_evaluation(ck):
     d, table = ck
     test = table.subset("test").take([0, 2])
-    r = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), "--scan", *test.images, "--ckpt", str(d / "demo.pt"),
+    r = subprocess.run([sys.executable, str(ROOT / "scan.py"), *test.images, "--ckpt", str(d / "demo.pt"),
                         "--save-latents", str(d / "lat.npz")], capture_output=True, text=True, env=ENV, cwd=d)
     assert r.returncode == 0 and not r.stderr.strip(), r.stderr[-2000:]
     got = tables(r.stdout)
@@ -88,7 +89,7 @@ def test_scan_probabilities_equal_the_manifest_evaluation(ck):
     tok, max_len = M.tokenizer_from_cfg(ckpt["model_config"]["text"]), ckpt["model_config"]["text"]["max_len"]
     ds = D.VolumeReportDataset(test, "demo", train=False, cache_dir=d / "demo" / "cache-demo")
     assert ds.cache_dir is not None  # the scans are read from NIfTI, the manifest from the cache
-    _, img, _ = E.encode_split(model, tok, torch.utils.data.DataLoader(ds, batch_size=2), max_len, "cpu")
+    _, img, _, _ = E.encode_split(model, tok, torch.utils.data.DataLoader(ds, batch_size=2), max_len, "cpu")
     zs = M.zero_shot_scores(img, M.prompt_latents(model, tok, table.label_names, "there_is", max_len, "cpu")).numpy()
     with torch.no_grad():
         clf = torch.sigmoid(model.classifier(img)).numpy()
@@ -108,18 +109,18 @@ def test_scan_probabilities_equal_the_manifest_evaluation(ck):
 def test_findings_outside_the_label_set(ck, monkeypatch, capsys):
     d, table = ck
     scan = table.images[0]
-    rc, out, err = cli(monkeypatch, capsys, "--scan", scan, "--ckpt", d / "demo.pt",
+    rc, out, err = cli(monkeypatch, capsys, scan, "--ckpt", d / "demo.pt",
                        "--findings", "pneumothorax, rib fracture, pleural effusion", "--save-latents", d / "f.npz")
     assert rc == 0, err
     rows = tables(out)[scan]
     assert list(rows) == ["pneumothorax", "rib fracture", "pleural effusion"]
     assert rows["pneumothorax"][1] is None and rows["rib fracture"][1] is None and rows["pleural effusion"][1] is not None
     assert "2 of 3 findings are not among the checkpoint's trained labels" in out and "prompt pair only" in out
-    both = tables(cli(monkeypatch, capsys, "--scan", scan, "--ckpt", d / "demo.pt")[1])[scan]
+    both = tables(cli(monkeypatch, capsys, scan, "--ckpt", d / "demo.pt")[1])[scan]
     assert rows["pleural effusion"] == both["Pleural effusion"]  # the same prompt pair and classifier output
     assert np.isnan(np.load(d / "f.npz")["classifier"][0, :2]).all()
     (d / "findings.txt").write_text("# asked of the model\npneumothorax: air in the pleural space\nCardiomegaly\n")
-    rc, out, _ = cli(monkeypatch, capsys, "--scan", scan, "--ckpt", d / "demo.pt", "--findings", d / "findings.txt")
+    rc, out, _ = cli(monkeypatch, capsys, scan, "--ckpt", d / "demo.pt", "--findings", d / "findings.txt")
     assert rc == 0 and list(tables(out)[scan]) == ["pneumothorax", "Cardiomegaly"]
 
 
@@ -128,7 +129,7 @@ def test_real_chest_ct(ck, monkeypatch, capsys):
     if not path.exists():
         pytest.skip(f"sample data absent: {path}")
     d, table = ck
-    rc, out, err = cli(monkeypatch, capsys, "--scan", path, "--ckpt", d / "chest.pt", "--save-latents", d / "ct.npz")
+    rc, out, err = cli(monkeypatch, capsys, path, "--ckpt", d / "chest.pt", "--save-latents", d / "ct.npz")
     assert rc == 0 and not err.strip(), err  # real HU, axis-aligned (LPS): no warning
     assert "preset chest (1.5x1.5x3 mm, center crop 96x192x192)" in out
     rows = tables(out)[str(path)]
@@ -139,7 +140,7 @@ def test_real_chest_ct(ck, monkeypatch, capsys):
 
 def test_real_chest_ct_as_a_dicom_series(ck, tmp_path):
     """The real chest CT written as a DICOM series (files shuffled, InstanceNumber reversed, a localiser beside it):
-    `data.py preprocess` caches the NIfTI path's tensor and `evaluate.py --scan FOLDER` prints its probabilities. The
+    `data.py preprocess` caches the NIfTI path's tensor and `scan.py FOLDER` prints its probabilities. The
     headers carry a patient's name, ID and birth date: none of them reaches an output, a log line or the cache."""
     from dicomfake import BIRTH_DATE, PATIENT_ID, PATIENT_NAME, write_localiser, write_series
     path = SAMPLE / "ct" / "totalseg_chest_ct_cropped_120x126x164_1.5mm.nii.gz"
@@ -157,7 +158,7 @@ def test_real_chest_ct_as_a_dicom_series(ck, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     cache = tmp_path / "cache-chest"
     np.testing.assert_array_equal(np.load(cache / "dicom.npy"), np.load(cache / "nifti.npy"))
-    e = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), "--scan", str(path), str(tmp_path / "series"), "--ckpt",
+    e = subprocess.run([sys.executable, str(ROOT / "scan.py"), str(path), str(tmp_path / "series"), "--ckpt",
                         str(d / "chest.pt"), "--save-latents", str(tmp_path / "lat.npz")],
                        capture_output=True, text=True, env=ENV, cwd=tmp_path)
     assert e.returncode == 0, e.stderr[-2000:]
@@ -171,13 +172,13 @@ def test_real_chest_ct_as_a_dicom_series(ck, tmp_path):
 
 
 def test_a_folder_of_two_series_is_refused_with_one_line_each(ck, tmp_path):
-    """evaluate.py --scan and data.py preprocess on a study folder: the refusal names each series and how to pick one,
+    """scan.py and data.py preprocess on a study folder: the refusal names each series and how to pick one,
     with no traceback; FOLDER::SeriesInstanceUID then reads."""
     from dicomfake import write_series
     d, _ = ck
     vol = np.random.default_rng(0).integers(-1000, 400, (16, 16, 10)).astype(np.int16)
     uids = [write_series(tmp_path / "study", vol, np.diag([-4.0, -4, 8, 1]), name=n, description=n.upper())[1] for n in "ab"]
-    r = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), "--scan", str(tmp_path / "study"), "--ckpt", str(d / "demo.pt")],
+    r = subprocess.run([sys.executable, str(ROOT / "scan.py"), str(tmp_path / "study"), "--ckpt", str(d / "demo.pt")],
                        capture_output=True, text=True, env=ENV, cwd=tmp_path)
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2 and len(lines) == 3 and "Traceback" not in r.stderr, r.stderr
@@ -187,7 +188,7 @@ def test_a_folder_of_two_series_is_refused_with_one_line_each(ck, tmp_path):
     p = subprocess.run([sys.executable, str(ROOT / "data.py"), "preprocess", "--data", str(tmp_path), "--preset", "demo"],
                        capture_output=True, text=True, env=ENV, cwd=tmp_path)
     assert p.returncode == 1 and "1 of 1 volumes failed" in p.stderr and all(u in p.stderr for u in uids), p.stderr
-    ok = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), "--scan", f"{tmp_path / 'study'}::{uids[1]}", "--ckpt",
+    ok = subprocess.run([sys.executable, str(ROOT / "scan.py"), f"{tmp_path / 'study'}::{uids[1]}", "--ckpt",
                          str(d / "demo.pt")], capture_output=True, text=True, env=ENV, cwd=tmp_path)
     assert ok.returncode == 0 and len(tables(ok.stdout)) == 1, ok.stderr[-2000:]
 
@@ -198,14 +199,14 @@ def test_bad_input_is_one_line(ck, monkeypatch, capsys):
     nib.save(nib.Nifti1Image(np.zeros((16, 16), np.int16), np.eye(4)), str(flat))
     for argv, words in (([flat], "expected a 3D volume"), ([d / "nowhere.nii.gz"], "file not found"),
                         ([table.images[0], "--preset", "chest"], "trained on preset demo")):
-        rc, out, err = cli(monkeypatch, capsys, "--scan", *argv, "--ckpt", d / "demo.pt")
+        rc, out, err = cli(monkeypatch, capsys, *argv, "--ckpt", d / "demo.pt")
         assert rc == 2 and len(err.strip().splitlines()) == 1 and words in err and "Traceback" not in err, err
 
 
 def test_suspect_volumes_warn_once_and_are_processed(ck, monkeypatch, capsys):
     d, _ = ck
     u8, obl = suspect_volumes(d)
-    rc, out, err = cli(monkeypatch, capsys, "--scan", u8, obl, "--ckpt", d / "demo.pt")
+    rc, out, err = cli(monkeypatch, capsys, u8, obl, "--ckpt", d / "demo.pt")
     assert rc == 0 and len(tables(out)) == 2, err
     lines = err.strip().splitlines()
     assert len(lines) == 2 and "uint8" in lines[0] and "not CT Hounsfield units" in lines[0]

@@ -1,0 +1,161 @@
+"""Can a single scan's answer be trusted: the operating points, calibration and out-of-distribution measures of
+metrics.py against hand counts and scipy/sklearn; the reference file beside a checkpoint (refused when made for other
+weights); and scan.py's decisions, percentiles, the demo note and the distance, end to end on toy checkpoints."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from scipy.spatial.distance import mahalanobis as scipy_mahalanobis
+
+import checkpoints
+import data as D
+import metrics
+import model as M
+from conftest import ROOT
+
+
+def test_sensitivity_thresholds_by_hand():
+    y = np.array([[1], [1], [1], [1], [1], [1], [1], [1], [1], [1], [0], [0], [np.nan], [-1]], dtype=float)
+    s = np.array([[.9], [.8], [.7], [.6], [.5], [.4], [.35], [.3], [.2], [.1], [.95], [.05], [.0], [.0]])
+    t = metrics.sensitivity_thresholds(y, s, 0.9)  # 10 positives: keep 9, so the threshold is the second lowest, 0.2
+    assert t[0] == 0.2 and (s[:10, 0] >= t[0]).mean() == 0.9
+    assert metrics.sensitivity_thresholds(y[:5], s[:5], 0.9)[0] == 0.5  # 5 positives: 0.9 of them needs all 5
+    assert np.isnan(metrics.sensitivity_thresholds(np.zeros((3, 1)), s[:3], 0.9)[0])  # no positive, no threshold
+
+
+def test_calibration_error_by_hand():
+    y = np.array([[1, 0], [0, 0], [1, np.nan], [1, -1]])
+    p = np.array([[0.95, 0.05], [0.15, 0.12], [0.91, 0.5], [0.55, 0.9]])
+    ece, bins = metrics.calibration_error(y, p, bins=10)
+    # references: (1, .95) (0, .15) (1, .91) (1, .55) (0, .05) (0, .12): bins 0 {.05}, 1 {.15, .12}, 5 {.55}, 9 {.95, .91}
+    want = (1 * .05 + 2 * abs(0 - .135) + 1 * abs(1 - .55) + 2 * abs(1 - .93)) / 6
+    assert ece == pytest.approx(want) and bins[9][2] == 2 and bins[9][1] == 1 and bins[3][2] == 0
+    assert metrics.calibration_error(np.array([[1.0], [0.0]]), np.array([[1.0], [0.0]]))[0] == 0
+
+
+def test_temperature_recovers_a_known_one_and_keeps_the_auc():
+    rng = np.random.default_rng(0)
+    z = rng.normal(0, 6, (4000, 3))  # logits 3x too confident: the truth is sigmoid(z / 3)
+    y = (rng.random(z.shape) < 1 / (1 + np.exp(-z / 3))).astype(float)
+    t = metrics.fit_temperature(z, y)
+    assert t == pytest.approx(3, rel=0.1)
+    before = metrics.calibration_error(y, 1 / (1 + np.exp(-z)))[0]
+    after = metrics.calibration_error(y, 1 / (1 + np.exp(-z / t)))[0]
+    assert after < before / 3
+    assert metrics.per_label_auc(y, 1 / (1 + np.exp(-z / t)))[0] == metrics.per_label_auc(y, z)[0]
+
+
+def test_mahalanobis_against_scipy():
+    rng = np.random.default_rng(1)
+    feats = rng.normal(size=(300, 6)) @ rng.normal(size=(6, 6))
+    mean, precision = metrics.fit_gaussian(feats)
+    q = rng.normal(size=(4, 6)) * 3
+    want = [scipy_mahalanobis(x, mean, precision) for x in q]
+    np.testing.assert_allclose(metrics.mahalanobis(q, mean, precision), want, rtol=1e-10)
+    np.testing.assert_allclose(mean, feats.mean(0))
+
+
+def test_reference_made_for_other_weights_is_refused(tmp_path):
+    ck = tmp_path / "best.pt"
+    ck.write_bytes(b"weights one")
+    js, npz = checkpoints.save_reference(ck, {"split": "valid"}, {"mean": np.zeros(3), "precision": np.eye(3)})
+    assert js.name == "best.operating_points.json" and npz.name == "best.features.npz"
+    points, features = checkpoints.load_reference(ck)
+    assert points["split"] == "valid" and features["precision"].shape == (3, 3)
+    ck.write_bytes(b"weights two")  # retrained in place: the old measurements describe other weights
+    with pytest.raises(D.DataError, match="made for other weights") as e:
+        checkpoints.load_reference(ck)
+    assert "\n" not in str(e.value) and "python evaluate.py --ckpt" in str(e.value)
+    assert checkpoints.load_reference(tmp_path / "other.pt") == (None, None)  # none made: no reference, no error
+
+
+# ----------------------------------------------------------------------------- scan.py on a small trained model
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "2"}
+
+
+def run(*argv, cwd, ok=True):
+    r = subprocess.run([sys.executable, *map(str, argv)], capture_output=True, text=True, env=ENV, cwd=cwd, timeout=900)
+    assert (r.returncode == 0) == ok and "Traceback" not in r.stderr, r.stderr[-3000:]
+    return r
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A demo set of 200 training volumes, a lite vision encoder trained on it for 3 epochs (about 40 s), an aligned
+    checkpoint around it (scratch text encoder, projections at random) that records its data, and evaluate.py's
+    reference beside it. The checks below need a trained encoder: random weights see no up or down."""
+    from demo import make_demo
+    d = tmp_path_factory.mktemp("trust")
+    make_demo(d / "demo", n_train=200, n_valid=50, n_test=10, seed=0)
+    run(ROOT / "pretrain_vision.py", "--lite", "--data", d / "demo", "--epochs", "3", "--workers", "0", "--out", d / "vis", cwd=d)
+    table = D.load_table(d / "demo")
+    vck = checkpoints.load_checkpoint(d / "vis" / "best.pt", stage="vision")
+    text, _, _ = M.build_text("scratch", table.reports, max_len=64)
+    torch.manual_seed(0)
+    model, cfg = M.greenrfm_from_pretrained(len(table.label_names), 768, vck, None, vck["model_config"]["vision"], text)
+    data = {"source": str(d / "demo" / "manifest.csv"), "name": "demo", "train_volumes": 200, "synthetic": True}
+    checkpoints.save_checkpoint(d / "best.pt", stage="align", model=model, model_config=cfg, args={},
+                                label_names=table.label_names, extra={"preset": "demo", "data": data})
+    r = run(ROOT / "evaluate.py", "--ckpt", d / "best.pt", "--data", d / "demo", "--bootstrap", "0", "--out", d / "eval", cwd=d)
+    assert "feature reference: 200 training volumes" in r.stdout
+    return d, table
+
+
+def flagged(stderr):
+    return {ln.split(": ")[1] for ln in stderr.splitlines() if ln.startswith("warning: ") and "should not be trusted" in ln}
+
+
+def test_corrupted_inputs_are_flagged_and_test_volumes_are_not(trained):
+    from benchmarks.trust import REAL_CT, inputs
+    d, table = trained
+    made = inputs(table.subset("test"), 3, d)  # raw units, head to feet, abdomen, noise: 3 of each
+    bad = [p for k in ("raw units", "head to feet", "abdomen", "noise") for p in made[k]] + made.get("real CT", [])
+    r = run(ROOT / "scan.py", *bad, "--ckpt", d / "best.pt", cwd=d)
+    assert flagged(r.stderr) == set(bad), r.stderr
+    assert sum("upside down?" in ln for ln in r.stderr.splitlines()) >= 1  # the flip named where it is the cause
+    r = run(ROOT / "scan.py", *table.subset("test").images, "--ckpt", d / "best.pt", cwd=d)
+    assert len(flagged(r.stderr)) <= 1, r.stderr  # 10 demo test volumes: a false alarm at most
+
+
+def test_scan_output_has_the_demo_note_decisions_and_saves_them(trained):
+    d, table = trained
+    scan = table.subset("test").images[0]
+    r = run(ROOT / "scan.py", scan, "--ckpt", d / "best.pt", "--findings", "pleural effusion, pneumothorax",
+            "--save-latents", d / "s.npz", cwd=d)
+    out = r.stdout
+    assert "trained on: demo (" in out and "200 training volumes, the synthetic demo" in out
+    assert "only seen synthetic phantoms: on a real scan its answers are not findings" in out
+    assert "operating points: measured on split 'valid' (50 volumes)" in out and "distance to the training features" in out
+    row = next(ln for ln in out.splitlines() if ln.startswith("  pleural effusion"))
+    assert ("positive" in row or "negative" in row) and "% /" in row
+    assert "no decision: not a trained label" in next(ln for ln in out.splitlines() if ln.startswith("  pneumothorax"))
+    s = np.load(d / "s.npz")
+    assert s["decision"].shape == (1, 2) and s["decision"][0, 1] == -1 and s["decision"][0, 0] in (0, 1)
+    assert np.isfinite(s["distance"]).all() and np.isfinite(s["distance_flipped"]).all()
+    points = json.loads((d / "best.operating_points.json").read_text())
+    p = points["labels"]["Pleural effusion"]
+    z = s["zero_shot"][0, 0]
+    assert s["decision"][0, 0] == int(z >= p["youden"]) and s["screening"][0, 0] == int(z >= p["sensitivity_0.9"])
+    assert p["positives"] == sorted(p["positives"]) and len(p["positives"]) + len(p["negatives"]) <= 50
+    # Without the reference: no decisions, no distance, and the way to make them.
+    (d / "best.operating_points.json").rename(d / "kept.json")
+    try:
+        r = run(ROOT / "scan.py", scan, "--ckpt", d / "best.pt", cwd=d)
+    finally:
+        (d / "kept.json").rename(d / "best.operating_points.json")
+    assert "no operating points beside the checkpoint" in r.stdout and "python evaluate.py --ckpt" in r.stdout
+    assert "no decision: no operating points" in r.stdout
+
+
+def test_evaluate_keeps_the_auc_and_records_calibration(trained):
+    d, _ = trained
+    summary = json.loads((d / "eval" / "summary.json").read_text())
+    ref = summary["reference"]
+    assert ref["calibration"]["zero_shot"]["temperature"] > 0 and 0 <= ref["ood"]["beyond_evaluated"] <= 1
+    assert (d / "eval" / "reliability.png").is_file()
+    r = run(ROOT / "evaluate.py", "--scan", "x.nii.gz", cwd=d, ok=False)
+    assert "python scan.py" in r.stderr and len(r.stderr.strip().splitlines()) == 1
