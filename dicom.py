@@ -210,7 +210,7 @@ def pick_series(path):
                           f"{', '.join(f'{len(v)} {k}' for k, v in skipped.items()) or 'the folder is empty'})")
     if len(groups) > 1:  # never guess: a lung and a soft-tissue kernel, or two phases, look alike to a reader
         raise SeriesError(f"{folder}: {len(groups)} series in one folder; pick one as {folder}::SeriesInstanceUID "
-                          "(a manifest's image column, or --scan):\n" + "\n".join(listing(u, g) for u, g in groups.items()))
+                          "(a manifest's image column, or scan.py):\n" + "\n".join(listing(u, g) for u, g in groups.items()))
     return folder, next(iter(groups.values())), skipped
 
 
