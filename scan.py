@@ -175,8 +175,9 @@ def main():
         print(f"  {'finding':34s} {'zero-shot':>9s}  {'classifier':>10s}  {'Youden':8s} {'sens 0.90':9s}  among validation neg / pos")
         for f, zi, ci, r, a, b in zip(findings, z, c_out, ref, dec, scr):
             word = {1: "positive", 0: "negative", -1: "-"}
-            where = (f"{percentile(r['negatives'], zi)} / {percentile(r['positives'], zi)}"
-                     if r else "no decision: not a trained label" if np.isnan(ci) else "no decision: no operating points")
+            where = (f"{percentile(r['negatives'], zi)} / {percentile(r['positives'], zi)}" if r else
+                     "no decision: not a trained label" if np.isnan(ci) else "no decision: no operating points" if not points
+                     else f"no decision: '{points['split']}' lacks positives or negatives of it")
             print(f"  {f[:34]:34s} {zi:9.4f}  {'n/a' if np.isnan(ci) else f'{ci:.4f}':>10s}  {word[a]:8s} {word[b]:9s}  {where}")
         for k, v in zip(out, (feat.float().cpu()[0].numpy(), lat.float().cpu()[0].numpy(), z, c_out, dec, scr, dist, flipped)):
             out[k].append(v)
