@@ -84,7 +84,7 @@ ABDOMEN_CT_LABELS = [  # the 30 Merlin findings
 LABEL_SETS = {"chest_ct": CHEST_CT_LABELS, "abdomen_ct": ABDOMEN_CT_LABELS}
 ID_COLUMNS = ("id", "VolumeName", "AccessionNo", "NoteAcc_DEID")
 # Never label columns ("report_text" is how the CT-CLIP report files spell "report").
-NOT_LABELS = set(ID_COLUMNS) | {"image", "report", "report_text", "split", "spacing",
+NOT_LABELS = set(ID_COLUMNS) | {"image", "report", "report_text", "split", "spacing", "masks",
                                 "rescale_slope", "rescale_intercept"}
 
 def read_csv(path):
