@@ -9,6 +9,11 @@ uncertain and nan carry no reference and drop out per label) and scores (N, C).
     calibration_error, fit_temperature   do probabilities mean what they say; the one-parameter fix
     fit_gaussian, mahalanobis   how far a scan's feature lies from the features the model was trained on
     recall_at_k          retrieval: is the matching item among the top K?
+  Localisation ("where is it?"): map (D, H, W) of evidence, boolean mask (D, H, W) of the finding, spacing in mm
+    pointing_hit, point_hit      is the map's maximum (or any voxel) within tolerance_mm of the finding?
+    mass_inside                  share of the map's positive mass inside the mask
+    centre_point, random_point, random_hit_rate   the baselines a map must beat (random's rate exact, no sampling)
+    localisation_summary         per finding and mean over findings, with 95 % bootstrap intervals over cases
 Used by common.validate (training), align.py and evaluate.py; the tests check them against sklearn and by hand.
 """
 import numpy as np
@@ -167,3 +172,85 @@ def mahalanobis(features, mean, precision):
     """Distance of each row of features (N, D) from the Gaussian (mean, precision) -> (N,)."""
     d = np.asarray(features, dtype=np.float64) - mean
     return np.sqrt(np.maximum(np.einsum("nd,de,ne->n", d, precision, d), 0))
+
+
+# --- Localisation: does the evidence map point at the finding? A map (D, H, W) is evidence (higher = more), a mask
+# (D, H, W) bool is where the finding really is, a body mask (D, H, W) bool the voxels inside the patient; spacing is
+# the voxel size (D, H, W) in mm, so that distances are in mm on anisotropic grids (3 mm slices, 1.5 mm pixels).
+_SLACK_MM = 1e-6  # a distance of exactly tolerance_mm is a hit; this keeps it one when rounding lands just above
+
+
+def _check_mask(mask):
+    mask = np.asarray(mask, dtype=bool)
+    if not mask.any():  # no finding to point at: a hit or a miss would both be made up
+        raise ValueError("the mask is empty: there is no finding to localise")
+    return mask
+
+
+def point_hit(point, mask, spacing, tolerance_mm):
+    """Is voxel `point` (d, h, w) within tolerance_mm of the finding? The Euclidean distance in mm from its centre to
+    the nearest mask voxel centre, <= tolerance_mm (inclusive); 0 mm inside the mask. Only one point, so it measures
+    to the mask voxels directly instead of a distance transform of the whole volume."""
+    mask = _check_mask(mask)
+    d = (np.argwhere(mask) - np.asarray(point)) * np.asarray(spacing, dtype=float)  # (M, 3) offsets in mm
+    return bool(np.sqrt((d ** 2).sum(1)).min() <= tolerance_mm + _SLACK_MM)
+
+
+def pointing_hit(map, mask, spacing, tolerance_mm):
+    """Pointing game: is the map's maximum within tolerance_mm of the finding (point_hit)? Ties for the maximum go
+    to the first voxel in C order (np.argmax), not to any maximal voxel: counting a tie as a hit when any tied voxel
+    hits would make a flat, uninformative map a hit on every case."""
+    map = np.asarray(map, dtype=float)
+    if map.shape != np.shape(mask) or not np.isfinite(map).all():
+        raise ValueError(f"the map {map.shape} must be finite and shaped like the mask {np.shape(mask)}")
+    return point_hit(np.unravel_index(np.argmax(map), map.shape), mask, spacing, tolerance_mm)
+
+
+def mass_inside(map, mask):
+    """Share of the map's positive evidence inside the mask: sum(max(map, 0)[mask]) / sum(max(map, 0)). Negative
+    values (evidence against) are ignored, not subtracted; nan when the map has no positive mass (it points nowhere)."""
+    pos = np.maximum(np.asarray(map, dtype=float), 0)
+    total = pos.sum()
+    return float(pos[np.asarray(mask, dtype=bool)].sum() / total) if total > 0 else float("nan")
+
+
+def centre_point(body):
+    """Baseline: the voxel (d, h, w) nearest the body's centre of mass (the mean voxel index, rounded), what a map
+    that always points at the middle of the patient would score. (For a hollow body it can lie outside it.)"""
+    return tuple(int(i) for i in np.rint(np.argwhere(_check_mask(body)).mean(0)))
+
+
+def random_point(body, rng):
+    """Baseline: one body voxel (d, h, w), uniformly at random (rng: np.random.Generator)."""
+    idx = np.argwhere(_check_mask(body))  # (V, 3)
+    return tuple(int(i) for i in idx[rng.integers(len(idx))])
+
+
+def random_hit_rate(body, mask, spacing, tolerance_mm):
+    """The random baseline's exact expectation: the share of body voxels within tolerance_mm of the mask, from one
+    distance transform (mm to the nearest mask voxel, for every voxel), so the baseline carries no sampling noise."""
+    from scipy.ndimage import distance_transform_edt
+    body, mask = _check_mask(body), _check_mask(mask)
+    dist = distance_transform_edt(~mask, sampling=spacing)  # (D, H, W) mm; 0 inside the mask
+    return float((dist[body] <= tolerance_mm + _SLACK_MM).mean())
+
+
+def localisation_summary(hits_by_finding, n_boot=1000, seed=0):
+    """{finding: (n,) 0/1 hits or [0, 1] shares per positive case} -> {"per_finding": {finding: (mean, (lo, hi)) or
+    None}, "mean": (mean over findings, (lo, hi)) or None}. Intervals are 95 % percentile bootstraps that resample
+    cases within each finding; the mean's interval comes from the mean over findings of each resample. A finding with
+    no cases is None and stays out of the mean (never 0 or 0.5, which would pretend it was measured)."""
+    rng = np.random.default_rng(seed)
+    per, boots = {}, []
+    for name, v in hits_by_finding.items():
+        v = np.asarray(v, dtype=float)
+        if v.size == 0:
+            per[name] = None
+            continue
+        if not np.isfinite(v).all():  # a nan share (a map with no positive mass): the caller decides, 0 or drop
+            raise ValueError(f"{name}: non-finite values; count them as 0 or drop those cases first")
+        boot = v[rng.integers(0, v.size, (n_boot, v.size))].mean(1)  # (n_boot,) means of resampled cases
+        per[name] = (float(v.mean()), _ci(boot))
+        boots.append(boot)
+    mean = (float(np.mean([m for m, _ in filter(None, per.values())])), _ci(np.mean(boots, 0))) if boots else None
+    return {"per_finding": per, "mean": mean}
