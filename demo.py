@@ -12,7 +12,8 @@ Each volume is a phantom built in millimetres (body, two lungs near -850 HU, hea
 with up to 13 of the 18 CT-RATE findings drawn as 3D structures, stored as int16 HU NIfTI with a real
 affine (half RAS, half LPS as DICOM-derived files are) at slightly varying spacings, so the loader's
 reorientation and resampling are exercised. Each comes with a radiologist-style report (positive,
-negated, uncertain and irrelevant sentences in varied phrasing) and ground-truth labels in the manifest.
+negated, uncertain and irrelevant sentences in varied phrasing), ground-truth labels in the manifest, and a
+mask per drawn finding (masks/<id>/<label>.nii.gz, in the volume's own grid) that says where it is.
 """
 import argparse
 import csv
@@ -40,7 +41,7 @@ from data import CHEST_CT_LABELS, cache_file, check_cache, dataset_defaults, pre
 # - Alignment keeps the paper's 1e-5 for the two pretrained encoders; the layers it adds (projections, shared
 #   classifier) train at 5e-4 (--head-lr) and start from the pre-trained heads (--init-shared heads: 0.939 ->
 #   0.965, demo v4). Two epochs: one ends at test 0.929, two at 0.947 (demo v5).
-DEMO_VERSION = 5  # bumped when the generator or the demo preset changes: ensure_demo() then rebuilds the demo set
+DEMO_VERSION = 6  # bumped when the generator or the demo preset changes: ensure_demo() then rebuilds the demo set
 DEMO_TRAIN = {"text": {"lr": 3e-3, "epochs": 5, "pooling": "sentence"},
               "vision-lite": {"epochs": 2, "random_crop": False, "workers": 0},
               "align-lite": {"head_lr": 5e-4, "init_shared": "heads", "epochs": 2, "random_crop": False,
@@ -110,17 +111,31 @@ def _tube(g, pts, rad):
 
 def _phantom(g, rng, f):
     """HU volume (X,Y,Z) float32 in RAS order; f maps drawn labels to size 1 (positive) or 0.5 (uncertain).
-    Returns the volume and a location phrase per drawn finding for the report."""
+    Returns the volume, a location phrase per drawn finding for the report, and a mask (X,Y,Z) bool per drawn
+    finding: the voxels that still show it once the phantom is complete."""
     U, det, v = rng.uniform, {}, np.full(g["shape"], -1000.0, np.float32)
+    # Where each finding is: every painting from the first finding on goes through paint(), which also writes who
+    # painted each voxel last (0: anatomy, i + 1: DEMO_DRAWN[i]), one int8 write per painting. A mask is then the
+    # finding's final visible region, not all it painted: a nodule inside a consolidation, or the catheter where it
+    # enters an enlarged heart, belongs to the finding painted last, and a pericardial effusion is the rim the heart
+    # leaves. A finding can be left with no voxel (an uncertain atelectasis band where an enlarged heart has carved
+    # the lung away: 3 of the 1,200 default volumes); its mask is written, empty. paint() draws no random numbers,
+    # so the volumes are the ones demo v5 drew before masks were recorded (tests/test_demo.py pins them).
+    who = np.zeros(g["shape"], np.int8)
+
+    def paint(m, hu, name=None):
+        v[m] = hu
+        who[m] = DEMO_DRAWN.index(name) + 1 if name else 0
+
     lobe = lambda side, z: f" in the {('right', 'left')[side]} {'upper' if z > 0 else 'lower'} lobe"  # noqa: E731
     bw, bh = U(102, 112), U(80, 88)  # body half-width (r) and half-depth (a)
     v[_ell(g, (0, 0, 0), (bw, bh, np.inf))] = -100  # subcutaneous fat, then muscle and organs inside it
-    v[_ell(g, (0, 0, 0), (bw - 12, bh - 10, np.inf))] = 40
+    v[_ell(g, (0, 0, 0), (bw - 12, bh - 10, np.inf))] = 40  # (no finding yet: `who` stays 0, 2 ms saved)
     v[(np.abs(g["r"] + 5) < 45) & (g["a"] > -45) & (g["a"] < bh - 14) & (g["z"] > -95)] = -90  # mediastinal fat
     if "Lymphadenopathy" in f:  # enlarged nodes in the mediastinal fat (paratracheal, subcarinal, AP window)
         sites, rad = [(15, 10, 65), (0, -5, 42), (-15, 8, 52), (10, -10, 30)], U(14, 18, 4) * f["Lymphadenopathy"]
         for c, r in zip(sites, rad):
-            v[_ell(g, c, (r, r, 1.4 * r))] = 60
+            paint(_ell(g, c, (r, r, 1.4 * r)), 60, "Lymphadenopathy")
         det["Lymphadenopathy"] = f" with nodes up to {round(2 * rad.max())} mm"
     # Heart (optionally enlarged, optionally with fluid around it) and aorta are carved out of the lungs,
     # so nothing drawn in the lungs is painted over later.
@@ -133,22 +148,22 @@ def _phantom(g, rng, f):
     near = _ell(g, hc, hs + t + 15) | _tube(g, aorta_path, 28)
     core = [_ell(g, c, np.multiply(s, 0.75 * k)) & ~near for c, s in DEMO_LUNGS]  # where lesions are centred
     lung = lungs[0] | lungs[1]
-    v[lung] = -850
+    paint(lung, -850)
     if "Lymphadenopathy" in f:  # and hilar nodes, one at each lung root (drawn over the lungs)
         for c, r in zip([(22, -5, 15), (-30, -5, 10)], rad):
-            v[_ell(g, c, (r, r, 1.4 * r))] = 60
-    v[_tube(g, [(0, 10, 55), (0, 12, 200)], 9)] = -1000  # trachea down to the carina
+            paint(_ell(g, c, (r, r, 1.4 * r)), 60, "Lymphadenopathy")
+    paint(_tube(g, [(0, 10, 55), (0, 12, 200)], 9), -1000)  # trachea down to the carina
 
     def blobs(name, hu, n, rmin, rmax, zone=True):  # n balls centred in one lung's core, clipped to that lung
         for _ in range(n):
             side, rad = int(rng.integers(2)), U(rmin, rmax) * f[name]
             i = np.unravel_index(rng.choice(np.flatnonzero(core[side] & zone)), g["shape"])  # a random core voxel
             p = np.array([ax[j] for ax, j in zip(g["axes"], i)])
-            v[_ell(g, p, (rad,) * 3) & lungs[side]] = hu
+            paint(_ell(g, p, (rad,) * 3) & lungs[side], hu, name)
         det[name] = lobe(side, p[2])
         return rad
     if "Emphysema" in f:  # upper-lobe predominant: the upper lobes lose density, with bullae in them
-        v[lung & (g["z"] > 15)] = -850 - 80 * f["Emphysema"]
+        paint(lung & (g["z"] > 15), -850 - 80 * f["Emphysema"], "Emphysema")
         blobs("Emphysema", -1000, int(rng.integers(6, 10)), 18, 26, g["z"] > 15)
         det["Emphysema"] = " predominantly in the upper lobes"
     if "Lung opacity" in f:  # ground-glass patch
@@ -163,51 +178,55 @@ def _phantom(g, rng, f):
     if "Atelectasis" in f:  # plate-like band above the diaphragm; collapsed lung enhances (~70 HU)
         side = int(rng.integers(2))
         (c, s), sign, m = DEMO_LUNGS[side], (1, -1)[side], f["Atelectasis"]
-        v[_ell(g, (c[0] + sign * 0.25 * s[0], c[1], c[2] - 0.62 * s[2]), (0.7 * s[0] * m, 0.6 * s[1] * m, 14))
-          & lungs[side]] = 70
+        paint(_ell(g, (c[0] + sign * 0.25 * s[0], c[1], c[2] - 0.62 * s[2]), (0.7 * s[0] * m, 0.6 * s[1] * m, 14))
+              & lungs[side], 70, "Atelectasis")
         det["Atelectasis"] = lobe(side, -1)
     if "Pleural effusion" in f:  # dependent (posterior) fluid, thickest at the base, tapering upwards
         sides = [[0], [1], [0, 1]][rng.integers(3)]
         depth = U(25, 40) * f["Pleural effusion"] * np.clip((20 - g["z"]) / 70, 0, 1)
         for side in sides:
-            v[lungs[side] & (g["a"] < -63 + depth)] = 10
+            paint(lungs[side] & (g["a"] < -63 + depth), 10, "Pleural effusion")
         det["Pleural effusion"] = " bilaterally" if len(sides) == 2 else (" on the right", " on the left")[sides[0]]
     if t:
-        v[_ell(g, hc, hs + t)] = 10
+        paint(_ell(g, hc, hs + t), 10, "Pericardial effusion")
         det["Pericardial effusion"] = f" measuring up to {round(t)} mm"
     # Myocardium, then the blood pool. The paper's window clips at 200 HU, so the contrast-filled blood (140 HU)
     # is kept below it: calcium (clipped to 200) must still differ from the lumen it lies on.
-    v[_ell(g, hc, hs)] = 50
-    v[_ell(g, hc, hs - 8)] = 140
-    v[aorta] = 140  # ascending aorta, arch, descending aorta left of the spine; contrast-enhanced
+    heart = "Cardiomegaly" if "Cardiomegaly" in f else None  # an enlarged heart is the finding, all of it
+    paint(_ell(g, hc, hs), 50, heart)
+    paint(_ell(g, hc, hs - 8), 140, heart)
+    paint(aorta, 140)  # ascending aorta, arch, descending aorta left of the spine; contrast-enhanced
     if "Arterial wall calcification" in f:  # plaques bulging out of the wall of the arch and descending aorta
         for _ in range(int(rng.integers(12, 20) * f["Arterial wall calcification"] + 0.5)):
             i = int(rng.integers(2, 5))
             p, d = aorta_path[i] + U() * (aorta_path[i + 1] - aorta_path[i]), aorta_path[i + 1] - aorta_path[i]
             u = rng.normal(size=3); u -= (u @ d) / (d @ d) * d; u /= np.linalg.norm(u)
-            v[_ell(g, p + 16 * u, (U(5, 7),) * 3)] = U(800, 1200)
+            hu = U(800, 1200)  # the HU before the radius: the order in which `v[_ell(...)] = U(...)` drew them
+            paint(_ell(g, p + 16 * u, (U(5, 7),) * 3), hu, "Arterial wall calcification")
         det["Arterial wall calcification"] = " of the aortic arch and descending aorta"
     if "Coronary artery wall calcification" in f:  # plaques along the coronary arteries on the heart surface
         for _ in range(int(rng.integers(6, 12) * f["Coronary artery wall calcification"] + 0.5)):
             p, q = DEMO_CORONARY[int(rng.integers(2))]
             u = np.add(p, U() * np.subtract(q, p)); u /= np.linalg.norm(u)
-            v[_ell(g, hc + (hs + 3) * u, (U(5.5, 7),) * 3)] = U(800, 1200)
+            hu = U(800, 1200)
+            paint(_ell(g, hc + (hs + 3) * u, (U(5.5, 7),) * 3), hu, "Coronary artery wall calcification")
         det["Coronary artery wall calcification"] = " in the coronary arteries"
     if "Hiatal hernia" in f:  # stomach above the diaphragm behind the heart: wall, fluid, air-fluid level
         c, s = np.array([-5, -15, -78]), np.array([25, 22, 20]) * f["Hiatal hernia"]
-        v[_ell(g, c, s)] = 40
-        v[_ell(g, c, s - 5)] = 10
-        v[_ell(g, c, s - 5) & (g["z"] > c[2] - 2)] = -1000
-    v[_ell(g, (0, -62, 0), (15, 15, np.inf))] = 700  # vertebral column
+        paint(_ell(g, c, s), 40, "Hiatal hernia")
+        paint(_ell(g, c, s - 5), 10, "Hiatal hernia")
+        paint(_ell(g, c, s - 5) & (g["z"] > c[2] - 2), -1000, "Hiatal hernia")
+    paint(_ell(g, (0, -62, 0), (15, 15, np.inf)), 700)  # vertebral column
     if "Medical material" in f:  # right chest port (+ its catheter into the superior vena cava when certain)
         port = (55, bh - 16, 55)
-        v[_ell(g, port, (22, 9, 22))] = 2500
+        paint(_ell(g, port, (22, 9, 22)), 2500, "Medical material")
         if f["Medical material"] == 1:
-            v[_tube(g, [port, (35, bh - 22, 75), (28, 15, 75), (28, 15, 5), (22, 15, -15)], 5)] = 2500
+            paint(_tube(g, [port, (35, bh - 22, 75), (28, 15, 75), (28, 15, 5), (22, 15, -15)], 5), 2500,
+                  "Medical material")
         det["Medical material"] = " (central venous port and catheter)"
     # Quantum noise everywhere, plus parenchymal texture in the lungs.
     v += rng.standard_normal(v.shape, dtype=np.float32) * np.where(lung, 25, 12).astype(np.float32)
-    return v, det
+    return v, det, {name: who == DEMO_DRAWN.index(name) + 1 for name in f}
 
 
 def _report(labels, det, rng):
@@ -232,7 +251,8 @@ def _report(labels, det, rng):
 
 
 def _demo_case(rng, lps):
-    """One volume: labels, report and a NIfTI image with realistic spacing, orientation and position."""
+    """One volume: labels, report, a NIfTI image with realistic spacing, orientation and position, and a uint8
+    NIfTI mask per drawn finding in the image's own geometry (same shape, affine and storage order)."""
     labels = {}
     for name in CHEST_CT_LABELS:  # drawn: 35% 1, 5% -1, 15% "", 45% 0; text-only: never 1
         u = rng.random()
@@ -244,7 +264,7 @@ def _demo_case(rng, lps):
     r, a, z = axes = [((np.arange(k) - (k - 1) / 2) * s).astype(np.float32) for k, s in zip(n, sp)]
     g = {"shape": tuple(n), "axes": axes, "r": r[:, None, None], "a": a[None, :, None], "z": z[None, None, :]}
     f = {k: 1.0 if y == 1 else 0.5 for k, y in labels.items() if k in DEMO_DRAWN and y in (1, -1)}
-    vol, det = _phantom(g, rng, f)
+    vol, det, where = _phantom(g, rng, f)
     data = np.clip(np.rint(vol), -1024, 3071).astype(np.int16)
     # Scanner position of the volume centre (table height, couch position); the content never moves.
     origin = np.array([rng.uniform(-20, 20), rng.uniform(-200, -150), rng.uniform(-400, -100)]) - (n - 1) / 2 * sp
@@ -252,28 +272,38 @@ def _demo_case(rng, lps):
     aff[:3, 3] = origin
     if lps:  # DICOM-derived files store x and y reversed: flip the data and describe it in the affine
         data = np.ascontiguousarray(data[::-1, ::-1])
+        where = {k: m[::-1, ::-1] for k, m in where.items()}
         aff[:2, 3] += (n[:2] - 1) * sp[:2]
         aff[0, 0], aff[1, 1] = -sp[0], -sp[1]
-    img = nib.Nifti1Image(data, aff)
-    img.header.set_xyzt_units("mm")
-    return labels, _report(labels, det, rng), img
+    img, masks = nib.Nifti1Image(data, aff), {k: nib.Nifti1Image(m.astype(np.uint8), aff) for k, m in where.items()}
+    for x in [img, *masks.values()]:
+        x.header.set_xyzt_units("mm")
+    return labels, _report(labels, det, rng), img, masks
 
 
 def _demo_job(job):
-    """Pool worker: generate one case, write its NIfTI, then cache it through the real loader. -> manifest row."""
+    """Pool worker: generate one case, write its NIfTI and finding masks, then cache it through the real loader.
+    -> manifest row."""
     vid, split, child, lps, out, cache = job
-    labels, report, img = _demo_case(np.random.default_rng(child), lps=lps)
+    labels, report, img, masks = _demo_case(np.random.default_rng(child), lps=lps)
     nib.save(img, out / "volumes" / f"{vid}.nii.gz")
+    if masks:  # masks/<id>/<label with _ for spaces>.nii.gz, e.g. masks/demo_train_0001/Pleural_effusion.nii.gz
+        (out / "masks" / vid).mkdir(parents=True, exist_ok=True)
+        for name, m in masks.items():
+            nib.save(m, out / "masks" / vid / f"{name.replace(' ', '_')}.nii.gz")
     if cache is not None:  # read back from the file just written: reorientation and resampling are exercised
         _, err = preprocess_one((str(out / "volumes" / f"{vid}.nii.gz"), {}, "demo", str(cache_file(cache, vid))))
         if err:
             raise RuntimeError(err)
-    return [vid, f"volumes/{vid}.nii.gz", report, split] + [str(labels[k]) for k in CHEST_CT_LABELS]
+    return ([vid, f"volumes/{vid}.nii.gz", report, split, f"masks/{vid}" if masks else ""]
+            + [str(labels[k]) for k in CHEST_CT_LABELS])
 
 
 def make_demo(out_dir, n_train=1000, n_valid=100, n_test=100, seed=0, workers=None):
-    """Write out_dir/volumes/*.nii.gz, manifest.csv (id,image,report,split + 18 labels) and dataset.json, and
-    fill the preprocessed cache as each volume is written (one pass, `workers` processes). -> out_dir"""
+    """Write out_dir/volumes/*.nii.gz, masks/<id>/<label>.nii.gz (one per drawn finding), manifest.csv
+    (id,image,report,split,masks + 18 labels; masks is the case's mask folder, empty when nothing is drawn) and
+    dataset.json, and fill the preprocessed cache as each volume is written (one pass, `workers` processes).
+    -> out_dir"""
     out = Path(out_dir)
     (out / "volumes").mkdir(parents=True, exist_ok=True)
     workers = workers or os.cpu_count() or 1
@@ -290,7 +320,7 @@ def make_demo(out_dir, n_train=1000, n_valid=100, n_test=100, seed=0, workers=No
         rows = [_demo_job(j) for j in jobs]
     with open(out / "manifest.csv", "w", newline="") as fh:
         w = csv.writer(fh, lineterminator="\n")
-        w.writerow(["id", "image", "report", "split"] + CHEST_CT_LABELS)
+        w.writerow(["id", "image", "report", "split", "masks"] + CHEST_CT_LABELS)
         w.writerows(rows)
     info = {"preset": "demo", "version": DEMO_VERSION, "text_model": "scratch", "n": len(rows), "seed": seed,
             "train": DEMO_TRAIN}

@@ -1,6 +1,9 @@
-"""Synthetic demo set: files and manifest, determinism, labels that agree with the reports, findings visible in
-the voxels, and ensure_demo() (demo.py)."""
+"""Synthetic demo set: files and manifest, determinism (and volumes pinned across generator changes), labels that
+agree with the reports, findings visible in the voxels, per-finding masks where they are drawn, and ensure_demo()
+(demo.py)."""
 import csv
+import hashlib
+import io
 import json
 import re
 import time
@@ -73,7 +76,7 @@ def test_ensure_demo_replaces_an_older_version(tmp_path, monkeypatch):
 def test_files_manifest_and_headers(small):
     rows = read_manifest(small)
     with open(small / "manifest.csv", newline="") as fh:
-        assert next(csv.reader(fh)) == ["id", "image", "report", "split"] + LABELS
+        assert next(csv.reader(fh)) == ["id", "image", "report", "split", "masks"] + LABELS
     assert [r["split"] for r in rows] == ["train"] * 12 + ["valid"] * 4 + ["test"] * 4
     assert len({r["id"] for r in rows}) == 20 and all(re.fullmatch(r"demo_(train|valid|test)_\d{4}", r["id"]) for r in rows)
     info = json.loads((small / "dataset.json").read_text())
@@ -117,6 +120,34 @@ def test_deterministic(tmp_path):
     for r in read_manifest(a):
         x, y = nib.load(a / r["image"]), nib.load(b / r["image"])
         assert np.array_equal(np.asanyarray(x.dataobj), np.asanyarray(y.dataobj)) and np.array_equal(x.affine, y.affine)
+
+
+# Written by demo.py v5 (commit 994abd6), before the generator recorded masks: sha1 of each volume's int16 voxels as
+# stored, and of manifest.csv in its v5 columns (without "masks").
+PINNED = {"demo_train_0001": "ec48b42e01373462febe54cd139b1a9d20181d84",
+          "demo_train_0002": "838f8d34f733b974e191cc9a6f494659aea69ab4",
+          "demo_train_0003": "0d1cb11fb802a88b7ea6a67e6617a4deeeca5376",
+          "demo_train_0004": "5c35bf8c3a37f33d7611d682aa872a729323b17a",
+          "demo_valid_0001": "30a63a5e11c9380eb81187f7c3f7809eb4b8deee",
+          "demo_test_0001": "f06ea88d006fcf66352528213a45c2e43bce45a1"}
+PINNED_MANIFEST = "ce37cc79dc726c74dac5adc53c75ed89def4fc71"
+
+
+def test_volumes_reports_and_labels_pinned(tmp_path):
+    """A regression pin: the digests above were recorded from demo.py v5 (seed 3, 4/1/1 volumes) before v6 began
+    writing finding masks, which must draw no extra random numbers and leave the order of the draws alone. So the
+    volumes, reports and labels stay bit-identical to v5's, and a trained demo keeps describing the same data. A
+    deliberate change to the phantom or the reports updates these digests (and DEMO_VERSION)."""
+    out = make_demo(tmp_path / "pin", n_train=4, n_valid=1, n_test=1, seed=3)
+    rows = read_manifest(out)
+    assert {r["id"]: hashlib.sha1(np.asanyarray(nib.load(out / r["image"]).dataobj).tobytes()).hexdigest()
+            for r in rows} == PINNED
+    v5 = io.StringIO()  # the manifest as v5 wrote it: every column but "masks", same writer
+    w = csv.writer(v5, lineterminator="\n")
+    with open(out / "manifest.csv", newline="") as fh:
+        for row in csv.reader(fh):
+            w.writerow(row[:4] + row[5:])
+    assert hashlib.sha1(v5.getvalue().encode()).hexdigest() == PINNED_MANIFEST
 
 
 # ---- labels agree with the reports ----
@@ -255,3 +286,62 @@ def test_findings_visible(default):
         print(f"{name:36s} positives {np.mean(pos):8.2f}  negatives {np.mean(neg):8.2f}  AUC {score:.3f}")
         assert len(pos) >= 30 and len(neg) >= 30
         assert score >= 0.9 and np.mean(pos) - np.mean(neg) > 2 * np.std(neg), name
+
+
+# ---- where each finding is: masks ----
+# HU a mask's voxels must mostly hold (the phantom's values plus noise, sd 12 HU or 25 in the lungs):
+# (intervals, least share of the mask's voxels inside them).
+MASK_HU = {"Medical material": ([(2000, np.inf)], .95), "Arterial wall calcification": ([(600, 1500)], .95),
+           "Coronary artery wall calcification": ([(600, 1500)], .95), "Cardiomegaly": ([(0, 220)], .95),  # 50 and 140
+           "Pericardial effusion": ([(-50, 70)], .9), "Pleural effusion": ([(-50, 70)], .9),  # fluid, 10
+           "Hiatal hernia": ([(-60, 100), (-np.inf, -900)], .95),  # wall and fluid, or the gas above them
+           "Lymphadenopathy": ([(0, 120)], .9), "Lung opacity": ([(-600, -300)], .9),
+           "Consolidation": ([(-50, 120)], .9), "Atelectasis": ([(0, 140)], .9), "Lung nodule": ([(-50, 110)], .9),
+           # lung lowered from -850 by 80 HU (by 40 when uncertain), with bullae at -1000; healthy lung has 2 % of
+           # its voxels below -900 and 21 % below -870
+           "Emphysema": ([(-np.inf, -900)], .8), "Emphysema uncertain": ([(-np.inf, -870)], .7)}
+
+
+@pytest.fixture(scope="module")
+def drawn(tmp_path_factory):
+    """Seed 4567: all 13 drawn findings, 10 of them uncertain somewhere, and one case with none drawn (test split)."""
+    return make_demo(tmp_path_factory.mktemp("demo_masks"), n_train=6, n_valid=1, n_test=1, seed=4567)
+
+
+def test_masks_match_the_drawn_findings(drawn):
+    """One uint8 mask per drawn finding stated present or uncertain (none for the 5 findings that are only ever
+    written), in the volume's own grid (shape, affine and storage order, RAS or LPS), where the volume shows that
+    finding's HU."""
+    seen, uncertain = set(), set()
+    for r in read_manifest(drawn):
+        expect = {name for name in VISIBLE if r[name] in ("1", "-1")}
+        if not expect:
+            continue
+        assert r["masks"] == f"masks/{r['id']}"
+        files = sorted(p.name for p in (drawn / r["masks"]).iterdir())
+        assert files == sorted(f"{name.replace(' ', '_')}.nii.gz" for name in expect), r["id"]
+        img = nib.load(drawn / r["image"])
+        v = np.asanyarray(img.dataobj).astype(np.float32)
+        for name in expect:
+            m = nib.load(drawn / r["masks"] / f"{name.replace(' ', '_')}.nii.gz")
+            a = np.asanyarray(m.dataobj)
+            assert m.get_data_dtype() == np.uint8 and a.shape == v.shape and np.array_equal(m.affine, img.affine)
+            assert set(np.unique(a)) == {0, 1}, (r["id"], name)  # not empty
+            x = v[a == 1]
+            bands, share = MASK_HU[name + (" uncertain" if name == "Emphysema" and r[name] == "-1" else "")]
+            inside = np.any([(x >= lo) & (x <= hi) for lo, hi in bands], axis=0).mean()
+            assert inside >= share, (r["id"], name, r[name], inside, np.median(x))
+            seen.add(name)
+            if r[name] == "-1":
+                uncertain.add(name)
+    assert seen == set(VISIBLE) and len(uncertain) >= 5, (seen, uncertain)  # the fixture covers every kind
+
+
+def test_no_drawn_finding_no_masks(drawn):
+    """A case with nothing drawn (the 13 drawn findings negated or not mentioned) has an empty masks cell and no
+    folder; every other case has its folder."""
+    rows = read_manifest(drawn)
+    empty = [r for r in rows if not any(r[name] in ("1", "-1") for name in VISIBLE)]
+    assert len(empty) == 1 and empty[0]["id"] == "demo_test_0001"
+    assert empty[0]["masks"] == "" and not (drawn / "masks" / empty[0]["id"]).exists()
+    assert sorted(p.name for p in (drawn / "masks").iterdir()) == sorted(r["id"] for r in rows if r["masks"])
