@@ -330,14 +330,14 @@ def oblique_degrees(affine):
     cosines = np.abs(axes).max(0) / np.linalg.norm(axes, axis=0)  # (3,) per voxel axis
     return float(np.degrees(np.arccos(np.clip(cosines, 0, 1))).max())
 
-def image_exists(path):
-    """A NIfTI file or a DICOM folder is there (a folder's series are checked when it is read)."""
+def image_exists(path):  # a NIfTI file or a DICOM folder (a folder's series are checked when it is read)
     return os.path.isfile(path) or is_series(path)
 
-def load_volume(path, spacing_out=(1.5, 1.5, 3.0), spacing_in=None, rescale=None, modality=None):
-    """NIfTI file or DICOM series (modality: the one the preset expects, warned otherwise) -> float32 (D, H, W) in canonical orientation at spacing_out (x, y, z mm); HU for CT.
-    spacing_in (x, y, z) overrides the header; rescale (slope, intercept) turns raw CT-RATE v1 values into HU and is
-    ignored for v2 *_fixed files (rescaling twice is a known peer bug). A DICOM series rescales itself, per slice."""
+def load_volume(path, spacing_out=(1.5, 1.5, 3.0), spacing_in=None, rescale=None, modality=None, grid=False):
+    """NIfTI file or DICOM series -> float32 (D, H, W) in canonical orientation at spacing_out (x, y, z mm), HU for CT;
+    grid=True: (it, its affine from the (x, y, z) = (W, H, D) index to RAS mm), how maps.py puts a map back. modality:
+    the preset's (another is warned). spacing_in (x, y, z) overrides the header; rescale (slope, intercept) turns raw
+    CT-RATE v1 values into HU, never for v2 *_fixed files (rescaling twice is a known peer bug) or a DICOM series."""
     series = is_series(path)  # a folder, or folder::SeriesInstanceUID: dicom.py reads it, into the same hand-off
     require(series or os.path.isfile(path), f"{path}: file not found")
     require(not (series and (spacing_in or rescale)), f"{path}: a DICOM series's own headers give its spacing and "
@@ -370,13 +370,16 @@ def load_volume(path, spacing_out=(1.5, 1.5, 3.0), spacing_in=None, rescale=None
     if rescale is not None and not is_fixed(path):
         t = t * float(rescale[0]) + float(rescale[1])
     if exact:
-        return resample_exact(t, affine, np.asarray(spacing_out, float), float(t.min())).numpy()
+        t, out_affine = resample_exact(t, affine, np.asarray(spacing_out, float), float(t.min()))
+        return (t.numpy(), out_affine) if grid else t.numpy()
     zooms = np.linalg.norm(img.affine[:3, :3], axis=0)  # (x, y, z) mm after reorientation
     require(min(zooms) > 0, f"{path}: voxel spacing {tuple(zooms)} is not positive")
     size = [max(1, round(n * a / b)) for n, a, b in zip(vol.shape, zooms, spacing_out)][::-1]  # (D, H, W)
     if list(t.shape) != size:
         t = F.interpolate(t[None, None], size=size, mode="trilinear", align_corners=False)[0, 0]
-    return t.numpy()
+    scale = np.array(vol.shape) / size[::-1]  # (x, y, z) input voxels per output voxel; output voxel i sits at input
+    out_affine = img.affine @ np.vstack([np.c_[np.diag(scale), (scale - 1) / 2], [0, 0, 0, 1]])  # (i + 0.5) s - 0.5
+    return (t.numpy(), out_affine) if grid else t.numpy()
 
 def pad_or_crop(vol, size, fill=AIR_HU, start=None):
     """vol (D, H, W) -> exactly `size`: center-pad short axes with `fill`, then crop at `start`
@@ -416,9 +419,8 @@ def preprocess_volume(path, preset, meta=None):
     p, meta = get_preset(preset), meta or {}
     vol = load_volume(path, p["spacing"], meta.get("spacing"), meta.get("rescale"), None if p["intensity"] == "mri" else "CT")
     require(vol.max() > vol.min(), f"{path}: every voxel is {vol.flat[0]:g}: an empty or failed export, not an image")
-    # A CT of the chest or abdomen holds air (outside the body, lungs, bowel gas: about -1000 HU), so one without a voxel
-    # below -500 is not in HU: a uint8 0-255 export, raw values never rescaled (0..4095), a normalised volume (or, rarely,
-    # a crop inside the body). Warned, then processed as HU. MRI has no fixed scale: exempt.
+    # A chest or abdomen CT holds air (outside the body, lungs, bowel gas: -1000 HU); one without a voxel below -500 is
+    # not HU (a 0-255 export, raw 0..4095 never rescaled, a normalised volume): warned, processed as HU. MRI: exempt.
     if p["intensity"] != "mri" and vol.min() > -500:
         print(f"warning: {path}: values {vol.min():.0f}..{vol.max():.0f}, none below -500: not CT Hounsfield units "
               "(a 0-255 image export? rescale slope/intercept not applied?); processed as HU anyway", file=sys.stderr, flush=True)
@@ -541,7 +543,6 @@ def main(argv=None):
     args = ap.parse_args(argv)
     sys.exit(1 if preprocess_dataset(args.data, args.cache, args.preset, args.workers) else 0)  # failures listed above
 
-# ----------------------------------------------------------------------------- the demo's place
 DEMO_DIR = "data/demo"  # where every stage looks for (and builds, demo.ensure_demo) the demo set by default
 
 if __name__ == "__main__":

@@ -293,7 +293,8 @@ def read_series(path, expect_modality=None):
 def resample_exact(t, affine, spacing_out, fill):
     """t (Z, Y, X): the stored voxels transposed; affine: voxel (i, j, k) -> RAS mm, rotated or sheared -> (D, H, W) on the
     patient's axes at spacing_out (x, y, z mm). Each output voxel's centre is mapped back into the stored grid and sampled
-    trilinearly (`fill` outside it). For an axis-aligned affine this gives what reorienting and F.interpolate give."""
+    trilinearly (`fill` outside it). For an axis-aligned affine this gives what reorienting and F.interpolate give.
+    -> (the volume, its affine)."""
     n = np.array(t.shape[::-1], dtype=np.float64)  # (X, Y, Z) voxels
     corners = np.stack(np.meshgrid(*[[-0.5, m - 0.5] for m in n], indexing="ij")).reshape(3, -1)  # (3, 8) voxel edges
     world = affine[:3, :3] @ corners + affine[:3, 3:]  # (3, 8) RAS mm: the volume's box on the patient's axes
@@ -306,4 +307,6 @@ def resample_exact(t, affine, spacing_out, fill):
         v = torch.stack([xx, yy, zz, torch.ones_like(xx)], -1) @ to_voxel.T  # (d, H, W, 3) voxel (i, j, k)
         grid = (2 * v + 1) / torch.tensor(n) - 1  # grid_sample's [-1, 1] (align_corners=False); i indexes W, k D
         out[z:z + 8] = F.grid_sample(src, grid[None].float(), mode="bilinear", align_corners=False)[0, 0] + fill
-    return out
+    affine_out = np.diag([*spacing_out, 1.0])
+    affine_out[:3, 3] = lo + 0.5 * np.asarray(spacing_out)  # the output's voxel (x, y, z) = (W, H, D) -> RAS mm
+    return out, affine_out

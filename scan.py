@@ -23,15 +23,19 @@ output says how to make them. A finding outside the trained labels has a prompt 
 validation scores and so no decision: the output says why.
 """
 import argparse
+import gzip
 import io
 import sys
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import torch
 
 import checkpoints
 import data as D
+import dicom
+import maps
 import metrics
 import model as M
 
@@ -52,6 +56,10 @@ def get_args():
     p.add_argument("--preset", default=None, help="only to check: a scan always goes through the checkpoint's own preset")
     p.add_argument("--max-len", type=int, default=None, help="token cap for prompts (default: the checkpoint's)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda, ... (default: %(default)s)")
+    p.add_argument("--maps", default=None, help="folder for each scan's map of each finding: <scan>/<finding>.nii.gz on the "
+                                                "scan's own grid (its affine) and <finding>.png (default: none)")
+    p.add_argument("--map-method", default="gradcam", choices=maps.METHODS, help="how a map is made (maps.py; "
+                                                                                 "docs/maps.md; default: %(default)s)")
     p.add_argument("--save-latents", default=None, help=".npz of each scan's latent (768), feature (512), probabilities, "
                                                         "decisions and distance (default: none)")
     return p.parse_args()
@@ -98,6 +106,26 @@ def say_what_it_knows(args, ckpt, preset, points, features):
         print(f"no operating points beside the checkpoint: uncalibrated probabilities, no decisions (make them: {make})")
     if not features:
         print(f"no feature reference beside the checkpoint: no out-of-distribution check (make it: {make})")
+
+
+def write_maps(args, scan, x, model, prompts, preset, findings, probs):
+    """--maps: each finding's map, on the scan's own grid as NIfTI (the inverse of the preprocessing) and as a picture
+    through its peak. -> the folder written."""
+    m = maps.make_maps(model, x, prompts, args.map_method, preset)  # (F, D, H, W) on the crop grid
+    p, window = D.get_preset(preset), (D.windows(D.get_preset(preset)["intensity"]) or [(-1000, 200)])[0]
+    vol, grid = D.load_volume(scan, p["spacing"], grid=True)  # the resampled scan and where its voxels lie
+    crop = D.pad_or_crop(D.pad_or_crop(vol, p["size"]), p["crop"])  # (D, H, W) HU: what the model saw
+    affine_crop = maps.crop_affine(grid, vol.shape, preset)
+    in_shape, in_affine = maps.grid_of(scan)  # the map goes back onto the voxels the scan arrived as
+    folder_name, uid = dicom.split_choice(scan)
+    folder = Path(args.maps) / (Path(folder_name).name.removesuffix(".gz").removesuffix(".nii") + (f"_{uid[-12:]}" if uid else ""))
+    folder.mkdir(parents=True, exist_ok=True)
+    for f, mm, prob in zip(findings, m, probs):
+        stem = "".join(ch if ch.isalnum() else "_" for ch in f)
+        img = nib.Nifti1Image(maps.to_input(mm, affine_crop, in_shape, in_affine), in_affine)
+        D.write_atomic(folder / f"{stem}.nii.gz", gzip.compress(img.to_bytes()))
+        maps.picture(folder / f"{stem}.png", crop, mm, p["spacing"], f"{f}: zero-shot {prob:.3f} ({args.map_method} map)", window)
+    return folder
 
 
 def percentile(sorted_scores, z):
@@ -179,6 +207,8 @@ def main():
                      "no decision: not a trained label" if np.isnan(ci) else "no decision: no operating points" if not points
                      else f"no decision: '{points['split']}' lacks positives or negatives of it")
             print(f"  {f[:34]:34s} {zi:9.4f}  {'n/a' if np.isnan(ci) else f'{ci:.4f}':>10s}  {word[a]:8s} {word[b]:9s}  {where}")
+        if args.maps:
+            print(f"  maps ({args.map_method}): {write_maps(args, scan, x, model, prompts, preset, findings, z)}/")
         for k, v in zip(out, (feat.float().cpu()[0].numpy(), lat.float().cpu()[0].numpy(), z, c_out, dec, scr, dist, flipped)):
             out[k].append(v)
     if args.save_latents:  # plain arrays, rows in scan order; classifier nan and decisions -1 where there is none

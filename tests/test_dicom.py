@@ -243,13 +243,18 @@ def test_other_failures_each_one_line(tmp_path, capsys):
     assert "leave the manifest's spacing and rescale cells empty" in one_line(e)
 
 
-def test_exact_resampling_equals_the_reorienting_path_on_an_axis_aligned_grid():
-    """resample_exact is used for rotated and sheared grids; on a plain grid it must agree with the usual path."""
+def test_exact_resampling_equals_the_reorienting_path_on_an_axis_aligned_grid(tmp_path):
+    """resample_exact is used for rotated and sheared grids; on a plain grid it must agree with the usual path, and so
+    must the affine of the grid each returns (where maps.py puts a map back)."""
     import torch
     vol = phantom((16, 12, 10)).astype(np.float32)
     t = torch.from_numpy(np.ascontiguousarray(vol.T))
     affine = np.diag([1.0, 1.0, 2.0, 1.0])
-    got = dicom.resample_exact(t, affine, np.array([2.0, 2.0, 2.0]), -1000.0).numpy()
+    got, grid = dicom.resample_exact(t, affine, np.array([2.0, 2.0, 2.0]), -1000.0)
+    got = got.numpy()
+    _, grid_usual = D.load_volume(nifti(tmp_path, vol.astype(np.int16), affine), (2.0, 2.0, 2.0), grid=True)
+    np.testing.assert_allclose(grid, grid_usual, atol=1e-9)
+    np.testing.assert_allclose(grid[:3, 3], [0.5, 0.5, 0.0])  # voxel 0 of the 2 mm grid: the centre of 2 input voxels
     want = torch.nn.functional.interpolate(t[None, None], size=(10, 6, 8), mode="trilinear", align_corners=False)[0, 0]
     assert got.shape == (10, 6, 8)
     np.testing.assert_allclose(got, want.numpy(), atol=1e-3)

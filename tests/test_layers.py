@@ -5,7 +5,7 @@ import ast
 from conftest import ROOT
 
 LAYERS = [("dicom",), ("data",), ("model", "demo", "rules", "metrics"), ("checkpoints",), ("common",),
-          ("distill", "pretrain_vision", "pretrain_text", "align", "evaluate", "ctrate", "pacs", "scan", "bench")]
+          ("maps",), ("distill", "pretrain_vision", "pretrain_text", "align", "evaluate", "ctrate", "pacs", "scan", "localise", "bench")]
 LAYER = {name: i for i, names in enumerate(LAYERS) for name in names}
 
 

@@ -1,0 +1,171 @@
+"""Where is it? Maps of the evidence for a finding in a scan: scan.py --maps draws them, localise.py scores them.
+
+The exact map. A finding's zero-shot logit is the image latent's dot product with the prompt pair's difference,
+and the image latent is a bias-free projection of the global average of the last ResNet stage's cells f_v (512-d):
+
+    logit = W_proj (1/N sum_v f_v) . (t_pos - t_neg) = 1/N sum_v  f_v . u,    u = W_proj^T (t_pos - t_neg)  (512,)
+
+so the logit taken apart cell by cell, f_v . u, is a map whose mean is the logit itself (exact_map). CAM, Grad-CAM at
+the last stage and patch-text similarity all coincide with it here. Its catch is resolution: the last stage has
+6 x 12 x 12 cells on the standard chest model, 3 x 6 x 6 on the lite one, 1 x 2 x 2 on the lite demo model.
+Two ways to look finer, at a cost:
+- gradcam: the logit's gradient, averaged over an earlier stage's cells, weights that stage's channels; the positive
+  part of the weighted sum is the map (Selvaraju et al. 2017). At the last stage it is exact_map's positive part.
+- occlusion: the logit's drop when a block of the input is replaced by air, block by block, at input resolution;
+  one forward pass per block position gives every finding's map at once.
+Which is best is measured, not assumed: docs/maps.md. Maps live on the model's input grid, the preset's centre crop;
+to_input takes one back to the scan's own voxels (the inverse of the preprocessing), picture draws one.
+"""
+import io
+
+import nibabel as nib
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import data as D
+import dicom
+
+METHODS = ("exact", "gradcam", "occlusion")
+
+
+def directions(model, prompts):
+    """prompts (C, 2, 768) -> u (C, 512): each finding's direction in the encoder's feature space, W_proj^T (t+ - t-)."""
+    return (prompts[:, 0] - prompts[:, 1]).float() @ model.img_proj.weight.float()
+
+
+def stage_outputs(vision, x):
+    """The stem's and each stage's output for x (1, K, D, H, W): [(1, C, d, h, w)] x 5, last = the pooled stage."""
+    outs = [vision.stem(x)]
+    for stage in vision.stages:
+        outs.append(stage(outs[-1]))
+    return outs
+
+
+@torch.no_grad()
+def exact_map(model, x, u):
+    """(C, d, h, w): cell v's share f_v . u of each finding's logit; map.mean((1, 2, 3)) is the zero-shot logit."""
+    f = stage_outputs(model.vision, x)[-1][0].float()  # (512, d, h, w)
+    return torch.einsum("cdhw,kc->kdhw", f, u.float())
+
+
+def gradcam(model, x, u, stage=3):
+    """(C, d, h, w) on stage `stage` (1-4; the stem is 0): ReLU(sum_c w_c A_c) with w_c the logit's gradient w.r.t.
+    channel c of that stage's output, averaged over its cells. One backward pass per finding."""
+    with torch.enable_grad():
+        outs = stage_outputs(model.vision, x)
+        acts = outs[stage]  # (1, C_s, d, h, w): later stages are recomputed from it so the gradient reaches it
+        logits = outs[-1].mean(dim=(2, 3, 4)) @ u.T.float()  # (1, C): the zero-shot logits
+        maps = []
+        for k in range(u.shape[0]):
+            (g,) = torch.autograd.grad(logits[0, k], acts, retain_graph=k < u.shape[0] - 1)
+            maps.append(F.relu((g.mean(dim=(2, 3, 4), keepdim=True) * acts).sum(1))[0].detach())
+    return torch.stack(maps)
+
+
+@torch.no_grad()
+def occlusion(model, x, u, air, blocks=4, batch=16):
+    """(C, D, H, W) at input resolution: the mean drop of each finding's logit over the blocks covering a voxel, each
+    block (1/blocks of every axis) replaced by `air` (K,) in turn, sliding by half a block."""
+    size = np.array(x.shape[2:])
+    blk = np.maximum(1, size // blocks)
+    starts = [range(0, max(n - b, 0) + 1, max(1, b // 2)) for n, b in zip(size, blk)]
+    score = lambda batch_x: model.vision(batch_x).float() @ u.T.float()  # noqa: E731  (B, C) logits
+    base = score(x)[0]
+    drop, count = torch.zeros((u.shape[0], *size)), torch.zeros(tuple(size))
+    jobs = [(a, b, c) for a in starts[0] for b in starts[1] for c in starts[2]]
+    for i in range(0, len(jobs), batch):
+        xs = x.repeat(len(jobs[i:i + batch]), 1, 1, 1, 1)
+        sl = [tuple(slice(s, s + n) for s, n in zip(j, blk)) for j in jobs[i:i + batch]]
+        for b, s in enumerate(sl):
+            xs[(b, slice(None)) + s] = air.view(-1, 1, 1, 1)
+        for s, lo in zip(sl, score(xs)):
+            drop[(slice(None),) + s] += (base - lo)[:, None, None, None]
+            count[s] += 1
+    return drop / count.clamp(min=1)
+
+
+def make_maps(model, x, prompts, method, preset):
+    """The maps of every finding for one scan x (1, K, D, H, W) -> (C, D, H, W) float32 on the input grid (the crop)."""
+    u = directions(model, prompts.to(x.device))
+    if method == "exact":
+        m = exact_map(model, x, u)
+    elif method == "gradcam":
+        m = gradcam(model, x, u)
+    elif method == "occlusion":
+        window = D.get_preset(preset)["intensity"]
+        air = torch.zeros(x.shape[1]) if window == "mri" else torch.tensor(D.normalize(np.full((1, 1, 1), -1000.0), window)
+                                                                           ).reshape(-1).float()
+        m = occlusion(model, x, u, air.to(x.device))
+    else:
+        raise D.UsageError(f"map method {method!r}: one of {', '.join(METHODS)}")
+    if m.shape[1:] != x.shape[2:]:  # cells -> voxels: each cell's value spread over the voxels it pools
+        m = F.interpolate(m[None].float(), size=tuple(x.shape[2:]), mode="trilinear", align_corners=False)[0]
+    return m.float().cpu().numpy()
+
+
+def crop_affine(grid_affine, resampled_shape, preset):
+    """The affine of the model's input grid: grid_affine maps the resampled volume's (x, y, z) = (W, H, D) voxel index
+    to RAS mm (data.load_volume(grid=True)); the stored volume is its centre pad-or-crop to the preset's size, the input
+    its centre crop. -> (4, 4) affine of the crop's (W, H, D) index."""
+    p = D.get_preset(preset)
+    offset = np.zeros(3)  # (D, H, W): index in the resampled volume of the crop's voxel 0 (negative where padded)
+    for shape, size in ((resampled_shape, p["size"]), (p["size"], p["crop"])):
+        offset += [(max(n, s) - s) // 2 - max(s - n, 0) // 2 for n, s in zip(shape, size)]
+    shift = np.eye(4)
+    shift[:3, 3] = offset[::-1]
+    return grid_affine @ shift
+
+
+def grid_of(path):
+    """A scan's own grid -> (shape (X, Y, Z), affine to RAS mm): a NIfTI file's header, or a DICOM series' hand-off."""
+    if dicom.is_series(path):
+        vol, affine = dicom.read_series(path)
+        return vol.shape, affine
+    try:
+        img = nib.load(path)
+    except Exception as e:
+        raise D.DataError(f"{path}: cannot read NIfTI ({type(e).__name__})") from None
+    return img.shape[:3], img.affine
+
+
+def to_input(m, affine_crop, in_shape, in_affine):
+    """A map m (D, H, W) on the crop grid -> (X, Y, Z) float32 on the scan's own grid: each scan voxel's centre taken to
+    the crop grid and the map read there trilinearly (0 outside the crop). One slice at a time: a 512 x 512 x 300 scan's
+    coordinates at once would take gigabytes."""
+    from scipy.ndimage import map_coordinates
+    to_crop = np.linalg.inv(affine_crop) @ in_affine  # scan voxel (i, j, k) -> crop (w, h, d)
+    ii, jj = np.meshgrid(np.arange(in_shape[0]), np.arange(in_shape[1]), indexing="ij")
+    out = np.zeros(in_shape, np.float32)
+    for k in range(in_shape[2]):
+        pts = to_crop[:3, :3] @ np.stack([ii.ravel(), jj.ravel(), np.full(ii.size, k)]) + to_crop[:3, 3:]  # (3, X*Y)
+        out[:, :, k] = map_coordinates(m, pts[::-1], order=1, cval=0.0).reshape(in_shape[:2])  # (w, h, d) -> (d, h, w)
+    return out
+
+
+def picture(path, vol, m, spacing, title, window):
+    """Axial, coronal and sagittal slices through the map's peak: vol (D, H, W) HU on the crop grid at spacing
+    (x, y, z mm), shown in the preset's first window; m (D, H, W) over it. Radiological convention: the patient's
+    right on the viewer's left, anterior and superior up."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    d, h, w = np.unravel_index(int(np.argmax(m)), m.shape)
+    lo, hi = window
+    top = max(float(m.max()), 1e-6)
+    views = [("axial", vol[d][:, ::-1], m[d][:, ::-1], spacing[1] / spacing[0]),  # rows H (anterior up), cols W flipped
+             ("coronal", vol[:, h, ::-1], m[:, h, ::-1], spacing[2] / spacing[0]),  # rows D (superior up)
+             ("sagittal", vol[:, :, w], m[:, :, w], spacing[2] / spacing[1])]  # rows D, cols H (anterior right)
+    fig, axes = plt.subplots(1, 3, figsize=(12, 4.4))
+    for ax, (name, img, mm, aspect) in zip(axes, views):
+        ax.imshow(img, cmap="gray", vmin=lo, vmax=hi, origin="lower", aspect=aspect)
+        shown = ax.imshow(np.ma.masked_less_equal(mm, 0.05 * top), cmap="inferno", vmin=0, vmax=top, alpha=0.55,
+                          origin="lower", aspect=aspect)
+        ax.set_title(name, fontsize=9)
+        ax.axis("off")
+    fig.colorbar(shown, ax=axes, fraction=0.015, label="evidence (logit units)")
+    fig.suptitle(title, fontsize=10)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    D.write_atomic(path, png.getvalue())
