@@ -6,7 +6,8 @@ Reads:  an aligned checkpoint (--ckpt, as evaluate.py) and a manifest whose `mas
         from ReXGroundingCT's 3D masks or your own segmentations. A mask on another grid is refused in one line.
 Writes: --out (default out/localise): per_finding.csv and localise.json, and prints, per finding, over the split's
         positive cases that have a mask, with 95% bootstrap intervals over cases:
-        - pointing game: the map's maximum lies inside the mask dilated by --tolerance-mm;
+        - pointing game: the map's peak (maps.peak: the centre of its maximal cell) lies inside the mask dilated by
+          --tolerance-mm;
         - mass: the share of the map's positive mass inside the mask;
         - the same pointing game for two baselines on the same cases: the body's centre, and a random body voxel
           (its exact expectation: the share of body voxels within the tolerance of the mask);
@@ -48,6 +49,7 @@ def get_args():
     p.add_argument("--methods", nargs="+", default=list(maps.METHODS), choices=maps.METHODS, help="map methods compared")
     p.add_argument("--tolerance-mm", type=float, default=10.0, help="pointing game: the mask dilated by this (default: %(default)s)")
     p.add_argument("--template", default="there_is", choices=list(M.PROMPT_TEMPLATES), help="prompt pair (default: %(default)s)")
+    p.add_argument("--occlusion-blocks", type=int, default=4, help="occlusion: blocks per axis (default: %(default)s)")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples of the cases (default: %(default)s)")
     p.add_argument("--max-cases", type=int, default=None, help="score at most this many volumes (default: all)")
     p.add_argument("--out", default="out/localise", help="output folder (default: %(default)s)")
@@ -83,11 +85,13 @@ def score_case(model, ds, i, table, prompts_by_name, preset, args, spacing):
                   "random": metrics.random_hit_rate(body, masks[n], spacing, args.tolerance_mm), "seconds": {}}
     for method in args.methods:
         t0 = time.perf_counter()
-        m = maps.make_maps(model, x, P, method, preset)  # (F, D, H, W)
+        m = maps.make_maps(model, x, P, method, preset, args.occlusion_blocks)  # (F, D, H, W)
         seconds = time.perf_counter() - t0
         for n, mm in zip(names, m):
-            if masks[n].any():
-                out[n][method] = (metrics.pointing_hit(mm, masks[n], spacing, args.tolerance_mm), metrics.mass_inside(mm, masks[n]))
+            if masks[n].any():  # a map without positive evidence anywhere has none inside the mask either: 0, not nan
+                mass = metrics.mass_inside(mm, masks[n])
+                out[n][method] = (metrics.point_hit(maps.peak(mm), masks[n], spacing, args.tolerance_mm),
+                                  0.0 if np.isnan(mass) else mass)
             out[n]["seconds"][method] = seconds / len(names)
     return {n: o for n, o in out.items() if masks[n].any()}
 

@@ -85,7 +85,7 @@ def occlusion(model, x, u, air, blocks=4, batch=16):
     return drop / count.clamp(min=1)
 
 
-def make_maps(model, x, prompts, method, preset):
+def make_maps(model, x, prompts, method, preset, blocks=4):
     """The maps of every finding for one scan x (1, K, D, H, W) -> (C, D, H, W) float32 on the input grid (the crop)."""
     u = directions(model, prompts.to(x.device))
     if method == "exact":
@@ -96,12 +96,19 @@ def make_maps(model, x, prompts, method, preset):
         window = D.get_preset(preset)["intensity"]
         air = torch.zeros(x.shape[1]) if window == "mri" else torch.tensor(D.normalize(np.full((1, 1, 1), -1000.0), window)
                                                                            ).reshape(-1).float()
-        m = occlusion(model, x, u, air.to(x.device))
+        m = occlusion(model, x, u, air.to(x.device), blocks)
     else:
         raise D.UsageError(f"map method {method!r}: one of {', '.join(METHODS)}")
     if m.shape[1:] != x.shape[2:]:  # cells -> voxels: each cell's value spread over the voxels it pools
-        m = F.interpolate(m[None].float(), size=tuple(x.shape[2:]), mode="trilinear", align_corners=False)[0]
+        m = F.interpolate(m[None].float(), size=tuple(x.shape[2:]), mode="nearest")[0]
     return m.float().cpu().numpy()
+
+
+def peak(m):
+    """Where a map points: the centroid of its maximal voxels (D, H, W), rounded. A coarse map is flat over each cell
+    (and occlusion's over each half block), so the first maximal voxel would be a cell's corner; its centre is meant."""
+    top = np.argwhere(m >= m.max() - 1e-6 * max(abs(float(m.max())), 1e-12))
+    return tuple(np.rint(top.mean(0)).astype(int))
 
 
 def crop_affine(grid_affine, resampled_shape, preset):
@@ -150,7 +157,7 @@ def picture(path, vol, m, spacing, title, window):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    d, h, w = np.unravel_index(int(np.argmax(m)), m.shape)
+    d, h, w = peak(m)
     lo, hi = window
     top = max(float(m.max()), 1e-6)
     views = [("axial", vol[d][:, ::-1], m[d][:, ::-1], spacing[1] / spacing[0]),  # rows H (anterior up), cols W flipped

@@ -165,8 +165,8 @@ def test_evaluate_keeps_the_auc_and_records_calibration(trained):
 def test_a_map_follows_a_finding_that_moves(trained, method):
     """A demo test volume with a chest port (medical material, on the patient's right) and the same volume mirrored
     left to right: the port moves to the other side, and so does the peak of its map (the trained encoder above).
-    Occlusion only: on this small model the exact map (1 x 2 x 2 cells) and Grad-CAM (2 x 3 x 3) fail it (measured;
-    docs/maps.md)."""
+    Occlusion (scan.py's default) only: on this small model the exact map (1 x 2 x 2 cells) and Grad-CAM (2 x 3 x 3)
+    fail it (measured; docs/maps.md)."""
     import maps
     d, table = trained
     test = table.subset("test")
@@ -184,5 +184,5 @@ def test_a_map_follows_a_finding_that_moves(trained, method):
     half = x.shape[-1] / 2
     for v, side in ((x, port > half), (torch.flip(x, dims=[4]), port <= half)):
         m = maps.make_maps(model, v, prompts, method, "demo")[0]  # (D, H, W)
-        peak_w = np.unravel_index(np.argmax(m), m.shape)[2]
+        peak_w = maps.peak(m)[2]
         assert (peak_w > half) == side, (method, peak_w, port)
