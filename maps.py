@@ -74,7 +74,8 @@ def occlusion(model, x, u, air, blocks=4, batch=16):
     base = score(x)[0]
     drop, count = torch.zeros((u.shape[0], *size)), torch.zeros(tuple(size))
     jobs = [(a, b, c) for a in starts[0] for b in starts[1] for c in starts[2]]
-    for i in range(0, len(jobs), batch):
+    from tqdm import tqdm  # a chest-preset scan takes a minute or more on a CPU: show it
+    for i in tqdm(range(0, len(jobs), batch), desc="occlusion", unit="batch", leave=False, disable=None):
         xs = x.repeat(len(jobs[i:i + batch]), 1, 1, 1, 1)
         sl = [tuple(slice(s, s + n) for s, n in zip(j, blk)) for j in jobs[i:i + batch]]
         for b, s in enumerate(sl):
