@@ -130,7 +130,7 @@ def main():
         for b, last_micro in batches:
             x = b["image"].to(run.device, non_blocking=True)  # (B, K windows, D, H, W)
             ids, att = common.tokenize(tokenizer, b["report"], args.max_len, run.device)  # (B, L) each
-            y, m = b["targets"].to(run.device), b["mask"].to(run.device)  # (B, C) each; m = 0 where unknown
+            y, m = (b[k].to(run.device, non_blocking=True) for k in ("targets", "mask"))  # (B, C) each; m = 0: unknown
             with common.forward_context(run, last_micro):
                 # Latents (B, E) in the shared space, and the shared classifier's logits (B, C) for each:
                 # one set of classifier weights reads both, which ties the two modalities together.

@@ -22,6 +22,7 @@ import math
 import os
 import time
 from contextlib import contextmanager, nullcontext
+from datetime import timedelta
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -111,8 +112,9 @@ def setup(args, stage):
     master, device; log (prints on rank 0 only); autocast() (a context manager), scaler; micro (samples per forward
     pass on one process). start() adds the training state: step, best, history, ..."""
     ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    if ddp:  # launched by torchrun: one process per GPU (or per CPU slot with gloo)
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    if ddp:  # launched by torchrun: one process per GPU (or per CPU slot with gloo). Rank 0 validates alone while the
+        # others wait at a barrier: NCCL's default 10-minute timeout would end a long CT-RATE validation, so 2 hours.
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=timedelta(hours=2))
         rank, world = dist.get_rank(), dist.get_world_size()
         device = torch.device(f"cuda:{os.environ['LOCAL_RANK']}" if torch.cuda.is_available() else "cpu")
     else:
@@ -120,6 +122,7 @@ def setup(args, stage):
         device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
+        cuda_speed_flags()
     else:
         keep_freed_memory()
     log = print if rank == 0 else (lambda *a, **k: None)
@@ -136,6 +139,15 @@ def setup(args, stage):
         autocast=(lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else nullcontext,
         scaler=torch.amp.GradScaler(enabled=amp_dtype == torch.float16),
         micro=args.batch_size // (world * args.accum))  # samples per forward pass on one process
+
+
+def cuda_speed_flags():
+    """Training on a GPU: every batch has the preset's crop size, so cuDNN may time its 3D convolution algorithms once
+    and keep the fastest (benchmark mode; off by default); fp32 matmuls (BERT, the projections) may use TF32 on Ampere
+    and later, as fp32 convolutions already do by default. Both trade bit-exactness between runs for speed; evaluation
+    and scan.py keep PyTorch's defaults."""
+    torch.backends.cudnn.benchmark = True
+    torch.set_float32_matmul_precision("high")
 
 
 def keep_freed_memory():

@@ -93,7 +93,7 @@ def main():
     # training loop
     for epoch, batches in common.epochs(run, train_ds):
         for b, last_micro in batches:
-            y, m = b["targets"].to(run.device), b["mask"].to(run.device)  # (B, C) each; m = 0 where unknown
+            y, m = (b[k].to(run.device, non_blocking=True) for k in ("targets", "mask"))  # (B, C) each; m = 0: unknown
             ids, att = common.tokenize(tokenizer, b["report"], args.max_len, run.device)  # (B, L) each
             with common.forward_context(run, last_micro):
                 logits = train_model(ids, att).float()  # (B, C): the head on each report's embedding

@@ -74,7 +74,7 @@ def main():
     for epoch, batches in common.epochs(run, train_ds):
         for b, last_micro in batches:
             x = b["image"].to(run.device, non_blocking=True)  # (B, K windows, D, H, W)
-            y, m = b["targets"].to(run.device), b["mask"].to(run.device)  # (B, C) each; m = 0 where unknown
+            y, m = (b[k].to(run.device, non_blocking=True) for k in ("targets", "mask"))  # (B, C) each; m = 0: unknown
             with common.forward_context(run, last_micro):
                 loss = M.masked_bce(train_model(x).float(), y, m)  # uncertain and unmentioned labels masked out
             common.backward(run, loss, b)  # a non-finite loss stops the run naming the batch (or is skipped)

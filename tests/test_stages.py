@@ -101,3 +101,18 @@ def test_labels_of_another_data_set(tmp_path, tiny):
     assert "labels: the manifest label columns (not out/distill/labels.csv" in r.stdout
     r = run([*args, "--labels", "out/distill/labels.csv"], cwd=tmp_path, ok=False)
     assert r.returncode == 2 and "Traceback" not in r.stderr and "labels.csv" in r.stderr
+
+
+def test_cuda_speed_flags():
+    """A GPU run autotunes cuDNN's 3D convolutions for the fixed crop and lets fp32 matmuls use TF32 (issue 24's review;
+    only the device check can time them): both flags are set by the function setup() calls on CUDA."""
+    import common
+    before = (torch.backends.cudnn.benchmark, torch.get_float32_matmul_precision())
+    try:
+        torch.backends.cudnn.benchmark = False
+        torch.set_float32_matmul_precision("highest")
+        common.cuda_speed_flags()
+        assert torch.backends.cudnn.benchmark and torch.get_float32_matmul_precision() == "high"
+    finally:
+        torch.backends.cudnn.benchmark = before[0]
+        torch.set_float32_matmul_precision(before[1])
