@@ -270,11 +270,10 @@ def make_reference(ev, rv, ref_split, table, score):
                   **{k: sorted(round(float(x), 5) for x in p[metrics.has_ref(v["y"], c) & (v["y"][:, c] == want), c])
                      for k, want in (("positives", 1), ("negatives", 0))}}
               for c, n in enumerate(names) if np.isfinite(youden[c])}  # a label without both classes: no decision
-    calibration = {k: {"temperature": t, "before": metrics.calibration_error(e["y"], sig(z))[1],
-                       "after": metrics.calibration_error(e["y"], sig(z / t))[1],
-                       "ece_before": metrics.calibration_error(e["y"], sig(z))[0],
-                       "ece_after": metrics.calibration_error(e["y"], sig(z / t))[0]}
-                   for k, z, t in (("zero_shot", e["logits"], t_zs), ("classifier", e["clf_logits"], t_clf))}
+    calibration = {}  # per probability: ECE and its bins on the evaluated split, before and after the temperature
+    for k, z, t in (("zero_shot", e["logits"], t_zs), ("classifier", e["clf_logits"], t_clf)):
+        (ece0, bins0), (ece1, bins1) = (metrics.calibration_error(e["y"], sig(z / tt)) for tt in (1.0, t))
+        calibration[k] = {"temperature": t, "before": bins0, "after": bins1, "ece_before": ece0, "ece_after": ece1}
     features, ood = None, {"note": "no training split: no feature reference"}
     if "train" in table.splits:  # the Gaussian of the training features; the cut-off from held-out scans
         train = table.subset("train")
@@ -387,25 +386,23 @@ def write_outputs(out, rows, mac, summary, y, s, names, aucs, template):
                     for k, v in r.items() if k in rows[0]})
     D.write_atomic(out / "per_label.csv", buf.getvalue())
     D.write_atomic(out / "summary.json", json.dumps(_plain(summary), indent=2))
-    try:  # optional dependency: the numbers above never depend on it
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        from sklearn.metrics import roc_curve
-        fig, ax = plt.subplots(figsize=(6, 6))
-        for c, n in enumerate(names):
-            if aucs[c] is not None:
-                keep = metrics.has_ref(y, c)
-                fpr, tpr, _ = roc_curve(y[keep, c], s[keep, c])
-                ax.plot(fpr, tpr, lw=1, label=f"{n} ({aucs[c]:.2f})")
-        ax.plot([0, 1], [0, 1], "k--", lw=0.5)
-        ax.set(xlabel="false positive rate", ylabel="true positive rate", title=f"zero-shot ROC ({template})")
-        ax.legend(fontsize=5)
-        png = io.BytesIO()
-        fig.savefig(png, format="png", dpi=150)
-        D.write_atomic(out / "roc.png", png.getvalue())
-    except ImportError:
-        print("note: matplotlib is not installed: roc.png skipped")
+    import matplotlib  # after the numbers, which never depend on it
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import roc_curve
+    fig, ax = plt.subplots(figsize=(6, 6))
+    for c, n in enumerate(names):
+        if aucs[c] is not None:
+            keep = metrics.has_ref(y, c)
+            fpr, tpr, _ = roc_curve(y[keep, c], s[keep, c])
+            ax.plot(fpr, tpr, lw=1, label=f"{n} ({aucs[c]:.2f})")
+    ax.plot([0, 1], [0, 1], "k--", lw=0.5)
+    ax.set(xlabel="false positive rate", ylabel="true positive rate", title=f"zero-shot ROC ({template})")
+    ax.legend(fontsize=5)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=150)
+    plt.close(fig)
+    D.write_atomic(out / "roc.png", png.getvalue())
     print(f"wrote {out / 'per_label.csv'} and {out / 'summary.json'}")
 
 
