@@ -250,8 +250,9 @@ def start(run, model, opt, train_ds, model_config, label_names, extra=None):
 
 
 def resume(run):
-    """--resume: continue exactly from <out>/last.pt: weights, optimizer state, step, best metric, history and the
-    RNG state. The learning-rate scales of this command's parameter groups win over the saved ones."""
+    """--resume: continue exactly from <out>/last.pt: weights, optimizer state, step, best metric, history, the RNG
+    states and the fp16 loss scale. The learning-rate scales of this command's parameter groups win over the saved
+    ones."""
     path = run.out / "last.pt"
     if not run.args.resume:
         return
@@ -269,9 +270,32 @@ def resume(run):
     for group, scale in zip(run.opt.param_groups, scales):
         group["lr_scale"] = scale
     run.step, run.best = ck["step"], ck["best_metric"] if ck["best_metric"] is not None else -math.inf
-    torch.set_rng_state(ck["extra"]["rng"])
+    restore_random_and_scale(run, ck["extra"])
     run.history = ck["extra"].get("history", [])
     run.log(f"resume: {path} at step {run.step}")
+
+
+def random_and_scale(run):
+    """The state an exact --resume needs beyond weights and optimizer -> a dict for the checkpoint's extra: the global
+    CPU RNG (dropout in a CPU run); on a GPU the device's RNG too (BERT's dropout draws from it there); and under --amp
+    fp16 the GradScaler's loss scale and growth count (else a resumed run starts again at 65536 and skips steps
+    until it has found its scale again)."""
+    state = {"rng": torch.get_rng_state()}
+    if run.device.type == "cuda":
+        state["cuda_rng"] = torch.cuda.get_rng_state(run.device)
+    if run.scaler.is_enabled():
+        state["scaler"] = run.scaler.state_dict()
+    return state
+
+
+def restore_random_and_scale(run, extra):
+    """The inverse of random_and_scale, for what this run has: a CPU run ignores a saved GPU RNG state, and a run
+    without fp16 a saved loss scale (checkpoints saved before either was kept have neither)."""
+    torch.set_rng_state(extra["rng"])
+    if "cuda_rng" in extra and run.device.type == "cuda":
+        torch.cuda.set_rng_state(extra["cuda_rng"], run.device)
+    if "scaler" in extra and run.scaler.is_enabled():
+        run.scaler.load_state_dict(extra["scaler"])
 
 
 def done(run):
@@ -431,8 +455,8 @@ def finish(run, title, what="valid macro AUC"):
 # checkpoints (checkpoints.py: the format, the atomic write, the checked read)
 
 def save(run, name):
-    """<out>/<name> from the run's state: what save_checkpoint needs, the RNG state and history for --resume."""
+    """<out>/<name> from the run's state: what save_checkpoint needs; the RNG states, loss scale and history for --resume."""
     checkpoints.save_checkpoint(run.out / name, stage=run.stage, model=run.model, model_config=run.model_config, args=vars(run.args),
                     label_names=run.label_names, optimizer=run.opt, step=run.step, epoch=run.step // run.steps_per_epoch,
                     best_metric=None if run.best == -math.inf else run.best,
-                    extra={"rng": torch.get_rng_state(), "history": run.history, "metrics": run.metrics, **run.extra})
+                    extra={**random_and_scale(run), "history": run.history, "metrics": run.metrics, **run.extra})

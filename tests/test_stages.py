@@ -1,9 +1,11 @@
 """The pre-training scripts (stages 2a, 2b) end to end through subprocess, at toy size on a small demo set: defaults, resume
 equality, and a 2-process torchrun (gloo on CPU)."""
+import math
 import os
 import shutil
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -116,3 +118,39 @@ def test_cuda_speed_flags():
     finally:
         torch.backends.cudnn.benchmark = before[0]
         torch.set_float32_matmul_precision(before[1])
+
+
+def tiny_run(tmp_path, fp16):
+    """The part of common.setup's and common.start's `run` that common.save and common.resume read, around a toy model;
+    the GradScaler on the CPU stands for the CUDA one an --amp fp16 run has (fp16=False: a run without fp16)."""
+    model = torch.nn.Linear(4, 2)
+    return SimpleNamespace(out=tmp_path, stage="vision", model=model, model_config={}, args=SimpleNamespace(resume=True),
+                           label_names=["a", "b"], opt=torch.optim.AdamW(model.parameters()), step=3, steps_per_epoch=4,
+                           best=-math.inf, history=[], metrics={}, extra={}, device=torch.device("cpu"),
+                           scaler=torch.amp.GradScaler("cpu", enabled=fp16), log=lambda *a: None)
+
+
+def test_resume_keeps_the_fp16_loss_scale(tmp_path):
+    """--amp fp16 --resume continues with the saved GradScaler state (loss scale and growth count), not a fresh 65536
+    (issue 24's review). A run without fp16 saves none and ignores a saved one; a CPU run saves no CUDA RNG state."""
+    import common
+    run = tiny_run(tmp_path, fp16=True)
+    for x in (torch.full((1, 4), math.inf), torch.ones(1, 4)):  # an overflowing step halves the scale; a good one counts
+        run.scaler.scale(run.model(x).sum()).backward()
+        run.scaler.step(run.opt)
+        run.scaler.update()
+        run.opt.zero_grad()
+    saved = run.scaler.state_dict()
+    assert saved["scale"] == 65536.0 / 2 and saved["_growth_tracker"] == 1
+    common.save(run, "last.pt")
+    extra = load_last(tmp_path / "last.pt")["extra"]
+    assert extra["scaler"] == saved and "cuda_rng" not in extra
+    resumed = tiny_run(tmp_path, fp16=True)
+    common.resume(resumed)
+    assert resumed.step == 3 and resumed.scaler.state_dict() == saved
+    plain = tiny_run(tmp_path, fp16=False)
+    common.resume(plain)  # fp16 saved, fp32 resumed: the scale is not wanted, and no error
+    assert plain.step == 3 and not plain.scaler.is_enabled()
+    common.save(plain, "last.pt")
+    assert "scaler" not in load_last(tmp_path / "last.pt")["extra"]
+
