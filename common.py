@@ -218,7 +218,11 @@ def data_record(args, table):
 def tokenize(tokenizer, reports, max_len, device):
     """B report strings -> input_ids, attention_mask (B, L) each, on the device; longer reports are cut at max_len."""
     enc = tokenizer(list(reports), padding=True, truncation=True, max_length=max_len, return_tensors="pt")
-    return enc["input_ids"].to(device), enc["attention_mask"].to(device)
+    ids, att = enc["input_ids"], enc["attention_mask"]
+    if device.type == "cuda":  # a copy from pageable memory makes the host wait for the GPU's stream; from pinned
+        # (page-locked) memory it is queued and the host goes on (the images come pinned from the DataLoader)
+        return ids.pin_memory().to(device, non_blocking=True), att.pin_memory().to(device, non_blocking=True)
+    return ids.to(device), att.to(device)
 
 
 # -----------------------------------------------------------------------------
