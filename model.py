@@ -139,9 +139,11 @@ class TextEncoder(nn.Module):
         self.out_dim, self.pooling = self.bert.config.hidden_size, cfg.get("pooling", "cls")
         if self.pooling not in POOLINGS:  # never a silent fallback to another pooling
             raise ValueError(f"text pooling {self.pooling!r} is not one of {POOLINGS}")
-        if self.pooling == "sentence":  # the token ids that end a sentence (or a heading), and [CLS], [SEP]
+        if self.pooling == "sentence":  # the ids of [CLS], [SEP] and of what ends a sentence (or a heading), as buffers:
+            # they move with .to(device) (no host->device copy in forward); non-persistent, so never in a checkpoint
             vocab = {t: i for i, t in enumerate(cfg["vocab"])}
-            self.special, self.ends = [vocab["[CLS]"], vocab["[SEP]"]], [vocab[t] for t in ".:;" if t in vocab]
+            self.register_buffer("special", torch.tensor([vocab["[CLS]"], vocab["[SEP]"]]), persistent=False)
+            self.register_buffer("ends", torch.tensor([vocab[t] for t in ".:;" if t in vocab], dtype=torch.long), persistent=False)
 
     def gradient_checkpointing_enable(self):
         """Recompute each BERT layer in the backward pass (no BatchNorm here, so no side effects)."""
@@ -159,8 +161,8 @@ class TextEncoder(nn.Module):
             hidden, real = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state, attention_mask[..., None]
             return (hidden * real).sum(1) / real.sum(1).clamp(min=1)
         # Segments (B, L): a sentence ends at its "." (or ":", ";"); [CLS] and [SEP] stand alone.
-        special = torch.isin(input_ids, torch.tensor(self.special, device=input_ids.device))
-        stop = special | torch.isin(input_ids, torch.tensor(self.ends, device=input_ids.device))
+        special = torch.isin(input_ids, self.special)
+        stop = special | torch.isin(input_ids, self.ends)
         start = special | torch.cat([torch.ones_like(stop[:, :1]), stop[:, :-1]], 1)  # a segment begins after a stop
         seg, idx = torch.cumsum(start, 1) - 1, torch.arange(input_ids.shape[1], device=input_ids.device)
         pos = idx - torch.cummax(torch.where(start, idx, 0), 1).values  # positions restart at 0 in every segment
@@ -170,8 +172,9 @@ class TextEncoder(nn.Module):
         if self.bert.config._attn_implementation == "eager":  # eager attention adds the mask to the scores
             allow = torch.zeros(allow.shape, device=allow.device).masked_fill(~allow, torch.finfo(torch.float32).min)
         hidden = self.bert(input_ids=input_ids, attention_mask=allow, position_ids=pos).last_hidden_state  # (B, L, H)
-        # Mean over each sentence's words, then over the sentences ([CLS], [SEP] and padding left out).
-        member = F.one_hot(seg).to(hidden.dtype) * (real & ~special)[..., None]  # (B, L, S segments)
+        # Mean over each sentence's words, then over the sentences ([CLS], [SEP] and padding left out). seg == idx is
+        # one_hot(seg, L), without F.one_hot's host read-back of seg's range (a wait for the GPU in every forward).
+        member = (seg[..., None] == idx).to(hidden.dtype) * (real & ~special)[..., None]  # (B, L, S = L segments)
         n = member.sum(1)[..., None]  # (B, S, 1) words per segment
         sent, has = torch.einsum("bls,blh->bsh", member, hidden) / n.clamp(min=1), (n > 0).to(hidden.dtype)  # (B, S, H)
         return (sent * has).sum(1) / has.sum(1).clamp(min=1)  # (B, H); zeros for a text without words

@@ -2,13 +2,18 @@
 import argparse
 import json
 import math
+import os
+import traceback
 from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import checkpoints
 import model as M
+from benchmarks import memcount
 from data import DataError
 
 REPORTS = [
@@ -226,6 +231,77 @@ def test_tokenizer_from_cfg_roundtrip(scratch_text):
     # Encoder rebuilt from the config dict alone has the same parameter shapes.
     again = M.TextEncoder(cfg)
     assert {k: v.shape for k, v in again.state_dict().items()} == {k: v.shape for k, v in enc.state_dict().items()}
+
+
+def sentence_pooling_before_review(enc, input_ids, attention_mask):
+    """TextEncoder's "sentence" pooling as it was before issue 24's review, verbatim but for the token ids, which it
+    kept as Python lists (copied to the device in every forward), and F.one_hot without num_classes."""
+    vocab = {t: i for i, t in enumerate(enc.cfg["vocab"])}
+    special_ids, ends = [vocab["[CLS]"], vocab["[SEP]"]], [vocab[t] for t in ".:;" if t in vocab]
+    special = torch.isin(input_ids, torch.tensor(special_ids, device=input_ids.device))
+    stop = special | torch.isin(input_ids, torch.tensor(ends, device=input_ids.device))
+    start = special | torch.cat([torch.ones_like(stop[:, :1]), stop[:, :-1]], 1)
+    seg, idx = torch.cumsum(start, 1) - 1, torch.arange(input_ids.shape[1], device=input_ids.device)
+    pos = idx - torch.cummax(torch.where(start, idx, 0), 1).values
+    real, eye = attention_mask.bool(), torch.eye(len(idx), dtype=torch.bool, device=idx.device)
+    allow = (((seg[:, :, None] == seg[:, None, :]) & real[:, None, :]) | eye)[:, None]
+    hidden = enc.bert(input_ids=input_ids, attention_mask=allow, position_ids=pos).last_hidden_state
+    member = F.one_hot(seg).to(hidden.dtype) * (real & ~special)[..., None]
+    n = member.sum(1)[..., None]
+    sent, has = torch.einsum("bls,blh->bsh", member, hidden) / n.clamp(min=1), (n > 0).to(hidden.dtype)
+    return (sent * has).sum(1) / has.sum(1).clamp(min=1)
+
+
+def test_sentence_pooling_unchanged_by_its_buffers(scratch_text):
+    """The sentence pooling's token ids became non-persistent buffers and its one_hot a comparison with every segment
+    index (issue 24's review: no host synchronisation in forward): the same embeddings as before, and the same
+    state_dict, so every checkpoint loads strictly as before."""
+    _, tok, cfg = scratch_text
+    torch.manual_seed(0)
+    enc = M.TextEncoder(dict(cfg, pooling="sentence")).eval()
+    texts = [*REPORTS[:4], "Bronchiectasis; there is no pleural effusion. Cardiomegaly.", "Emphysema is present.", ""]
+    ids, mask, _ = tokenize(tok, texts, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(enc(ids, mask), sentence_pooling_before_review(enc, ids, mask), rtol=0, atol=0)
+    assert {"special", "ends"} <= {n for n, _ in enc.named_buffers()}
+    assert "special" not in enc.state_dict() and "ends" not in enc.state_dict()
+    assert set(enc.state_dict()) == set(M.TextEncoder(dict(cfg, pooling="cls")).state_dict())
+    M.TextEncoder(dict(cfg, pooling="cls")).load_state_dict(enc.state_dict(), strict=True)  # either way, strictly
+
+
+class HostReads(TorchDispatchMode):
+    """Every read of a tensor's value back to the host: .item(), bool(tensor) and F.one_hot without num_classes all
+    dispatch to aten._local_scalar_dense. On a GPU each one waits for the stream to finish; the stack says whose."""
+
+    def __init__(self):
+        super().__init__()
+        self.stacks = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.stacks.append(traceback.extract_stack())
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("pooling", M.POOLINGS)
+def test_align_training_step_reads_nothing_back_to_the_host(scratch_text, pooling):
+    """One whole training step of the aligned model as align.py makes it (forward, align loss, backward, clipping,
+    fused AdamW step; benchmarks/memcount.py's step) reads no tensor value back to the host from project code
+    (issue 24's review: the sentence pooling did twice per step). Known and left alone: transformers' own SDPA mask
+    code calls padding_mask.all() once per forward for the cls and mean poolings; that one is transformers', not ours."""
+    _, tok, cfg = scratch_text
+    text = dict(cfg, pooling=pooling, bert=dict(cfg["bert"], hidden_size=32, intermediate_size=64))  # tiny, fast
+    torch.manual_seed(0)
+    model = M.build_model({"kind": "align", "num_labels": 3, "embed_dim": 32, "vision": TINY_VISION, "text": text}).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.0, fused=True)
+    ids, att, _ = tokenize(tok, REPORTS[:4], 64)
+    batch = {"x": torch.randn(4, 1, 16, 32, 32), "ids": ids, "att": att, "y": torch.randint(0, 2, (4, 3)).float(),
+             "m": torch.ones(4, 3)}
+    with HostReads() as reads:
+        memcount.forward_loss(model, batch, amp=False).backward()
+        memcount.optimizer_step(model, opt)  # clip_grad_norm_ at 0.5, opt.step, zero_grad
+    ours = [s for s in reads.stacks if not any(f"{os.sep}transformers{os.sep}" in f.filename for f in s)]
+    assert not ours, f"{len(ours)} host read-back(s) outside transformers, the first from:\n{''.join(ours[0].format())}"
 
 
 @pytest.mark.parametrize("pooling", ["cls", "sentence", "mean"])
