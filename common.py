@@ -241,6 +241,8 @@ def start(run, model, opt, train_ds, model_config, label_names, extra=None):
     run.step, run.epoch, run.best, run.history, run.metrics = 0, 0, -math.inf, [], {}
     run.skipped, run.dropped, run.seen, run.saved = 0, False, 0, []
     resume(run)
+    if run.ddp and run.device.type == "cuda":  # (CPU processes under gloo keep BatchNorm: SyncBatchNorm refuses CPU tensors)
+        run.log(f"SyncBatchNorm: {sync_batchnorm(model)} BatchNorm layers take their statistics over all processes")
     run.train_model = DDP(model) if run.ddp else model
     if args.compile:
         run.train_model = torch.compile(run.train_model)
@@ -251,6 +253,16 @@ def start(run, model, opt, train_ds, model_config, label_names, extra=None):
     model.train()
     run.t0 = time.time()
     return run.train_model
+
+
+def sync_batchnorm(model):
+    """Under torchrun on GPUs each process's BatchNorm would see only batch/world samples, not the paper's single-GPU
+    batch of 10: SyncBatchNorm takes the statistics over every process's samples. The model's BatchNorm layers are
+    replaced in place by SyncBatchNorm layers holding the same Parameter and buffer objects, so the optimizer built
+    before keeps working and the state_dict keys are unchanged (tests/test_stages.py) -> how many were converted."""
+    n = sum(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # the top module is no BatchNorm: changed in place
+    return n
 
 
 def resume(run):

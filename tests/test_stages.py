@@ -154,3 +154,20 @@ def test_resume_keeps_the_fp16_loss_scale(tmp_path):
     common.save(plain, "last.pt")
     assert "scaler" not in load_last(tmp_path / "last.pt")["extra"]
 
+
+def test_sync_batchnorm_keeps_parameters_and_keys():
+    """Under torchrun on GPUs (issue 24's review) BatchNorm becomes SyncBatchNorm after the optimizer is built: the
+    conversion must reuse the same Parameter objects (the optimizer updates what the model computes with) and leave
+    the state_dict keys alone (checkpoints load either way). Conversion alone runs on the CPU; its forward would not."""
+    import common
+    import model as M
+    net = M.build_model({"kind": "vision", "num_labels": 3, "vision": {"in_channels": 1, "stem": 4, "widths": [8, 16, 32, 64]}})
+    opt = torch.optim.AdamW(net.parameters())
+    params, keys = list(net.parameters()), list(net.state_dict())
+    n_bn = sum(isinstance(m, torch.nn.BatchNorm3d) for m in net.modules())
+    assert common.sync_batchnorm(net) == n_bn == 2 * 8 + 3 + 1  # two per block, three shortcuts, the stem
+    assert sum(isinstance(m, torch.nn.SyncBatchNorm) for m in net.modules()) == n_bn
+    assert not any(isinstance(m, torch.nn.BatchNorm3d) for m in net.modules())
+    assert all(a is b for a, b in zip(net.parameters(), params)) and len(list(net.parameters())) == len(params)
+    assert all(p is q for p, q in zip(opt.param_groups[0]["params"], net.parameters()))
+    assert list(net.state_dict()) == keys
