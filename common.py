@@ -111,9 +111,11 @@ def setup(args, stage):
     """-> run, a plain namespace that the functions below read and update: args, stage, out; ddp, rank, world,
     master, device; log (prints on rank 0 only); autocast() (a context manager), scaler; micro (samples per forward
     pass on one process). start() adds the training state: step, best, history, ..."""
-    ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    if ddp:  # launched by torchrun: one process per GPU (or per CPU slot with gloo). Rank 0 validates alone while the
-        # others wait at a barrier: NCCL's default 10-minute timeout would end a long CT-RATE validation, so 2 hours.
+    # Launched by torchrun (it sets both), even with one process: `--nproc_per_node 1` then runs the DDP path, so one
+    # GPU can exercise it. One process per GPU (or per CPU slot with gloo). Rank 0 validates alone while the others
+    # wait at a barrier: NCCL's default 10-minute timeout would end a long CT-RATE validation, so 2 hours.
+    ddp = "WORLD_SIZE" in os.environ and "RANK" in os.environ
+    if ddp:
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=timedelta(hours=2))
         rank, world = dist.get_rank(), dist.get_world_size()
         device = torch.device(f"cuda:{os.environ['LOCAL_RANK']}" if torch.cuda.is_available() else "cpu")
@@ -249,7 +251,8 @@ def start(run, model, opt, train_ds, model_config, label_names, extra=None):
     if run.master:
         run.out.mkdir(parents=True, exist_ok=True)
     run.log(f"training: {args.epochs} epochs x {run.steps_per_epoch} steps, batch {args.batch_size} ({run.world} "
-            f"process(es) x {run.micro} x accum {args.accum}), amp {args.amp}, device {run.device}")
+            f"process(es) x {run.micro} x accum {args.accum}), amp {args.amp}, device {run.device}"
+            f"{f', under torchrun, backend {dist.get_backend()}' if run.ddp else ''}")
     model.train()
     run.t0 = time.time()
     return run.train_model

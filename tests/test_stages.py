@@ -1,5 +1,5 @@
 """The pre-training scripts (stages 2a, 2b) end to end through subprocess, at toy size on a small demo set: defaults, resume
-equality, and a 2-process torchrun (gloo on CPU)."""
+equality, torchrun with 2 processes and with 1 (gloo on CPU)."""
 import math
 import os
 import shutil
@@ -84,7 +84,26 @@ def test_torchrun_two_processes(tmp_path, tiny, script, extra):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["best.pt", "last.pt", "metrics.jsonl"]
     assert r.stdout.count("done:") == 1  # rank 0 alone logs
+    assert "under torchrun, backend gloo" in r.stdout  # the log names the process group's backend
     assert load_last(tmp_path / "o" / "last.pt")["step"] == 16 // 4
+
+
+@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not on PATH")
+def test_torchrun_one_process_takes_the_ddp_path(tmp_path, tiny):
+    """torchrun with a single process still runs under DDP (a process group, here gloo), so that a one-GPU machine
+    can exercise the NCCL path: launched by torchrun means DDP, whatever the number of processes."""
+    cmd = [shutil.which("torchrun"), "--standalone", "--nproc_per_node", "1", str(ROOT / "pretrain_text.py"), "--data",
+           str(tiny), "--out", str(tmp_path / "o"), "--epochs", "1", "--batch-size", "4", "--workers", "0", "--max-len", "128"]
+    r = subprocess.run(cmd, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "(1 process(es)" in training_line(r.stdout) and "under torchrun, backend gloo" in training_line(r.stdout)
+    r = run([str(ROOT / "pretrain_text.py"), "--data", str(tiny), "--out", str(tmp_path / "p"), "--epochs", "1",
+             "--batch-size", "4", "--workers", "0", "--max-len", "128"], cwd=tmp_path)
+    assert "backend" not in training_line(r.stdout)  # a plain python run: no process group
+
+
+def training_line(stdout):
+    return next(line for line in stdout.splitlines() if line.startswith("training:"))
 
 
 def test_bad_batch_size_is_one_line(tmp_path, tiny):
