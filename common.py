@@ -147,7 +147,7 @@ def cuda_speed_flags():
     """Training on a GPU: every batch has the preset's crop size, so cuDNN may time its 3D convolution algorithms once
     and keep the fastest (benchmark mode; off by default); fp32 matmuls (BERT, the projections) may use TF32 on Ampere
     and later, as fp32 convolutions already do by default. Both trade bit-exactness between runs for speed; evaluation
-    and scan.py keep PyTorch's defaults."""
+    and scan.py turn TF32 off instead (model.exact_fp32)."""
     torch.backends.cudnn.benchmark = True
     torch.set_float32_matmul_precision("high")
 

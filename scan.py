@@ -6,7 +6,8 @@ Single scans: an aligned GreenRFM's answers for one CT at a time, and what a rea
   python scan.py a.nii.gz b.nii.gz --save-latents out/scans.npz      # + each scan's latent, feature and answers
 
 Each scan goes through the preprocessing of the preset the checkpoint was trained with (the manifest evaluation's
-own path: VolumeReportDataset, centre crop). Then, per finding:
+own path: VolumeReportDataset, centre crop) and the model in true fp32 (no TF32 on a GPU), as in evaluate.py, whose
+validation scores and thresholds it is compared with. Then, per finding:
 - the zero-shot probability: sigmoid((image . "There is X." - image . "There is no X.") / T), and the shared
   classifier's sigmoid(logit / T'); T and T' are the temperatures evaluate.py fitted on validation (1 without them);
 - for a trained finding, a decision at two operating points picked on validation: Youden's J (the balanced one) and
@@ -162,6 +163,7 @@ def main():
     args = get_args()
     model, ckpt, preset, points, features = load(args)
     device = torch.device(args.device)
+    M.exact_fp32()  # as evaluate.py: cuDNN's convolutions would use TF32 by default on a GPU
     model.to(device).eval()
     text_cfg = ckpt["model_config"]["text"]
     tokenizer = M.tokenizer_from_cfg(text_cfg)

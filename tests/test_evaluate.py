@@ -200,3 +200,19 @@ def test_evaluate_script_end_to_end(tmp_path):
     r = run("--ckpt", str(tmp_path / "one.pt"))  # the demo preset gives 4 windows: refused, one line
     assert r.returncode == 2 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert "1 input channel" in r.stderr and "gives 4" in r.stderr
+
+
+def test_exact_fp32_flags():
+    """evaluate.py and scan.py call model.exact_fp32 (issue 24's review): fp32 really is fp32 on a GPU, with TF32 off
+    for cuDNN's convolutions (on by default on Ampere and later) and for matmuls (allowed in training by
+    common.cuda_speed_flags). Only the flags can be checked on a CPU; the previous settings are restored."""
+    before = (torch.backends.cudnn.allow_tf32, torch.get_float32_matmul_precision())
+    try:
+        torch.backends.cudnn.allow_tf32 = True
+        torch.set_float32_matmul_precision("high")  # as a training run leaves it
+        M.exact_fp32()
+        assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
+        assert torch.get_float32_matmul_precision() == "highest"
+    finally:
+        torch.backends.cudnn.allow_tf32 = before[0]
+        torch.set_float32_matmul_precision(before[1])
