@@ -362,6 +362,10 @@ def backward(run, loss, batch):
     bad = (~torch.isfinite(loss.detach())).float()  # (1,): 1 if this process's loss is not finite
     if run.ddp:
         dist.all_reduce(bad)
+    # `if not bad` reads a GPU tensor back to the host: one synchronisation per micro-step, beyond what logging needs.
+    # Kept on purpose: the policy must know before the backward whether to run it, or to stop the run naming this
+    # batch (a NaN loss's backward would leave NaN in every .grad, summed over the --accum micro-steps).
+    # benchmarks/gpu_check.py measures its cost on a GPU.
     if not bad:
         run.scaler.scale(loss / run.args.accum).backward()
         run.seen += len(batch["id"]) * run.world
