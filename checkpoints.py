@@ -10,7 +10,8 @@ A checkpoint is a dict of plain values (so torch.load(weights_only=True) reads i
 
     save_checkpoint         writes one atomically: a crash mid-save leaves the previous file whole
     load_checkpoint         reads one and checks it is the stage and label set the caller expects
-    model_from_checkpoint   the model rebuilt from the file alone, its weights loaded strictly
+    model_from_checkpoint   the model rebuilt from the file alone, its weights loaded strictly; exact_fp32: run it in
+                            true fp32 on a GPU (no TF32), as evaluate.py and scan.py do
     save_reference, load_reference   what evaluate.py measured of an aligned checkpoint, beside it, for scan.py:
                             <stem>.operating_points.json (thresholds, temperatures, validation scores: readable) and
                             <stem>.features.npz (the training features' Gaussian); both carry the checkpoint's
@@ -111,6 +112,12 @@ def model_from_checkpoint(path, stage=None, label_names=None):
         raise DataError(f"{path}: cannot rebuild the model from its model_config ({type(e).__name__}: {e})") from None
     load_state_strict(model, ckpt["model"], path)
     return model, ckpt
+
+
+def exact_fp32():
+    """evaluate.py and scan.py run a loaded model in true fp32 on a GPU (training allows TF32: common.cuda_speed_flags)."""
+    torch.backends.cudnn.allow_tf32 = False  # cuDNN's convolutions use TF32 by default on Ampere and later GPUs
+    torch.set_float32_matmul_precision("highest")  # = torch.backends.cuda.matmul.allow_tf32 = False, the default
 
 
 def fingerprint(path):

@@ -147,7 +147,7 @@ def cuda_speed_flags():
     """Training on a GPU: every batch has the preset's crop size, so cuDNN may time its 3D convolution algorithms once
     and keep the fastest (benchmark mode; off by default); fp32 matmuls (BERT, the projections) may use TF32 on Ampere
     and later, as fp32 convolutions already do by default. Both trade bit-exactness between runs for speed; evaluation
-    and scan.py turn TF32 off instead (model.exact_fp32)."""
+    and scan.py turn TF32 off instead (checkpoints.exact_fp32)."""
     torch.backends.cudnn.benchmark = True
     torch.set_float32_matmul_precision("high")
 
@@ -244,7 +244,9 @@ def start(run, model, opt, train_ds, model_config, label_names, extra=None):
     run.skipped, run.dropped, run.seen, run.saved = 0, False, 0, []
     resume(run)
     if run.ddp and run.device.type == "cuda":  # (CPU processes under gloo keep BatchNorm: SyncBatchNorm refuses CPU tensors)
-        run.log(f"SyncBatchNorm: {sync_batchnorm(model)} BatchNorm layers take their statistics over all processes")
+        n = sync_batchnorm(model)
+        if n:  # the text stage has none
+            run.log(f"SyncBatchNorm: {n} BatchNorm layers take their statistics over all processes")
     run.train_model = DDP(model) if run.ddp else model
     if args.compile:
         run.train_model = torch.compile(run.train_model)

@@ -166,7 +166,7 @@ def get_args():
 def main():
     args = get_args()
     device, out = torch.device(args.device), Path(args.out)  # evaluation runs in one process, in fp32
-    M.exact_fp32()  # truly: no TF32 on a GPU, where cuDNN's convolutions would use it by default
+    checkpoints.exact_fp32()  # truly: no TF32 on a GPU, where cuDNN's convolutions would use it by default
     out.mkdir(parents=True, exist_ok=True)
 
     # -----------------------------------------------------------------------------

@@ -11,7 +11,7 @@ Everything the stage scripts share about *models* lives here (data handling live
     greenrfm_from_pretrained, init_shared_from_heads   how stage 3 starts from the two pre-trained models
     masked_bce, clip_loss, align_loss
     load_pretrained_encoder, load_state_strict, unwrap   weights into a model (checkpoints.py reads the files)
-    PROMPT_TEMPLATES, prompt_latents, zero_shot_scores   zero-shot diagnosis from prompt pairs; exact_fp32: no TF32 in it
+    PROMPT_TEMPLATES, prompt_latents, zero_shot_scores                 zero-shot diagnosis from prompt pairs
 
 Shapes: B batch, C channels (or labels for logits), D/H/W volume axes, L tokens, H text hidden size.
 """
@@ -409,12 +409,6 @@ def load_pretrained_encoder(model, ckpt, part=None, where=None):
 
 # -----------------------------------------------------------------------------
 # Zero-shot pieces (shared by align.py's validation, evaluate.py and scan.py)
-
-def exact_fp32():
-    """evaluate.py and scan.py compute in true fp32 on a GPU (training allows TF32: common.cuda_speed_flags)."""
-    torch.backends.cudnn.allow_tf32 = False  # cuDNN's convolutions use TF32 by default on Ampere and later GPUs
-    torch.set_float32_matmul_precision("highest")  # = torch.backends.cuda.matmul.allow_tf32 = False, the default
-
 
 # Prompt pairs (positive, negative) per template; "{x}" is the label name, lowercased, "_" -> " ".
 # "there_is" is the default; "present" is the CT-CLIP protocol.

@@ -163,7 +163,7 @@ def main():
     args = get_args()
     model, ckpt, preset, points, features = load(args)
     device = torch.device(args.device)
-    M.exact_fp32()  # as evaluate.py: cuDNN's convolutions would use TF32 by default on a GPU
+    checkpoints.exact_fp32()  # as evaluate.py: cuDNN's convolutions would use TF32 by default on a GPU
     model.to(device).eval()
     text_cfg = ckpt["model_config"]["text"]
     tokenizer = M.tokenizer_from_cfg(text_cfg)
