@@ -139,6 +139,20 @@ def test_cuda_speed_flags():
         torch.set_float32_matmul_precision(before[1])
 
 
+@pytest.mark.parametrize("stage,kept", [("vision", False), ("align", False), ("text", True)])
+def test_bf16_on_a_cpu_only_for_the_text_stage(stage, kept, capsys, monkeypatch):
+    """On a CPU, --amp bf16 gave wrong Conv3d weight gradients (the device check's toy run found it; docs/benchmarks.md):
+    the stages with 3D convolutions run in fp32 there, said in a note; BERT alone keeps bf16."""
+    import common
+    for k in ("WORLD_SIZE", "RANK"):
+        monkeypatch.delenv(k, raising=False)
+    args = common.parser("").parse_args(["--amp", "bf16", "--device", "cpu"])
+    run = common.setup(args, stage)
+    with run.autocast():
+        assert torch.is_autocast_enabled("cpu") == kept
+    assert ("note: --amp bf16 on a CPU" in capsys.readouterr().out) == (not kept)
+
+
 def tiny_run(tmp_path, fp16):
     """The part of common.setup's and common.start's `run` that common.save and common.resume read, around a toy model;
     the GradScaler on the CPU stands for the CUDA one an --amp fp16 run has (fp16=False: a run without fp16)."""
