@@ -21,8 +21,10 @@ time budget (BUDGET_S, 475 s in all), and written to a JSON file after every par
 the days a GPU is lent; the parts that need a GPU say "skip" with the reason. Verdicts: ok, FAIL, skip, info; the exit
 code is 1 when any check FAILs.
 
+On this workplace's lent GPUs nibabel and pydicom travel as wheels: the command is in docs/benchmarks.md.
+
 Examples:
-  python benchmarks/gpu_check.py                                   # on a CUDA machine: about 7.5 minutes
+  python benchmarks/gpu_check.py                                   # on a CUDA machine: about 8 minutes
   python benchmarks/gpu_check.py --only env correctness            # some parts
   python benchmarks/gpu_check.py --device cpu --tiny               # the toy run of the test suite, under a minute
 Figures and what they mean: docs/benchmarks.md.
@@ -30,11 +32,13 @@ Figures and what they mean: docs/benchmarks.md.
 import argparse
 import copy
 import datetime
+import importlib.util
 import json
 import math
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -51,6 +55,12 @@ from torch.utils.flop_counter import FlopCounterMode
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+# The GPU machines' image has torch and transformers but neither nibabel nor pydicom, and nothing can be fetched there:
+# they travel as wheels (docs/benchmarks.md gives the command). Said in one line, not a traceback from data.py.
+_missing = [m for m in ("nibabel", "pydicom", "transformers", "sklearn") if importlib.util.find_spec(m) is None]
+if _missing:
+    raise SystemExit(f"error: {', '.join(_missing)} not installed; the check imports the project (on a lent GPU: carry "
+                     f"the wheels, docs/benchmarks.md#the-device-check-benchmarksgpu_checkpy)")
 import data as D  # noqa: E402
 import model as M  # noqa: E402
 from benchmarks import memcount  # noqa: E402
@@ -58,8 +68,8 @@ from benchmarks import memcount  # noqa: E402
 GiB = 2 ** 30
 # Seconds per part on one GPU: 475 in all, under the 8 minutes a lent device leaves for the check. Estimated from the
 # CPU's times (the demo builds in 21 s on 2 cores, the bare first command takes 3:55 there) and FLOPs, not yet measured.
-BUDGET_S = {"env": 5, "correctness": 40, "memory": 60, "speed": 100, "loader": 30, "scripts": 60, "recipe": 120,
-            "compile": 60}
+BUDGET_S = {"env": 5, "correctness": 30, "memory": 45, "speed": 100, "loader": 25, "scripts": 75, "recipe": 120,
+            "compile": 75}
 PAPER = dict(batch=10, crop=(96, 192, 192), tokens=512, bert=memcount.BERT_BASE, widths=(64, 128, 256, 512), labels=18,
              embed=768)
 TINY_BERT = dict(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
@@ -117,11 +127,25 @@ def run_part(ctx, name, fn):
         add(ctx, part, "error", f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}",
             "", "FAIL")
     part["elapsed_s"] = round(time.time() - t0, 1)
-    if part["elapsed_s"] > budget * 1.1:
-        add(ctx, part, "time", f"{part['elapsed_s']:.0f} s", f"<= {budget} s", "FAIL")
+    if part["elapsed_s"] > budget * 1.1:  # the budgets are estimates: an overrun is news, not a wrong result
+        add(ctx, part, "time", f"{part['elapsed_s']:.0f} s: over its budget", f"<= {budget} s", "info")
     D.write_atomic(ctx.json_path, json.dumps(ctx.report, indent=1, default=str))
     if ctx.device.type == "cuda":
         torch.cuda.empty_cache()
+
+
+def run_group(cmd, timeout, **kw):
+    """subprocess.run with output captured, but a timeout kills the whole process group: torchrun's workers and the
+    pre-training runs align.py starts would otherwise go on holding the GPU."""
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                          **kw) as p:
+        try:
+            out, err = p.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.communicate()
+            raise
+    return subprocess.CompletedProcess(cmd, p.returncode, out, err)
 
 
 def sync(device):
@@ -460,36 +484,43 @@ def time_steps(stage, model, b, amp, device, steps, host_sync=False, cap_s=15.0)
 
 
 def part_speed(ctx, part):
-    size, dev = (TINY if ctx.tiny else PAPER), ctx.device
-    bf16_peak, tf32_peak = peak_of(ctx)
-    flops = {}
-    for stage, name, stem, amp, ckpt, bench, tf32, hsync in SPEED:
+    size = TINY if ctx.tiny else PAPER
+    peaks, flops = peak_of(ctx), {}
+    for row in SPEED:
+        stage, name, stem, amp, ckpt, bench, tf32, hsync = row
         flags = " ".join(f for f, on in (("--amp bf16", amp), ("--grad-ckpt", ckpt), ("cuDNN benchmark off", not bench),
                                          ("TF32 off", not tf32), ("+ one host sync per step", hsync)) if on) or "fp32"
         what = f"{stage} {name} {flags}"
-        if amp and dev.type == "cpu" and not ctx.tiny:
-            add(ctx, part, what, "bf16 Conv3d has no fast CPU kernel", "", "skip")
-            continue
         if not enough(ctx, part, what, 4 if ctx.tiny else 12):
             continue
-        key = (stage, stem, ckpt)
-        if key not in flops:
-            flops[key] = flops_per_sample(stage, size, stem, ckpt)
-        set_flags(bench, tf32)
-        torch.manual_seed(0)
-        model = build(stage, size, stem, ckpt).to(dev)
-        sec = time_steps(stage, model, batch_for(size, dev), amp, dev, 1 if ctx.tiny else 5, hsync)
-        del model
-        rate = size["batch"] / sec
-        tflops = rate * flops[key] / 1e12
-        peak = (bf16_peak if amp else tf32_peak if tf32 else None) if dev.type == "cuda" else None
-        eff = f", {tflops / peak:.0%} of the {peak:g} TFLOP/s {'bf16' if amp else 'TF32'} peak" if peak else ""
-        ctx.rates[what] = rate
-        part.setdefault("data", {})[what] = dict(samples_per_s=rate, tflops=tflops, gflop_per_sample=flops[key] / 1e9,
-                                                  efficiency=tflops / peak if peak else None)
-        add(ctx, part, what, f"{rate:.2f} samples/s, {tflops:.1f} TFLOP/s{eff}")
+        try:  # one row that fails (out of memory, a kernel missing) must not cost the others and the schedule
+            speed_row(ctx, part, what, size, flops, peaks, row)
+        except Exception as e:
+            add(ctx, part, what, f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}", "", "FAIL")
+        finally:
+            if ctx.device.type == "cuda":
+                torch.cuda.empty_cache()
     set_flags(True, True)
-    schedule(ctx, part, flops, bf16_peak)
+    schedule(ctx, part, flops, peaks[0])
+
+
+def speed_row(ctx, part, what, size, flops, peaks, row):
+    """samples/s of one configuration, its TFLOP/s and share of the card's peak; kept for the loader and compile parts."""
+    stage, name, stem, amp, ckpt, bench, tf32, hsync = row
+    dev, key = ctx.device, (stage, stem, ckpt)
+    if key not in flops:
+        flops[key] = flops_per_sample(stage, size, stem, ckpt)
+    set_flags(bench, tf32)
+    torch.manual_seed(0)
+    model = build(stage, size, stem, ckpt).to(dev)
+    rate = size["batch"] / time_steps(stage, model, batch_for(size, dev), amp, dev, 1 if ctx.tiny else 5, hsync)
+    tflops = rate * flops[key] / 1e12
+    peak = (peaks[0] if amp else peaks[1] if tf32 else None) if dev.type == "cuda" else None
+    eff = f", {tflops / peak:.0%} of the {peak:g} TFLOP/s {'bf16' if amp else 'TF32'} peak" if peak else ""
+    ctx.rates[what] = rate
+    part.setdefault("data", {})[what] = dict(samples_per_s=rate, tflops=tflops, gflop_per_sample=flops[key] / 1e9,
+                                              efficiency=tflops / peak if peak else None)
+    add(ctx, part, what, f"{rate:.2f} samples/s, {tflops:.1f} TFLOP/s{eff}")
 
 
 def schedule(ctx, part, flops, peak):
@@ -533,19 +564,23 @@ def part_loader(ctx, part):
     for w in workers:
         if not enough(ctx, part, f"{w} workers", 3 if ctx.tiny else 6):
             continue
-        loader = torch.utils.data.DataLoader(ds, batch_size=TINY["batch"] if ctx.tiny else 10, shuffle=True,
-                                             num_workers=w, pin_memory=ctx.device.type == "cuda", drop_last=True,
-                                             persistent_workers=w > 0)  # no start-up inside the timing
-        seen, t0, epoch = 0, None, 0
-        while t0 is None or time.time() - t0 < (1 if ctx.tiny else 4):
-            ds.set_epoch(epoch)
-            for bt in loader:
-                x = bt["image"].to(ctx.device, non_blocking=True)
-                if t0 is None:  # the workers' start-up is not throughput
-                    t0 = time.time()
-                    continue
-                seen += len(x)
-            epoch += 1
+        # One long epoch of random draws: every worker stays busy (a short epoch would restart the pipeline every few
+        # batches and cap the rate at the batches per epoch), stopped after a few seconds.
+        bs = TINY["batch"] if ctx.tiny else 10
+        sampler = torch.utils.data.RandomSampler(ds, replacement=True, num_samples=bs * 1000)
+        loader = torch.utils.data.DataLoader(ds, batch_size=bs, sampler=sampler, num_workers=w, drop_last=True,
+                                             pin_memory=ctx.device.type == "cuda")
+        seen, t0 = 0, None
+        for bt in loader:
+            x = bt["image"].to(ctx.device, non_blocking=True)
+            if t0 is None:  # the workers' start-up is not throughput
+                t0 = time.time()
+                continue
+            seen += len(x)
+            if time.time() - t0 > (1 if ctx.tiny else 4):
+                break
+        sync(ctx.device)
+        del loader
         rates[w] = seen / (time.time() - t0)
         add(ctx, part, f"{w} workers", f"{rates[w]:.0f} samples/s (page cache warm), {rates[w] * mb:.0f} MB/s of cache")
     part["data"] = {"samples_per_s": rates, "mb_per_volume": mb}
@@ -571,7 +606,7 @@ def script(ctx, args, cwd, what, part, launcher=None):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **({"OMP_NUM_THREADS": "1"} if ctx.tiny else {})}
     t0 = time.time()
     try:
-        r = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=max(left(ctx), 1))
+        r = run_group(cmd, max(left(ctx), 1), cwd=cwd, env=env)
     except subprocess.TimeoutExpired:
         add(ctx, part, what, f"not finished within the part's budget ({time.time() - t0:.0f} s)", "", "FAIL")
         return None
@@ -596,22 +631,17 @@ def part_scripts(ctx, part):
     data, cuda = small_demo(ctx, part), ctx.device.type == "cuda"
     nproc = torch.cuda.device_count() if cuda else 1
     backend = "nccl" if cuda else "gloo"
-    torchrun = shutil.which("torchrun")
-    if not torchrun:
-        add(ctx, part, "torchrun", "not on PATH", "", "FAIL")
-    else:
-        out = ctx.work / "ddp"
-        r = script(ctx, ["align.py", "--lite", "--data", str(data), "--out", str(out), "--max-steps", "3", "--batch-size",
-                         str(2 * nproc), "--workers", "0", "--log-every", "1", "--grad-ckpt",
-                         *(["--amp", "bf16"] if cuda else [])],
-                   ctx.work, f"torchrun, {nproc} process(es), align.py --lite --grad-ckpt", part,
-                   launcher=[torchrun, "--standalone", "--nproc_per_node", str(nproc)])
-        if r:
-            ok = f"backend {backend}" in r.stdout and "done: 3 steps" in r.stdout
-            # (--grad-ckpt: on GPUs SyncBatchNorm then also exchanges statistics in the backward's recomputation)
-            add(ctx, part, f"torchrun, {nproc} process(es), align.py --lite --grad-ckpt",
-                f"{r.seconds:.0f} s; 'backend {backend}' "
-                f"{'logged' if f'backend {backend}' in r.stdout else 'NOT logged'}", f"3 steps on {backend}", verdict(ok))
+    # torchrun as this interpreter's module (the image's venv need not be on PATH); --grad-ckpt: on GPUs SyncBatchNorm
+    # then also exchanges statistics in the backward pass's recomputation.
+    what = f"torchrun, {nproc} process(es), align.py --lite --grad-ckpt"
+    r = script(ctx, ["align.py", "--lite", "--data", str(data), "--out", str(ctx.work / "ddp"), "--max-steps", "3",
+                     "--batch-size", str(2 * nproc), "--workers", "0", "--log-every", "1", "--grad-ckpt",
+                     *(["--amp", "bf16"] if cuda else [])], ctx.work, what, part,
+               launcher=[sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)])
+    if r:
+        logged = f"backend {backend}" in r.stdout
+        add(ctx, part, what, f"{r.seconds:.0f} s; 'backend {backend}' {'logged' if logged else 'NOT logged'}",
+            f"3 steps on {backend}", verdict(logged and "done: 3 steps" in r.stdout))
     # --resume must continue exactly: fp16 on a GPU (the GradScaler's state and the CUDA RNG must come back), fp32 here
     amp = ["--amp", "fp16"] if cuda else []
     base = ["pretrain_text.py", "--data", str(data), "--batch-size", "4", "--workers", "0", "--max-len", "64", *amp]
@@ -657,11 +687,11 @@ def part_compile(ctx, part):
     if ctx.device.type != "cuda":
         add(ctx, part, "torch.compile", "measured on a GPU only (on a CPU, inductor compiles C++ for minutes)", "", "skip")
         return
+    t0 = time.time()
     try:
-        r = subprocess.run([sys.executable, __file__, "--compile-probe", "--device", str(ctx.device)], capture_output=True,
-                           text=True, timeout=max(left(ctx), 1))
+        r = run_group([sys.executable, __file__, "--compile-probe", "--device", str(ctx.device)], max(left(ctx), 1))
     except subprocess.TimeoutExpired:
-        add(ctx, part, "align lite --amp bf16 compiled", f"not compiled within {BUDGET_S['compile']} s", "", "info")
+        add(ctx, part, "align lite --amp bf16 compiled", f"not compiled within {time.time() - t0:.0f} s", "", "info")
         return
     if r.returncode:
         add(ctx, part, "torch.compile", f"failed: {(r.stderr.strip().splitlines() or [''])[-1][:200]}", "", "FAIL")
@@ -724,7 +754,7 @@ def main(argv=None):
     print(f"# GreenRFM device check on {device}{' (toy sizes)' if args.tiny else ''}; budgets {BUDGET_S} s\n")
     print("| part | check | value | expected | verdict |\n| --- | --- | --- | --- | --- |", flush=True)
     t0 = time.time()
-    for name in args.only or PARTS:
+    for name in [n for n in PARTS if n in (args.only or PARTS)]:  # in PARTS' order: loader reads speed's rates
         run_part(ctx, name, PARTS[name])
     rows = [r for part in ctx.report["parts"].values() for r in part["rows"]]
     failed = [f"{r['part']}: {r['check']}" for r in rows if r["verdict"] == "FAIL"]

@@ -1,6 +1,9 @@
 """benchmarks/gpu_check.py, the device check: its CPU toy run end to end (every part, at toy size), so that the check a
 lent GPU runs cannot break unnoticed; its budgets; and that its comparisons and verdicts can fail."""
+import importlib.util
 import json
+import os
+import runpy
 import subprocess
 import sys
 
@@ -19,7 +22,7 @@ def toy(tmp_path_factory):
     work = tmp_path_factory.mktemp("gpu_check")
     r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--device", "cpu", "--tiny",
                         "--work", str(work)], capture_output=True, text=True, timeout=900,
-                       env={"HF_HUB_OFFLINE": "1", "PATH": __import__("os").environ["PATH"], "OMP_NUM_THREADS": "1"})
+                       env={"HF_HUB_OFFLINE": "1", "PATH": os.environ["PATH"], "OMP_NUM_THREADS": "1"})
     return r, json.loads((work / "gpu_check.json").read_text())
 
 
@@ -92,3 +95,12 @@ def test_paper_scale_on_a_cpu_is_refused_in_one_line():
     r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--device", "cpu"],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode != 0 and r.stderr.strip().count("\n") == 0 and "--tiny" in r.stderr
+
+
+def test_missing_packages_stop_it_in_one_line(monkeypatch):
+    """The lent GPUs' image has no nibabel or pydicom: the check says so before data.py's imports would fail."""
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "pydicom" else real(name, *a))
+    with pytest.raises(SystemExit) as e:
+        runpy.run_path(str(ROOT / "benchmarks" / "gpu_check.py"), run_name="gpu_check_without_pydicom")
+    assert str(e.value).startswith("error: pydicom not installed") and "\n" not in str(e.value)
