@@ -556,7 +556,8 @@ def schedule(ctx, part, flops, peak):
         eff = sum(tflop.values()) / (sum(hours.values()) * 3600) / peak  # the whole schedule's achieved share of peak
         ctx.report["efficiency"] = eff
         add(ctx, part, "measured efficiency (whole schedule)", f"{eff:.0%} of peak; at it an RTX 3090 ({REF_3090} "
-            f"TFLOP/s) would take {sum(tflop.values()) / (REF_3090 * eff) / 3600:.1f} GPU-hours", "bench.py assumed 30%")
+            f"TFLOP/s) would take {sum(tflop.values()) / (REF_3090 * eff) / 3600:.1f} GPU-hours (a bound: a smaller "
+            f"card is usually kept busier by batch 10)", "bench.py assumed 30%")
 
 
 # -----------------------------------------------------------------------------

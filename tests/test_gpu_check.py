@@ -6,6 +6,7 @@ import os
 import runpy
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -104,3 +105,18 @@ def test_missing_packages_stop_it_in_one_line(monkeypatch):
     with pytest.raises(SystemExit) as e:
         runpy.run_path(str(ROOT / "benchmarks" / "gpu_check.py"), run_name="gpu_check_without_pydicom")
     assert str(e.value).startswith("error: pydicom not installed") and "\n" not in str(e.value)
+
+
+def test_schedule_from_measured_rates_by_hand(capsys):
+    """The GPU-only schedule arithmetic, fed rates by hand: CT-RATE's 47,149 volumes x 5 epochs per stage at each
+    stage's samples/s, and the share of the peak the whole schedule achieves."""
+    d = {"vision standard --amp bf16": dict(samples_per_s=40.0, gflop_per_sample=2000.0),
+         "text BERT-base --amp bf16": dict(samples_per_s=200.0, gflop_per_sample=300.0),
+         "align standard --amp bf16": dict(samples_per_s=25.0, gflop_per_sample=2400.0)}
+    ctx = SimpleNamespace(device=torch.device("cuda"), report={"parts": {"speed": {"data": d}}})  # no GPU is touched
+    part = {"name": "speed", "rows": []}
+    G.schedule(ctx, part, {}, peak=1000)
+    seconds = 47149 * 5 * (1 / 40 + 1 / 200 + 1 / 25)  # every volume seen 5 times by each stage
+    assert f"total {seconds / 3600:.1f} GPU-hours" in part["rows"][0]["value"]
+    achieved = 47149 * 5 * (2000 + 300 + 2400) / 1e3 / seconds  # TFLOP/s over the whole schedule
+    assert ctx.report["efficiency"] == pytest.approx(achieved / 1000)
