@@ -67,7 +67,7 @@ def test_toy_scripts_run_under_torchrun_and_resume_exactly(toy):
 
 def test_budgets_fit_eight_minutes():
     assert set(G.BUDGET_S) == set(G.PARTS)
-    assert sum(G.BUDGET_S.values()) < 8 * 60
+    assert sum(G.BUDGET_S.values()) + 10 < 8 * 60  # with the start-up: imports, CUDA's context
 
 
 def test_compare_fails_beyond_tolerance():
