@@ -7,10 +7,11 @@ time budget (BUDGET_S, 460 s in all), and written to a JSON file after every par
   correctness  one training step of each stage (vision 2a, text 2b, align 3) on the same weights and batch: the CPU in
                fp32 against the GPU in fp32 (TF32 off, and on as training runs), bf16 and fp16 (with a GradScaler);
                loss, gradient norm, gradient direction and the loss after the AdamW step, within stated tolerances.
-               Also: the CPU-only Conv3x3x3 path is off on the GPU, and the host synchronisations of one step
+               Also: the CPU-only Conv3x3x3 path is off on the GPU; the host synchronisations of one step and of
+               the tokenisation of a batch
   memory       peak memory of an align.py step at paper scale (batch 10, 96 x 192 x 192, BERT-base built from its
-               config, nothing downloaded), standard and lite, each without and with --amp bf16 --grad-ckpt, next to
-               bench.py's count (benchmarks/memcount.py) as a ratio
+               config, nothing downloaded), standard and lite, each without and with --amp bf16 --grad-ckpt: it must
+               fit the card each is meant for (24, 8, 6, 4 GiB), shown next to bench.py's count as a ratio
   speed        samples/s of each stage at paper scale with the training flags (cuDNN benchmark, TF32); align.py with
                each flag off; the cost of one host sync per step; achieved TFLOP/s, efficiency, the paper's schedule
   loader       samples/s from the int16 cache with N workers against what the GPU consumes: which bounds an epoch
