@@ -54,7 +54,7 @@ import metrics
 import model as M
 
 # -----------------------------------------------------------------------------
-# protocols and units (the metrics themselves are in metrics.py)
+# protocols and unit names (the metrics, and the pooling per unit, are in metrics.py)
 
 PROTOCOLS = {  # label sets of published protocols, spelled like CT-RATE's CSV columns
     "ctrate18": list(D.CHEST_CT_LABELS),
@@ -76,20 +76,6 @@ def unit_keys(ids, unit):
         print(f"note: id '{bad}' is not a CT-RATE name: --unit {unit} falls back to one unit per volume")
         return list(ids)
     return [f"{m[1]}_{m[2]}" if unit == "scan" else m[1] for m in matches]
-
-
-def unit_mean(inv, x):
-    """Average the rows of x (N, K) per unit; inv (N,) is each row's unit index -> (U, K)."""
-    out = np.zeros((inv.max() + 1, x.shape[1]))
-    np.add.at(out, inv, x)
-    return out / np.bincount(inv)[:, None]
-
-
-def unit_max(inv, y):
-    """Reference of a unit = max over its volumes, nan (no reference) ignored -> (U, C)."""
-    out = np.full((inv.max() + 1, y.shape[1]), np.nan)
-    np.fmax.at(out, inv, y)  # fmax skips nan, so a unit is nan only when all its volumes are
-    return out
 
 
 @torch.no_grad()
@@ -352,9 +338,9 @@ def score_split(table, name, labels_required, model, tokenizer, prompts, names, 
     scores["ensemble"] = np.mean([scores[k] for k in M.PROMPT_TEMPLATES], axis=0)
     scores["classifier"] = clf
     units, inv = np.unique(unit_keys(ids, args.unit), return_inverse=True)
-    return {"n_volumes": len(ids), "units": list(units), "y": unit_max(inv, y),
-            "scores": {k: unit_mean(inv, s) for k, s in scores.items()},
-            "img": unit_mean(inv, img.numpy()), "txt": unit_mean(inv, txt.numpy()),
+    return {"n_volumes": len(ids), "units": list(units), "y": metrics.unit_max(inv, y),
+            "scores": {k: metrics.unit_mean(inv, s) for k, s in scores.items()},
+            "img": metrics.unit_mean(inv, img.numpy()), "txt": metrics.unit_mean(inv, txt.numpy()),
             "volume": {"y": y, "feat": feat.numpy(), "clf_logits": clf_logits,  # per volume, as scan.py sees a scan
                        "logits": M.zero_shot_logits(img, prompts[args.template]).numpy()}}
 

@@ -1,6 +1,7 @@
 """Metrics of the evaluation protocol, as plain functions on arrays: y (N, C) references (1 present, 0 absent; -1
 uncertain and nan carry no reference and drop out per label) and scores (N, C).
 
+    unit_mean, unit_max  a unit's scores (the mean over its volumes) and reference (the max), e.g. a CT-RATE scan
     per_label_auc        ROC AUC per label (sklearn's) and their macro mean; a one-class label is None, never 0.5
     fast_auc             the same AUC by the Mann-Whitney rank sum, for all labels at once (the bootstrap's)
     bootstrap_auc        95 % percentile intervals over resampled units
@@ -21,6 +22,20 @@ import numpy as np
 from data import DataError
 
 KS = (1, 5, 10, 50, 100)  # retrieval's K
+
+
+def unit_mean(inv, x):
+    """Average the rows of x (N, K) per unit; inv (N,) is each row's unit index -> (U, K)."""
+    out = np.zeros((inv.max() + 1, x.shape[1]))
+    np.add.at(out, inv, x)
+    return out / np.bincount(inv)[:, None]
+
+
+def unit_max(inv, y):
+    """Reference of a unit = max over its volumes, nan (no reference) ignored -> (U, C)."""
+    out = np.full((inv.max() + 1, y.shape[1]), np.nan)
+    np.fmax.at(out, inv, y)  # fmax skips nan, so a unit is nan only when all its volumes are
+    return out
 
 
 def per_label_auc(y, scores):

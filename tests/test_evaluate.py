@@ -144,14 +144,17 @@ def test_ctrate_units_of_the_real_validation_set():
     assert counts == [3039, 1564, 1304]
 
 
-def test_unit_grouping_names_means_and_fallback(capsys):
+def test_unit_grouping_names_and_fallback(capsys):
     ids = ["valid_53_a_1.nii.gz", "valid_53_a_2_fixed.nii.gz", "valid_53_b_1", "train_7_a_1.nii"]
     assert E.unit_keys(ids, "scan") == ["valid_53_a", "valid_53_a", "valid_53_b", "train_7_a"]
     assert E.unit_keys(ids, "patient") == ["valid_53", "valid_53", "valid_53", "train_7"]
     assert E.unit_keys(["demo_1", "x"], "scan") == ["demo_1", "x"] and "note" in capsys.readouterr().out
+
+
+def test_unit_means_and_maxima():
     inv = np.array([0, 0, 1])
-    assert np.allclose(E.unit_mean(inv, np.array([[0.2], [0.4], [1.0]])), [[0.3], [1.0]])
-    got = E.unit_max(inv, np.array([[np.nan, 0], [1, -1], [np.nan, np.nan]]))
+    assert np.allclose(metrics.unit_mean(inv, np.array([[0.2], [0.4], [1.0]])), [[0.3], [1.0]])
+    got = metrics.unit_max(inv, np.array([[np.nan, 0], [1, -1], [np.nan, np.nan]]))
     assert got[0].tolist() == [1, 0] and np.isnan(got[1]).all()
 
 
