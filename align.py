@@ -33,6 +33,7 @@ import torch
 import checkpoints
 import common
 import data as D
+import devices
 import metrics
 import model as M
 
@@ -67,7 +68,7 @@ def get_args():
 
 def main():
     args = get_args()
-    run = common.setup(args, STAGE)  # processes, device, precision, seed
+    run = devices.setup(args, STAGE)  # processes, device, precision, seed
 
     # -----------------------------------------------------------------------------
     # data: (volume, report, labels) triples

@@ -3,7 +3,7 @@ stage does lives in its script, in plain sight (flags, data, model, loss, traini
 alike lives here, in the order a script calls it:
 
     parser, parse     the flags all training stages share; the data set's recommended defaults under the command line
-    setup             processes (torchrun), device, precision, seed -> `run`, a plain namespace of the run's state
+    (devices.setup    processes (torchrun), device, precision, seed -> `run`, a plain namespace of the run's state)
     load_data         manifest, labels, splits, preset and cache (the demo set is built when missing)
     start             sampler and step counts, --resume from <out>/last.pt, DDP / torch.compile wrapping
     epochs            the epochs and (micro-)batches still to run; a resumed run continues mid-epoch exactly
@@ -16,15 +16,12 @@ No Trainer class and no callbacks: each function does one visible thing to `run`
 itself (batch, forward, loss, backward, step) stays in the stage script.
 """
 import argparse
-import ctypes
 import json
 import math
 import os
 import time
 from contextlib import contextmanager, nullcontext
-from datetime import timedelta
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
@@ -33,6 +30,7 @@ from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
 
 import checkpoints
 import data as D
+import devices
 import metrics
 import model as M
 from demo import DEMO_TRAIN, ensure_demo
@@ -102,72 +100,6 @@ def parse(p, stage):
     if tuned and os.environ.get("RANK", "0") == "0":
         print(f"defaults recommended by the data set (dataset.json): {tuned}")
     return args
-
-
-# -----------------------------------------------------------------------------
-# setup: processes, device, precision, seed
-
-def setup(args, stage):
-    """-> run, a plain namespace that the functions below read and update: args, stage, out; ddp, rank, world,
-    master, device; log (prints on rank 0 only); autocast() (a context manager), scaler; micro (samples per forward
-    pass on one process). start() adds the training state: step, best, history, ..."""
-    # Launched by torchrun (it sets both), even with one process: `--nproc_per_node 1` then runs the DDP path, so one
-    # GPU can exercise it. One process per GPU (or per CPU slot with gloo). Rank 0 validates alone while the others
-    # wait at a barrier: NCCL's default 10-minute timeout would end a long CT-RATE validation, so 2 hours.
-    ddp = "WORLD_SIZE" in os.environ and "RANK" in os.environ
-    if ddp:
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=timedelta(hours=2))
-        rank, world = dist.get_rank(), dist.get_world_size()
-        device = torch.device(f"cuda:{os.environ['LOCAL_RANK']}" if torch.cuda.is_available() else "cpu")
-    else:
-        rank, world = 0, 1
-        device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-        cuda_speed_flags()
-    else:
-        keep_freed_memory()
-    log = print if rank == 0 else (lambda *a, **k: None)
-    # bf16 autocast works on CPU and GPU; fp16 needs CUDA and a GradScaler against underflow.
-    amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
-    if amp_dtype == torch.float16 and device.type != "cuda":
-        log("note: --amp fp16 needs CUDA; running in fp32")
-        amp_dtype = None
-    # bf16 Conv3d on a CPU has no fast kernel (about 25x slower than fp32) and, in torch 2.13 (oneDNN 3.12), gives wrong
-    # weight gradients for maps two voxels deep (found by benchmarks/gpu_check.py; docs/benchmarks.md). So the stages
-    # with 3D convolutions train in fp32 on a CPU; the text stage (BERT alone) keeps bf16.
-    if amp_dtype == torch.bfloat16 and device.type != "cuda" and stage != "text":
-        log("note: --amp bf16 on a CPU: its 3D convolutions are slow and their weight gradients unreliable; running in fp32")
-        amp_dtype = None
-    torch.manual_seed(args.seed)  # same initial weights on every rank (DDP also broadcasts them)
-    if args.batch_size % (world * args.accum):
-        raise D.UsageError(f"--batch-size {args.batch_size} is not divisible by processes x --accum = {world * args.accum}")
-    return SimpleNamespace(
-        args=args, stage=stage, out=args.out, ddp=ddp, rank=rank, world=world, master=rank == 0, device=device, log=log,
-        autocast=(lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else nullcontext,
-        scaler=torch.amp.GradScaler(enabled=amp_dtype == torch.float16),
-        micro=args.batch_size // (world * args.accum))  # samples per forward pass on one process
-
-
-def cuda_speed_flags():
-    """Training on a GPU: every batch has the preset's crop size, so cuDNN may time its 3D convolution algorithms once
-    and keep the fastest (benchmark mode; off by default); fp32 matmuls (BERT, the projections) may use TF32 on Ampere
-    and later, as fp32 convolutions already do by default. Both trade bit-exactness between runs for speed; evaluation
-    and scan.py turn TF32 off instead (checkpoints.exact_fp32)."""
-    torch.backends.cudnn.benchmark = True
-    torch.set_float32_matmul_precision("high")
-
-
-def keep_freed_memory():
-    """CPU runs on Linux: glibc hands large freed blocks back to the kernel, so each step page-faults its buffers in
-    again. Kept in the process instead, a lite vision step runs 12-25 % faster, numerics unchanged (docs/speed-demo.md).
-    The same as setting MALLOC_MMAP_THRESHOLD_ and MALLOC_TRIM_THRESHOLD_ in the environment."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:  # not glibc (macOS, Windows, musl): nothing to tune
-        return
-    libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD: blocks under 32 MB come from the heap, not from fresh mappings
-    libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD: give the heap's free top back to the system only beyond 1 GB
 
 
 DISTILL_LABELS = "out/distill/labels.csv"  # where distill.py writes labels, read by later stages by default
@@ -250,7 +182,7 @@ def start(run, model, opt, train_ds, model_config, label_names, extra=None):
     run.skipped, run.dropped, run.seen, run.saved = 0, False, 0, []
     resume(run)
     if run.ddp and run.device.type == "cuda":  # (CPU processes under gloo keep BatchNorm: SyncBatchNorm refuses CPU tensors)
-        n = sync_batchnorm(model)
+        n = devices.sync_batchnorm(model)
         if n:  # the text stage has none
             run.log(f"SyncBatchNorm: {n} BatchNorm layers take their statistics over all processes")
     run.train_model = DDP(model) if run.ddp else model
@@ -264,16 +196,6 @@ def start(run, model, opt, train_ds, model_config, label_names, extra=None):
     model.train()
     run.t0 = time.time()
     return run.train_model
-
-
-def sync_batchnorm(model):
-    """Under torchrun on GPUs each process's BatchNorm would see only batch/world samples, not the paper's single-GPU
-    batch of 10: SyncBatchNorm takes the statistics over every process's samples. The model's BatchNorm layers are
-    replaced in place by SyncBatchNorm layers holding the same Parameter and buffer objects, so the optimizer built
-    before keeps working and the state_dict keys are unchanged (tests/test_stages.py) -> how many were converted."""
-    n = sum(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
-    torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # the top module is no BatchNorm: changed in place
-    return n
 
 
 def resume(run):
@@ -297,32 +219,9 @@ def resume(run):
     for group, scale in zip(run.opt.param_groups, scales):
         group["lr_scale"] = scale
     run.step, run.best = ck["step"], ck["best_metric"] if ck["best_metric"] is not None else -math.inf
-    restore_random_and_scale(run, ck["extra"])
+    devices.restore_random_and_scale(run, ck["extra"])
     run.history = ck["extra"].get("history", [])
     run.log(f"resume: {path} at step {run.step}")
-
-
-def random_and_scale(run):
-    """The state an exact --resume needs beyond weights and optimizer -> a dict for the checkpoint's extra: the global
-    CPU RNG (dropout in a CPU run); on a GPU the device's RNG too (BERT's dropout draws from it there); and under --amp
-    fp16 the GradScaler's loss scale and growth count (else a resumed run starts again at 65536 and skips steps
-    until it has found its scale again)."""
-    state = {"rng": torch.get_rng_state()}
-    if run.device.type == "cuda":
-        state["cuda_rng"] = torch.cuda.get_rng_state(run.device)
-    if run.scaler.is_enabled():
-        state["scaler"] = run.scaler.state_dict()
-    return state
-
-
-def restore_random_and_scale(run, extra):
-    """The inverse of random_and_scale, for what this run has: a CPU run ignores a saved GPU RNG state, and a run
-    without fp16 a saved loss scale (checkpoints saved before either was kept have neither)."""
-    torch.set_rng_state(extra["rng"])
-    if "cuda_rng" in extra and run.device.type == "cuda":
-        torch.cuda.set_rng_state(extra["cuda_rng"], run.device)
-    if "scaler" in extra and run.scaler.is_enabled():
-        run.scaler.load_state_dict(extra["scaler"])
 
 
 def done(run):
@@ -490,4 +389,4 @@ def save(run, name):
     checkpoints.save_checkpoint(run.out / name, stage=run.stage, model=run.model, model_config=run.model_config, args=vars(run.args),
                     label_names=run.label_names, optimizer=run.opt, step=run.step, epoch=run.step // run.steps_per_epoch,
                     best_metric=None if run.best == -math.inf else run.best,
-                    extra={**random_and_scale(run), "history": run.history, "metrics": run.metrics, **run.extra})
+                    extra={**devices.random_and_scale(run), "history": run.history, "metrics": run.metrics, **run.extra})

@@ -21,6 +21,7 @@ import torch
 import checkpoints
 import common
 import data as D
+import devices
 import model as M
 
 STAGE = "text"
@@ -45,7 +46,7 @@ def get_args():
 
 def main():
     args = get_args()
-    run = common.setup(args, STAGE)  # processes, device, precision, seed
+    run = devices.setup(args, STAGE)  # processes, device, precision, seed
 
     # -----------------------------------------------------------------------------
     # data: reports and their labels (no volumes)

@@ -21,6 +21,7 @@ import torch
 import checkpoints
 import common
 import data as D
+import devices
 import model as M
 
 STAGE = "vision"
@@ -37,7 +38,7 @@ def get_args():
 
 def main():
     args = get_args()
-    run = common.setup(args, STAGE)  # processes, device, precision, seed
+    run = devices.setup(args, STAGE)  # processes, device, precision, seed
 
     # -----------------------------------------------------------------------------
     # data: volumes and their labels (the reports are not read here)

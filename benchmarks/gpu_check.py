@@ -156,7 +156,7 @@ def sync(device):
 
 
 def set_flags(benchmark, tf32):
-    """cuDNN benchmark mode and TF32 (convolutions and matmuls); common.cuda_speed_flags sets both on for training."""
+    """cuDNN benchmark mode and TF32 (convolutions and matmuls); devices.cuda_speed_flags sets both on for training."""
     torch.backends.cudnn.benchmark = benchmark
     torch.backends.cudnn.allow_tf32 = tf32
     torch.backends.cuda.matmul.allow_tf32 = tf32

@@ -127,12 +127,12 @@ def test_labels_of_another_data_set(tmp_path, tiny):
 def test_cuda_speed_flags():
     """A GPU run autotunes cuDNN's 3D convolutions for the fixed crop and lets fp32 matmuls use TF32 (issue 24's review;
     only the device check can time them): both flags are set by the function setup() calls on CUDA."""
-    import common
+    import devices
     before = (torch.backends.cudnn.benchmark, torch.get_float32_matmul_precision())
     try:
         torch.backends.cudnn.benchmark = False
         torch.set_float32_matmul_precision("highest")
-        common.cuda_speed_flags()
+        devices.cuda_speed_flags()
         assert torch.backends.cudnn.benchmark and torch.get_float32_matmul_precision() == "high"
     finally:
         torch.backends.cudnn.benchmark = before[0]
@@ -144,17 +144,18 @@ def test_bf16_on_a_cpu_only_for_the_text_stage(stage, kept, capsys, monkeypatch)
     """On a CPU, --amp bf16 gave wrong Conv3d weight gradients (the device check's toy run found it; docs/benchmarks.md):
     the stages with 3D convolutions run in fp32 there, said in a note; BERT alone keeps bf16."""
     import common
+    import devices
     for k in ("WORLD_SIZE", "RANK"):
         monkeypatch.delenv(k, raising=False)
     args = common.parser("").parse_args(["--amp", "bf16", "--device", "cpu"])
-    run = common.setup(args, stage)
+    run = devices.setup(args, stage)
     with run.autocast():
         assert torch.is_autocast_enabled("cpu") == kept
     assert ("note: --amp bf16 on a CPU" in capsys.readouterr().out) == (not kept)
 
 
 def tiny_run(tmp_path, fp16):
-    """The part of common.setup's and common.start's `run` that common.save and common.resume read, around a toy model;
+    """The part of devices.setup's and common.start's `run` that common.save and common.resume read, around a toy model;
     the GradScaler on the CPU stands for the CUDA one an --amp fp16 run has (fp16=False: a run without fp16)."""
     model = torch.nn.Linear(4, 2)
     return SimpleNamespace(out=tmp_path, stage="vision", model=model, model_config={}, args=SimpleNamespace(resume=True),
@@ -192,13 +193,13 @@ def test_sync_batchnorm_keeps_parameters_and_keys():
     """Under torchrun on GPUs (issue 24's review) BatchNorm becomes SyncBatchNorm after the optimizer is built: the
     conversion must reuse the same Parameter objects (the optimizer updates what the model computes with) and leave
     the state_dict keys alone (checkpoints load either way). Conversion alone runs on the CPU; its forward would not."""
-    import common
+    import devices
     import model as M
     net = M.build_model({"kind": "vision", "num_labels": 3, "vision": {"in_channels": 1, "stem": 4, "widths": [8, 16, 32, 64]}})
     opt = torch.optim.AdamW(net.parameters())
     params, keys = list(net.parameters()), list(net.state_dict())
     n_bn = sum(isinstance(m, torch.nn.BatchNorm3d) for m in net.modules())
-    assert common.sync_batchnorm(net) == n_bn == 2 * 8 + 3 + 1  # two per block, three shortcuts, the stem
+    assert devices.sync_batchnorm(net) == n_bn == 2 * 8 + 3 + 1  # two per block, three shortcuts, the stem
     assert sum(isinstance(m, torch.nn.SyncBatchNorm) for m in net.modules()) == n_bn
     assert not any(isinstance(m, torch.nn.BatchNorm3d) for m in net.modules())
     assert all(a is b for a, b in zip(net.parameters(), params)) and len(list(net.parameters())) == len(params)
