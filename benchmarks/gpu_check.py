@@ -205,20 +205,23 @@ def stage_loss(stage, model, b, dtype):
 CLIP = {"vision": 0.0, "text": 0.0, "align": 0.5}  # the scripts' --clip defaults
 
 
-def train_step(stage, model, opt, scaler, b, dtype, host_sync=False):
+def train_step(stage, model, opt, scaler, b, dtype, host_sync=False, keep_grads=False):
     """One step in the order of common.backward and common.optimizer_step: scaled backward, unscale, clip (at
-    infinity when the stage does not clip, to read the norm), GradScaler step and update. -> (loss, grad norm),
-    both still on the device. host_sync: read the loss's finiteness back, as common.backward does."""
+    infinity when the stage does not clip, to read the norm), GradScaler step and update. -> (loss, grad norm), both
+    still on the device, and with keep_grads the unscaled gradients flattened (float64, CPU; else None).
+    host_sync: read the loss's finiteness back, as common.backward does."""
     loss = stage_loss(stage, model, b, dtype)
     if host_sync:
         bool(torch.isfinite(loss))
     scaler.scale(loss).backward()
     scaler.unscale_(opt)
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP[stage] or math.inf)
+    grads = torch.cat([p.grad.double().flatten().cpu() for p in model.parameters() if p.grad is not None]) \
+        if keep_grads else None
     scaler.step(opt)
     scaler.update()
     opt.zero_grad(set_to_none=True)
-    return loss.detach(), norm
+    return loss.detach(), norm, grads
 
 
 def optimizer(model):
@@ -261,24 +264,13 @@ def part_env(ctx, part):
 # -----------------------------------------------------------------------------
 # correctness: the same step on the CPU in fp32 and on the device in each precision
 
-def grads_of(model):
-    return torch.cat([p.grad.detach().double().flatten().cpu() for p in model.parameters() if p.grad is not None])
-
-
 def reference_step(stage, model, b, dtype, device, scaler):
     """loss, gradient norm, flattened gradient (float64, CPU) and the loss after one AdamW step. A fp16 GradScaler may
     find inf gradients at its first scale and skip the step (as in training): the step is retried at the lower scale."""
     model, b = model.to(device), {k: v.to(device) for k, v in b.items()}
     opt = optimizer(model)
     for _ in range(8):
-        loss = stage_loss(stage, model, b, dtype)
-        scaler.scale(loss).backward()
-        scaler.unscale_(opt)
-        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP[stage] or math.inf)
-        g = grads_of(model)
-        scaler.step(opt)
-        scaler.update()
-        opt.zero_grad(set_to_none=True)
+        loss, norm, g = train_step(stage, model, opt, scaler, b, dtype, keep_grads=True)
         if torch.isfinite(norm) or not scaler.is_enabled():
             break
     with torch.no_grad():
