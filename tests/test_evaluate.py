@@ -208,7 +208,7 @@ def test_evaluate_script_end_to_end(tmp_path):
 def test_exact_fp32_flags():
     """evaluate.py and scan.py call checkpoints.exact_fp32 (issue 24's review): fp32 really is fp32 on a GPU, with
     TF32 off for cuDNN's convolutions (on by default on Ampere and later) and for matmuls (allowed in training by
-    common.cuda_speed_flags). Only the flags can be checked on a CPU; the previous settings are restored."""
+    devices.cuda_speed_flags). Only the flags can be checked on a CPU; the previous settings are restored."""
     before = (torch.backends.cudnn.allow_tf32, torch.get_float32_matmul_precision())
     try:
         torch.backends.cudnn.allow_tf32 = True
