@@ -21,6 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import data  # noqa: E402
 import distill  # noqa: E402
+import llm  # noqa: E402
 import rules as R  # noqa: E402
 
 KEY = "sk-test-SECRET123"
@@ -151,7 +152,7 @@ def run_here(monkeypatch, capsys, tmp_path):
     """distill.main in this process (skips the ~5 s torch import of a subprocess); returns (exit code, stdout, stderr)."""
     def go(args, key=KEY):
         monkeypatch.chdir(tmp_path)
-        monkeypatch.setattr(distill, "API_KEY", key)
+        monkeypatch.setattr(llm, "API_KEY", key)  # read by llm.request_headers and llm.redact
         monkeypatch.setattr(sys, "argv", ["distill.py", *map(str, args)])
         capsys.readouterr()
         try:
@@ -522,12 +523,12 @@ def test_explain_one_report(tmp_path):
     ("http://localhost@api.openai.com/v1", False), ("http://localhost.openai.com/v1", False),
 ])
 def test_on_site_address_table(url, here):
-    assert distill.on_site(url) is here
+    assert llm.on_site(url) is here
 
 @pytest.mark.parametrize("url", ["localhost:8000/v1", "ftp://llmserver/v1", "http:///v1", "http://host:port/v1"])
 def test_on_site_bad_url_is_a_usage_error(url):
     with pytest.raises(data.UsageError, match="not an http"):
-        distill.on_site(url)
+        llm.on_site(url)
 
 def test_remote_api_base_refused_before_any_report_is_read(tmp_path):
     """Off site without --allow-remote-api: one line, exit 2, before the (here missing) reports file is even opened."""
@@ -538,7 +539,8 @@ def test_remote_api_base_refused_before_any_report_is_read(tmp_path):
 
 def test_allow_remote_api_lets_it_through(server, tmp_path, run_here, monkeypatch):
     write_reports(tmp_path / "r.csv", ["ok1"])
-    monkeypatch.setattr(distill, "on_site", lambda url: False)  # the fake server, seen as off site (no network needed)
+    # the fake server, seen as off site (no network needed); distill.main calls the on_site it imported from llm.py
+    monkeypatch.setattr(distill, "on_site", lambda url: False)
     code, out, err = run_here(llm_args(server, tmp_path, tmp_path / "r.csv"))
     assert code == 2 and "--allow-remote-api" in err and server.counts == Counter() and not (tmp_path / "out").exists()
     code, out, err = run_here(llm_args(server, tmp_path, tmp_path / "r.csv", "--allow-remote-api"))
