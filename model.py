@@ -5,17 +5,22 @@ Everything the stage scripts share about *models* lives here (data handling live
     ResNet3D            3D ResNet-18 vision encoder, (B, C, D, H, W) -> (B, 512)
     TextEncoder         BERT trunk, [CLS] or sentence-averaged embedding, (B, L) token ids -> (B, H)
     build_text          a text encoder + tokenizer + a plain-dict description (text_cfg)
-    EncoderClassifier   encoder + linear head to the labels: the model of pre-training (stages 2a and 2b)
-    GreenRFM            both encoders, projections to a shared 768-d space, shared classifier (stage 3)
+    EncoderClassifier   encoder + linear head to the labels: the model of pre-training (stages 2a and 2b); the
+                        image pooling of Fig. 4d (noisy_or_logits, noisy_or_bias)
+    GreenRFM            both encoders, projections to a shared 768-d space, shared classifier (stage 3), and
+                        align.py's ablation switches (ALIGN_SWITCHES, clip_scale)
     build_model         any of the above from a plain dict (model_config), so checkpoints rebuild themselves
     greenrfm_from_pretrained, init_shared_from_heads   how stage 3 starts from the two pre-trained models
     masked_bce, clip_loss, align_loss
     load_pretrained_encoder, load_state_strict, unwrap   weights into a model (checkpoints.py reads the files)
-    PROMPT_TEMPLATES, prompt_latents, zero_shot_scores                 zero-shot diagnosis from prompt pairs
+    PROMPT_TEMPLATES, text_latents, prompt_latents, zero_shot_scores   zero-shot diagnosis from prompt pairs
+    sentence_alignment  how well report sentences about the labels, and the others, find their volume (Fig. 3c)
 
 Shapes: B batch, C channels (or labels for logits), D/H/W volume axes, L tokens, H text hidden size.
 """
+import math
 import os
+import re
 
 import torch
 import torch.nn as nn
@@ -25,7 +30,10 @@ from torch.utils.checkpoint import checkpoint
 from data import DataError
 
 STAGES = ("vision", "text", "align")
+# align.py's ablation switches as model_config keys, at the recipe's values (what a checkpoint without them means)
+ALIGN_SWITCHES = {"shared_classifier": True, "l2_norm": False, "joint_heads": False}
 POOLINGS = ("cls", "sentence", "mean")  # TextEncoder report embeddings: the paper's [CLS], sentence by sentence, all tokens
+IMAGE_POOLINGS = ("gap", "max", "noisy_or")  # how stage 2a's head reads the feature map: the paper's GAP, or Fig. 4d's others
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 
@@ -106,13 +114,23 @@ class ResNet3D(nn.Module):
             if isinstance(m, nn.Conv3d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
-    def forward(self, x):
+    def features(self, x):
+        """The last stage's map before pooling: (B, in_channels, D, H, W) -> (B, 512, d, h, w)."""
         # grad_ckpt keeps only the input of the stem and of each block (not of each stage: a full-resolution stage
         # holds 8 maps the size of the stem's output), and recomputes one block at a time in the backward pass.
         ckpt = self.grad_ckpt and self.training and torch.is_grad_enabled()
         for layer in [self.stem, *(block for stage in self.stages for block in stage)]:
             x = checkpoint(layer, x, use_reentrant=False) if ckpt else layer(x)
-        return x.mean(dim=(2, 3, 4))  # global average pooling: (B, 512, d, h, w) -> (B, 512)
+        return x
+
+    def forward(self, x):
+        return self.features(x).mean(dim=(2, 3, 4))  # global average pooling: (B, 512, d, h, w) -> (B, 512)
+
+    def cells(self, size):
+        """d * h * w of the map features() gives for an input of size (D, H, W): the stem divides each axis by its
+        stride, stages 2-4 halve it (3x3x3 convs of stride 2 and padding 1 round up: ceil thrice = ceil(n / 8))."""
+        s = self.stem[0].stride[0]
+        return math.prod(-(-(n // s) // 8) for n in size)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -263,66 +281,115 @@ def build_text(source, reports=None, max_len=512, vocab_size=4000, pooling="cls"
 # Models: pre-training (one encoder + linear head, stages 2a and 2b) and alignment (GreenRFM, stage 3)
 
 class EncoderClassifier(nn.Module):
-    """Encoder + Linear(out_dim, C): forward(*inputs) -> logits (B, C). Inputs: a volume, or (ids, mask)."""
+    """Encoder + Linear(out_dim, C): forward(*inputs) -> logits (B, C). Inputs: a volume, or (ids, mask).
+    image_pooling (Fig. 4d): the head read at each cell v of a ResNet3D's map gives class scores s_{c,v}; "gap" (the
+    recipe; the head is affine) is their mean, "max" their maximum (scores, not features: one set of scores pooled three
+    ways), "noisy_or" P_c = 1 - prod_v (1 - sigmoid(s_{c,v})): present unless every cell says absent."""
 
-    def __init__(self, encoder, num_labels):
+    def __init__(self, encoder, num_labels, image_pooling="gap"):
         super().__init__()
-        self.encoder = encoder
+        self.encoder, self.image_pooling = encoder, image_pooling
         self.head = nn.Linear(encoder.out_dim, num_labels)
+        if image_pooling not in IMAGE_POOLINGS:
+            raise ValueError(f"image pooling {image_pooling!r} is not one of {IMAGE_POOLINGS}")
 
     def forward(self, *inputs):
-        return self.head(self.encoder(*inputs))
+        if self.image_pooling == "gap":
+            return self.head(self.encoder(*inputs))
+        s = self.head(self.encoder.features(*inputs).flatten(2).transpose(1, 2))  # (B, N cells, C) per-cell scores
+        return s.amax(dim=1) if self.image_pooling == "max" else noisy_or_logits(s, dim=1)
+
+
+def noisy_or_logits(scores, dim):
+    """The logit of P = 1 - prod_v (1 - sigmoid(s_v)) over `dim`, in log space: log(1 - P) = -sum_v softplus(s_v) =: -L,
+    so logit(P) = log(P) - log(1 - P) = log(1 - e^-L) + L. A product of hundreds of factors would round to 0 or 1."""
+    L = F.softplus(scores.float()).sum(dim).clamp(min=torch.finfo(torch.float32).tiny)  # all cells far below 0: P -> 0
+    return torch.log(-torch.expm1(-L)) + L
+
+
+def noisy_or_bias(cells, start=0.5):
+    """The head bias at which Noisy-OR over `cells` cells scoring it starts at P = start: sigmoid(b) = 1 - (1 - start)^(1/N).
+    A bias near 0 would start every label at P = 1 - 2^-N, saturated for hundreds of cells (864 on the chest model)."""
+    q = -math.expm1(math.log1p(-start) / cells)
+    return math.log(q) - math.log1p(-q)
 
 
 class GreenRFM(nn.Module):
-    """Both encoders projected to a shared space, one classifier for both latents; no L2 normalisation (raw dot products)."""
+    """Both encoders projected to a shared space, one classifier for both latents; no L2 normalisation (raw dot products).
+    align.py's ablations (ALIGN_SWITCHES): shared_classifier=False leaves it out (None; Fig. 4a); l2_norm=True makes
+    the latents unit length, with CLIP's learnable temperature (Fig. 4e); joint_heads=True adds each encoder's stage-1
+    head to the labels, trained in the same step as the alignment (Fig. 3e/f)."""
 
-    def __init__(self, vision, text, num_labels, embed_dim=768):
+    def __init__(self, vision, text, num_labels, embed_dim=768, shared_classifier=True, l2_norm=False, joint_heads=False):
         super().__init__()
-        self.vision, self.text = vision, text
+        self.vision, self.text, self.l2_norm, self.joint_heads = vision, text, l2_norm, joint_heads
         self.img_proj = nn.Linear(vision.out_dim, embed_dim, bias=False)
         self.txt_proj = nn.Linear(text.out_dim, embed_dim, bias=False)
-        self.classifier = nn.Linear(embed_dim, num_labels)  # shared: same label semantics in both modalities
+        self.classifier = nn.Linear(embed_dim, num_labels) if shared_classifier else None  # same label semantics in both
+        if l2_norm:  # a cosine lies in [-1, 1]: at temperature 1 the CLIP softmax could hardly tell pairs apart
+            self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+        if joint_heads:
+            self.vision_head, self.text_head = nn.Linear(vision.out_dim, num_labels), nn.Linear(text.out_dim, num_labels)
+
+    def image_latent(self, feature):
+        return self.unit(self.img_proj(feature))  # the pooled feature (B, 512) -> (B, 768)
+
+    def unit(self, z):
+        return F.normalize(z, dim=-1) if self.l2_norm else z
 
     def encode_image(self, x):
-        return self.img_proj(self.vision(x))  # (B, K windows, D, H, W) -> (B, 512) -> (B, 768)
+        return self.image_latent(self.vision(x))  # (B, K windows, D, H, W) -> (B, 512) -> (B, 768)
 
     def encode_text(self, input_ids, attention_mask):
-        return self.txt_proj(self.text(input_ids, attention_mask))  # (B, L) -> (B, H) -> (B, 768)
+        return self.unit(self.txt_proj(self.text(input_ids, attention_mask)))  # (B, L) -> (B, H) -> (B, 768)
 
     def forward(self, x, input_ids, attention_mask):
-        """-> (img, txt, img_logits, txt_logits) for align_loss; one call for both towers keeps DDP's hooks simple."""
-        img, txt = self.encode_image(x), self.encode_text(input_ids, attention_mask)
-        return img, txt, self.classifier(img), self.classifier(txt)
+        """-> (img, txt, img_logits, txt_logits) for align_loss (the logits None without the shared classifier), then
+        with joint heads the vision and text heads' logits (B, C); one call for both towers keeps DDP's hooks simple."""
+        feat = self.vision(x)  # (B, 512)
+        img = self.image_latent(feat)  # (B, 768)
+        hid = self.text(input_ids, attention_mask)  # (B, H)
+        txt = self.unit(self.txt_proj(hid))  # (B, 768)
+        out = (img, txt, *((self.classifier(img), self.classifier(txt)) if self.classifier is not None else (None, None)))
+        return out + ((self.vision_head(feat), self.text_head(hid)) if self.joint_heads else ())
+
+
+def clip_scale(model):
+    """What multiplies the latents' dot products in clip_loss: None (1) in the recipe; with --l2-norm, exp(logit_scale)
+    capped at 100, as in CLIP."""
+    return model.logit_scale.exp().clamp(max=100) if getattr(model, "l2_norm", False) else None
 
 
 def build_model(model_config):
     """Build a model from its plain-dict description (what every checkpoint stores as "model_config")."""
     kind, num_labels = model_config["kind"], model_config["num_labels"]
-    if kind == "vision":
-        return EncoderClassifier(ResNet3D(**model_config["vision"]), num_labels)
+    if kind == "vision":  # (checkpoints older than the pooling switch pooled by GAP)
+        return EncoderClassifier(ResNet3D(**model_config["vision"]), num_labels, model_config.get("image_pooling", "gap"))
     if kind == "text":
         return EncoderClassifier(TextEncoder(model_config["text"]), num_labels)
     if kind == "align":
         return GreenRFM(ResNet3D(**model_config["vision"]), TextEncoder(model_config["text"]), num_labels,
-                        model_config.get("embed_dim", 768))
+                        model_config.get("embed_dim", 768), **{k: model_config.get(k, v) for k, v in ALIGN_SWITCHES.items()})
     raise ValueError(f"unknown model kind {kind!r}; expected one of {STAGES}")
 
 
-def greenrfm_from_pretrained(num_labels, embed_dim, vision_ckpt=None, text_ckpt=None, vision_cfg=None, text_encoder=None):
+def greenrfm_from_pretrained(num_labels, embed_dim, vision_ckpt=None, text_ckpt=None, vision_cfg=None, text_encoder=None,
+                             switches=None):
     """Stage 3 starts from the two pre-trained models -> (GreenRFM, model_config). vision_ckpt / text_ckpt: the
     checkpoints of stages 2a / 2b (checkpoints.load_checkpoint's dicts): the architecture is rebuilt from each one's
     model_config and its encoder copied in strictly (its head is not: see init_shared_from_heads). Without a
-    checkpoint, vision_cfg (a ResNet3D config: random weights) or text_encoder (from build_text) is the start."""
+    checkpoint, vision_cfg (a ResNet3D config: random weights) or text_encoder (from build_text) is the start.
+    switches: align.py's ablations (ALIGN_SWITCHES' keys), recorded in model_config."""
     model_config = {"kind": "align", "num_labels": num_labels, "embed_dim": embed_dim,
                     "vision": vision_ckpt["model_config"]["vision"] if vision_ckpt else vision_cfg,
-                    "text": text_ckpt["model_config"]["text"] if text_ckpt else text_encoder.cfg}
+                    "text": text_ckpt["model_config"]["text"] if text_ckpt else text_encoder.cfg,
+                    **ALIGN_SWITCHES, **(switches or {})}
     model = build_model(model_config)
     if text_ckpt is None:  # e.g. CXR-BERT's own weights, or a scratch BERT
         model.text.load_state_dict(text_encoder.state_dict())
-    for ckpt in (vision_ckpt, text_ckpt):
+    for part, ckpt in (("vision", vision_ckpt), ("text", text_ckpt)):
         if ckpt is not None:
-            load_pretrained_encoder(model, ckpt, where=ckpt.get("path"))
+            load_pretrained_encoder(model, ckpt, part, where=ckpt.get("path"))
     return model, model_config
 
 
@@ -335,14 +402,15 @@ def init_shared_from_heads(model, vision_head, text_head, scale=0.1, seed=0):
     a^2 (image logits) . (text logits): zero-shot begins from what both heads know. A small a keeps those products
     moderate for the temperature-1 CLIP loss; its gradient then widens the rank-C space. Needs E >= C."""
     (h_img, b_img), (h_txt, b_txt) = vision_head, text_head
-    E, C = model.classifier.in_features, h_img.shape[0]
+    E, C = model.img_proj.out_features, h_img.shape[0]
     if C > E:
         raise ValueError(f"--init-shared heads needs --embed-dim >= the {C} labels")
     A = torch.linalg.qr(torch.randn(E, C, generator=torch.Generator().manual_seed(seed)))[0]  # (E, C)
     model.img_proj.weight.copy_(scale * A @ h_img.float())  # (E, 512)
     model.txt_proj.weight.copy_(scale * A @ h_txt.float())  # (E, H)
-    model.classifier.weight.copy_(A.T / scale)  # (C, E)
-    model.classifier.bias.copy_((b_img + b_txt).float() / 2)
+    if model.classifier is not None:  # (--no-shared-classifier: the projections alone)
+        model.classifier.weight.copy_(A.T / scale)  # (C, E)
+        model.classifier.bias.copy_((b_img + b_txt).float() / 2)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -358,21 +426,31 @@ def masked_bce(logits, targets, mask):
     return (bce * mask).sum() / mask.sum().clamp(min=1)
 
 
-def clip_loss(img, txt):
-    """Symmetric InfoNCE on raw dot products, temperature 1: img, txt (B, E); pair i matches pair i."""
+def clip_loss(img, txt, scale=None):
+    """Symmetric InfoNCE on raw dot products, temperature 1: img, txt (B, E); pair i matches pair i. scale (a tensor):
+    the dot products multiplied by it first (CLIP's learnable 1 / temperature: --l2-norm's, clip_scale)."""
     # Unnormalised 768-d latents give large dot products: compute them in float32 even under autocast.
     with torch.autocast(device_type=img.device.type, enabled=False):
         sim = img.float() @ txt.float().T  # (B, B): row i = image i against every report
+        if scale is not None:
+            sim = scale.float() * sim
         labels = torch.arange(sim.shape[0], device=sim.device)
         return (F.cross_entropy(sim, labels) + F.cross_entropy(sim.T, labels)) / 2
 
 
-def align_loss(img, txt, img_logits, txt_logits, targets, mask):
-    """Stage-3 loss: clip + (masked BCE of the image logits + of the text logits) / 2.
-    -> (total, {"clip", "bce_img", "bce_txt"}); the parts are detached, for logging."""
-    parts = {"clip": clip_loss(img, txt), "bce_img": masked_bce(img_logits, targets, mask),
-             "bce_txt": masked_bce(txt_logits, targets, mask)}
-    total = parts["clip"] + (parts["bce_img"] + parts["bce_txt"]) / 2
+def align_loss(img, txt, img_logits, txt_logits, targets, mask, scale=None, heads=()):
+    """Stage-3 loss: clip + (masked BCE of the image logits + of the text logits) / 2. align.py's switches:
+    img_logits = txt_logits = None without the shared classifier (Fig. 4a): the CLIP loss alone; scale: see clip_loss
+    (Fig. 4e); heads = (vision head logits, text head logits) of --joint (Fig. 3e/f): + (BCE + BCE) / 2, each encoder's
+    stage-1 loss in the same step. -> (total, {"clip", "bce_img", "bce_txt", ...}); the parts detached, for logging."""
+    parts = {"clip": clip_loss(img, txt, scale)}
+    total = parts["clip"]
+    if img_logits is not None:
+        parts |= {"bce_img": masked_bce(img_logits.float(), targets, mask), "bce_txt": masked_bce(txt_logits.float(), targets, mask)}
+        total = total + (parts["bce_img"] + parts["bce_txt"]) / 2
+    if heads:
+        parts |= {f"bce_{k}_head": masked_bce(h.float(), targets, mask) for k, h in zip(("vision", "text"), heads)}
+        total = total + (parts["bce_vision_head"] + parts["bce_text_head"]) / 2
     return total, {k: v.detach() for k, v in parts.items()}
 
 
@@ -397,18 +475,20 @@ def load_state_strict(module, state, where):
 
 def load_pretrained_encoder(model, ckpt, part=None, where=None):
     """Copy a pre-trained encoder (ckpt["model"]["encoder.*"]) into GreenRFM's .vision or .text, strictly; part defaults
-    to the checkpoint's stage, `where` (the file) names it in errors. The head is dropped (stage 3 has its own)."""
+    to the checkpoint's stage, `where` (the file) names it in errors. The head is dropped (stage 3 has its own). An
+    aligned checkpoint gives its ["vision.*"] or ["text.*"] (encoders trained on reports alone: align.py, Fig. 4c)."""
     part = part or ckpt["stage"]
     where = where or f"pre-trained {part} checkpoint"
-    if part not in ("vision", "text") or ckpt["stage"] != part:
+    if part not in ("vision", "text") or ckpt["stage"] not in (part, "align"):
         raise DataError(f"{where}: expected a {part!r} pre-trained checkpoint, found a {ckpt['stage']!r} checkpoint")
-    state = {k[len("encoder."):]: v for k, v in ckpt["model"].items() if k.startswith("encoder.")}
+    prefix = f"{part}." if ckpt["stage"] == "align" else "encoder."
+    state = {k[len(prefix):]: v for k, v in ckpt["model"].items() if k.startswith(prefix)}
     load_state_strict(getattr(unwrap(model), part), state, where)
     return part
 
 
 # -----------------------------------------------------------------------------
-# Zero-shot pieces (shared by align.py's validation, evaluate.py and scan.py)
+# Zero-shot pieces (shared by align.py's validation, evaluate.py and scan.py), and Fig. 3c's sentence alignment
 
 # Prompt pairs (positive, negative) per template; "{x}" is the label name, lowercased, "_" -> " ".
 # "there_is" is the default; "present" is the CT-CLIP protocol.
@@ -422,18 +502,28 @@ PROMPT_TEMPLATES = {
 
 
 @torch.no_grad()
+def text_latents(model, tokenizer, texts, max_len, device, batch=256):
+    """Latents of a list of texts -> (N, 768), `batch` at a time, in eval mode so dropout does not perturb them. An
+    L2-normalised model's (--l2-norm) come multiplied by its CLIP scale: img . latent is then the logit it trained on."""
+    was_training, scale = model.training, clip_scale(model)
+    model.eval()
+    out = []
+    for k in range(0, len(texts), batch):
+        enc = tokenizer(texts[k:k + batch], padding=True, truncation=True, max_length=max_len, return_tensors="pt")
+        lat = model.encode_text(enc["input_ids"].to(device), enc["attention_mask"].to(device)).float()
+        out.append(lat if scale is None else lat * scale)
+    model.train(was_training)
+    return torch.cat(out)
+
+
 def prompt_latents(model, tokenizer, label_names, template, max_len, device):
     """Text latents of each label's positive and negative prompt -> (C, 2, 768), once for all volumes; template is
-    a PROMPT_TEMPLATES key or a (positive, negative) pair. Eval mode so dropout does not perturb the latents."""
+    a PROMPT_TEMPLATES key or a (positive, negative) pair."""
     pos, neg = PROMPT_TEMPLATES[template] if isinstance(template, str) else template
     # "Pleural effusion" -> "There is pleural effusion."; "renal_cyst" -> "There is renal cyst."
     texts = [t.format(x=n.lower().replace("_", " ")) for n in label_names for t in (pos, neg)]  # 2C prompts
-    batch = tokenizer(texts, padding=True, truncation=True, max_length=max_len, return_tensors="pt")
-    was_training = model.training
-    model.eval()
-    lat = model.encode_text(batch["input_ids"].to(device), batch["attention_mask"].to(device))
-    model.train(was_training)
-    return lat.float().view(len(label_names), 2, -1)  # (C, 2, 768): [:, 0] positive, [:, 1] negative
+    lat = text_latents(model, tokenizer, texts, max_len, device)
+    return lat.view(len(label_names), 2, -1)  # (C, 2, 768): [:, 0] positive, [:, 1] negative
 
 
 def zero_shot_logits(img_lat, prompt_lat):
@@ -443,6 +533,22 @@ def zero_shot_logits(img_lat, prompt_lat):
 
 def zero_shot_scores(img_lat, prompt_lat):
     """Positive probability per label -> (N, C): softmax over the pair of raw dot products
-    [img . pos, img . neg] (= sigmoid of their difference). No L2 normalisation, as in training."""
+    [img . pos, img . neg] (= sigmoid of their difference). Raw dot products, as in training."""
     logits = torch.einsum("nd,cpd->ncp", img_lat.float(), prompt_lat.float())  # (N, C, 2)
     return logits.softmax(dim=-1)[..., 0]
+
+
+def sentence_alignment(model, tokenizer, img_lat, reports, related, max_len, device):
+    """Alignment selectivity (Fig. 3c): the alignment loss of report sentences about the labels against the others (the
+    spine, "Comparison: none."). img_lat (N, E): image latents of the N volumes of `reports`; related(sentence) -> bool
+    (e.g. rules.py's labeler finds a label in it). Sentence s of report i: -log softmax_j(s . img_j)[i], scaled as in
+    training (clip_loss's text -> image half); chance is log N. -> {"related", "unrelated" (mean or None), "n_related",
+    "n_unrelated", "chance"}."""
+    sents = [(i, t) for i, r in enumerate(reports) for t in re.split(r"(?<=[.!?])\s+|\n+", r) if t.strip()]
+    sim = text_latents(model, tokenizer, [t for _, t in sents], max_len, device) @ img_lat.float().to(device).T  # (S, N)
+    loss = F.cross_entropy(sim, torch.tensor([i for i, _ in sents], device=sim.device), reduction="none").cpu()  # (S,)
+    about = torch.tensor([bool(related(t)) for _, t in sents])
+    out = {"chance": math.log(len(reports))}
+    for key, pick in (("related", about), ("unrelated", ~about)):
+        out |= {key: loss[pick].mean().item() if pick.any() else None, f"n_{key}": int(pick.sum())}
+    return out
