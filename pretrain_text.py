@@ -32,7 +32,8 @@ def get_args():
     p = common.parser(__doc__, images=False, lr=1e-4, weight_decay=1e-4, clip=0.0, workers=0)  # the paper's; reports load cheaply
     g = p.add_argument_group("model")
     g.add_argument("--text-model", default=None, help=f"Hugging Face name or local folder of a BERT model, or 'scratch' (a small BERT with a "
-                   f"vocabulary trained on the training reports); default: the data set's dataset.json, else {CXR_BERT}")
+                   f"vocabulary trained on the training reports); default: the data set's dataset.json, else {CXR_BERT}. "
+                   f"The text encoder ablation (Fig. 4b): e.g. scratch, a general-English MiniLM folder, CXR-BERT")
     g.add_argument("--pooling", default="cls", choices=M.POOLINGS,
                    help="report embedding: 'cls' = the [CLS] token's (the paper's); 'sentence' = each sentence encoded alone, "
                         "token-averaged, then sentences averaged (prompts are single sentences; see model.TextEncoder); "

@@ -33,6 +33,9 @@ def get_args():
     g.add_argument("--lite", action="store_true", help="lite model: stride-4 patchify stem (the 6 GB configuration); writes out/vision-lite")
     g.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing per ResNet block and of the stem (less memory, ~30%% more compute)")
     g.add_argument("--init", default=None, help="optional external encoder weights (a state dict file) loaded before training")
+    g.add_argument("--image-pooling", default="gap", choices=M.IMAGE_POOLINGS, help="how the feature map becomes label logits "
+                   "(Fig. 4d): gap (the paper's), or max or noisy_or over each cell's class scores (model.EncoderClassifier); "
+                   "align.py always pools by GAP")
     return common.parse(p, STAGE)
 
 
@@ -51,14 +54,19 @@ def main():
     # model: 3D ResNet-18 encoder + a linear head to the C labels
     model_config = {"kind": STAGE, "num_labels": len(table.label_names),
                     "vision": {"in_channels": D.input_channels(preset),  # one per intensity window of the preset
-                               "stem": 4 if args.lite else 2, "widths": [64, 128, 256, 512]}}
+                               "stem": 4 if args.lite else 2, "widths": [64, 128, 256, 512]},
+                    "image_pooling": args.image_pooling}
     model = M.build_model(model_config)
+    # --image-pooling (Fig. 4d). Alignment (align.py) needs one embedding per volume and takes it by GAP. We read the
+    # paper's "architectural consistency" as: stage 1 should pool as stage 3 will, which only GAP, the recipe, does.
+    if args.image_pooling == "noisy_or":  # P_c starts at 1/2 over this crop's cells, not saturated at 1
+        torch.nn.init.constant_(model.head.bias, M.noisy_or_bias(model.encoder.cells(D.get_preset(preset)["crop"])))
     if args.init:
         load_init(model, args.init, run.log)
     model.encoder.grad_ckpt = args.grad_ckpt
     model.to(run.device)
     run.log(f"model: 3D ResNet-18, {model_config['vision']['in_channels']} input channel(s), stem {model_config['vision']['stem']}, "
-            f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters")
+            f"{args.image_pooling} pooling, {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters")
 
     # -----------------------------------------------------------------------------
     # optimizer (cosine schedule, stepped per iteration: common.optimizer_step), then resume if asked
