@@ -50,6 +50,8 @@ def parser(doc, images=True, **paper_defaults):
     g.add_argument("--labels", default=None, help="label CSV (id + label columns); default: out/distill/labels.csv "
                                                   "if it covers the data set, else the manifest's labels")
     g.add_argument("--uncertain", default="mask", choices=["mask", "positive", "negative"], help="how uncertain (-1) labels enter the BCE terms")
+    g.add_argument("--train-fraction", type=float, default=1.0, help="train on this share of the training split (data scaling, "
+                   "Fig. 3a): the same rows for every stage given --seed, and a smaller share's rows among a larger one's")
     g.add_argument("--workers", type=int, default=2, help="data loader worker processes")
     if images:
         g.add_argument("--preset", default=None, help=f"preprocessing preset: one of {list(D.PRESETS)} or a .json preset "
@@ -131,6 +133,8 @@ def load_data(run, images=True, reports=True):
         dist.barrier()
     table = D.load_table(args.data)
     table, labels_used = pick_labels(table, args.labels)
+    if args.train_fraction != 1.0:  # before anything depends on the reports: the same rows in all three stages
+        table = take_train_fraction(table, args.train_fraction, args.seed, log)
     empty = [rid for rid, r in zip(table.ids, table.reports) if not r.strip()] if reports else []
     if empty:  # no text to learn from (distill.py lists such reports as failures): skipped, and counted
         log(f"skipping {len(empty)} rows with an empty report: {', '.join(empty[:5])}{' ...' if len(empty) > 5 else ''}")
@@ -145,6 +149,18 @@ def load_data(run, images=True, reports=True):
     log(f"data: {table.source} ({n_train} train / {n_valid} valid {unit}){where}")
     log(f"labels: {labels_used} ({len(table.label_names)} labels)")
     return table, preset, cache
+
+
+def take_train_fraction(table, fraction, seed, log):
+    """--train-fraction (Fig. 3a): the first round(fraction x N) training rows in an order drawn from `seed` by a generator
+    of its own (the run's other draws unchanged), the other splits whole. One order for all: the 1/8 lies in the 1/4."""
+    if not 0 < fraction <= 1:
+        raise D.UsageError(f"--train-fraction {fraction}: a share of the training split, in (0, 1]")
+    train = [i for i, s in enumerate(table.splits) if s == "train"]
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed)).tolist()
+    keep = {train[j] for j in order[:max(1, round(fraction * len(train)))]}
+    log(f"train fraction {fraction:g} (--seed {seed}): {len(keep)} of {len(train)} training rows")
+    return table.take([i for i, s in enumerate(table.splits) if s != "train" or i in keep])
 
 
 def data_record(args, table):
