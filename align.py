@@ -12,6 +12,11 @@ No L2 normalisation anywhere (the paper found that keeping feature magnitude hel
 After training, zero-shot diagnosis compares each volume with "There is {x}." / "There is no {x}.".
 For short runs (the demo recommends both; the defaults are the paper's): --head-lr trains the new projections
 and classifier faster than the pretrained encoders, and --init-shared heads starts them from the pre-trained heads.
+The paper's ablations are switches of this script, each off in the recipe (--help names the figure): leave out the
+vision or text pre-training or the shared classifier (Fig. 4a: --no-vision-pretraining, --no-text-pretraining,
+--no-shared-classifier; all three: CLIP alone), L2-normalise the latents (Fig. 4e: --l2-norm), train in one stage
+(Fig. 3e/f: --joint); stage 1 on the reports instead of labels (Fig. 4c) is a CLIP-only run of this script whose
+checkpoint is then passed as --vision-ckpt and --text-ckpt. --train-fraction (Fig. 3a) is every stage's.
 
 Reads:  a data set (default data/demo, built on first use); the pre-trained checkpoints
         out/vision[-lite]/best.pt and out/text/best.pt (a missing one is a warning: that encoder
@@ -24,6 +29,7 @@ Examples:
   python align.py --data ctrate/manifest.csv --amp bf16 --grad-ckpt             # one 24 GB GPU
   torchrun --nproc_per_node 4 align.py --data ctrate/manifest.csv --amp bf16
 """
+import argparse
 import subprocess
 import sys
 from pathlib import Path
@@ -47,9 +53,11 @@ def get_args():
     g = p.add_argument_group("model")
     g.add_argument("--lite", action="store_true", help="the 6 GB configuration: stride-4 stem, text encoder checkpointed, reads out/vision-lite, writes out/align-lite")
     g.add_argument("--vision-ckpt", default=None, help="pre-trained vision checkpoint, stage 2a (default out/vision[-lite]/best.pt; on the default demo set "
-                                                     "trained first when missing)")
-    g.add_argument("--text-ckpt", default="out/text/best.pt", help="pre-trained text checkpoint, stage 2b (on the default demo set trained first when missing)")
-    g.add_argument("--text-model", default=None, help="text encoder used only when there is no text checkpoint (as in pretrain_text.py)")
+                                                     "trained first when missing); an aligned checkpoint gives its vision encoder (Fig. 4c: "
+                                                     "stage 1 on the reports alone, from a run with all three of Fig. 4a's switches off)")
+    g.add_argument("--text-ckpt", default="out/text/best.pt", help="pre-trained text checkpoint, stage 2b (on the default demo set trained first when "
+                                                                   "missing); an aligned checkpoint gives its text encoder (Fig. 4c)")
+    g.add_argument("--text-model", default=None, help="text encoder used only when there is no text checkpoint (as in pretrain_text.py; Fig. 4b)")
     g.add_argument("--pooling", default="cls", choices=M.POOLINGS, help="report embedding, used only when there is no text checkpoint (as in pretrain_text.py)")
     g.add_argument("--max-len", type=int, default=512, help="maximum tokens per report")
     g.add_argument("--embed-dim", type=int, default=768, help="size of the shared latent space")
@@ -61,7 +69,20 @@ def get_args():
                    help="peak learning rate of the layers this stage adds (the two projections and "
                         "the shared classifier); default: --lr, one rate for everything as in the paper")
     g.add_argument("--template", default="there_is", choices=sorted(M.PROMPT_TEMPLATES), help="prompt pair for the zero-shot validation AUC")
+    on_off = argparse.BooleanOptionalAction
+    g.add_argument("--vision-pretraining", action=on_off, default=True, help="the image encoder starts from stage 2a (--vision-ckpt); "
+                   "--no-vision-pretraining: from random weights (supervision scope, Fig. 4a; with --no-text-pretraining: no stage-1 signal, Fig. 4c)")
+    g.add_argument("--text-pretraining", action=on_off, default=True, help="the text encoder starts from stage 2b (--text-ckpt); "
+                   "--no-text-pretraining: from --text-model's own weights (Fig. 4a)")
+    g.add_argument("--shared-classifier", action=on_off, default=True, help="the shared classifier and its two BCE terms; "
+                   "--no-shared-classifier: the CLIP loss alone, no classifier (Fig. 4a; all three switches off: the CLIP-only baseline of Fig. 3a)")
+    g.add_argument("--l2-norm", action="store_true", help="unit-length latents and CLIP's learnable temperature (from 0.07), "
+                   "instead of raw dot products at temperature 1 (Fig. 4e)")
+    g.add_argument("--joint", action="store_true", help="one stage, not two: both encoders from their initialisation (no "
+                   "checkpoint read), each with its own head to the labels, whose BCE joins the loss (Fig. 3e/f)")
     args = common.parse(p, STAGE)
+    if args.joint:  # the encoders are trained here from the start: no pre-trained checkpoint is read
+        args.vision_pretraining = args.text_pretraining = False
     args.vision_ckpt = Path(args.vision_ckpt or ("out/vision-lite/best.pt" if args.lite else "out/vision/best.pt"))
     return args
 
@@ -81,16 +102,20 @@ def main():
 
     # -----------------------------------------------------------------------------
     # model: the two pre-trained encoders, a projection each into the shared space, one shared classifier
-    vck = read_pretrained(args.vision_ckpt, "vision", table.label_names, run, preset)  # None when absent (said)
+    vck = read_pretrained(args.vision_ckpt, "vision", table.label_names, run, preset)  # None when absent or switched off (said)
     tck = read_pretrained(args.text_ckpt, "text", table.label_names, run)
     vision_cfg = {"in_channels": D.input_channels(preset), "stem": 4 if args.lite else 2, "widths": [64, 128, 256, 512]}
     text_encoder = tokenizer = None
     if tck is None:  # start from a hub model (CXR-BERT) or a scratch BERT, as pretrain_text.py would
         source = args.text_model or D.dataset_defaults(args.data).get("text_model", CXR_BERT)
         text_encoder, tokenizer, _ = M.build_text(source, reports=train_t.reports, max_len=args.max_len, pooling=args.pooling)
-    model, model_config = M.greenrfm_from_pretrained(len(table.label_names), args.embed_dim, vck, tck, vision_cfg, text_encoder)
+    # The ablations that change the model (Fig. 4a, 4e, 3e/f), recorded in its model_config; the recipe's are the defaults
+    switches = {"shared_classifier": args.shared_classifier, "l2_norm": args.l2_norm, "joint_heads": args.joint}
+    model, model_config = M.greenrfm_from_pretrained(len(table.label_names), args.embed_dim, vck, tck, vision_cfg, text_encoder, switches)
     tokenizer = tokenizer or M.tokenizer_from_cfg(model_config["text"])
-    if args.init_shared == "heads" and (vck is None or tck is None):
+    if switches != M.ALIGN_SWITCHES:
+        run.log(f"ablation, not the recipe: {', '.join(f'{k} {v}' for k, v in switches.items() if v != M.ALIGN_SWITCHES[k])}")
+    if args.init_shared == "heads" and not all(ck is not None and "head.weight" in ck["model"] for ck in (vck, tck)):
         run.log("note: --init-shared heads needs both pre-trained checkpoints: the projections and classifier start random")
     elif args.init_shared == "heads":
         heads = [(ck["model"]["head.weight"], ck["model"]["head.bias"]) for ck in (vck, tck)]
@@ -135,8 +160,9 @@ def main():
             with common.forward_context(run, last_micro):
                 # Latents (B, E) in the shared space, and the shared classifier's logits (B, C) for each:
                 # one set of classifier weights reads both, which ties the two modalities together.
-                img, txt, img_logits, txt_logits = train_model(x, ids, att)
-                loss, parts = M.align_loss(img.float(), txt.float(), img_logits.float(), txt_logits.float(), y, m)
+                # (--no-shared-classifier: logits None; --joint: + each encoder's own head's logits (B, C) in `heads`)
+                img, txt, img_logits, txt_logits, *heads = train_model(x, ids, att)
+                loss, parts = M.align_loss(img, txt, img_logits, txt_logits, y, m, M.clip_scale(model), heads)
             common.backward(run, loss, b)  # a non-finite loss stops the run naming the batch (or is skipped)
             if last_micro:
                 common.optimizer_step(run, loss, parts)
@@ -155,10 +181,10 @@ def train_missing_pretrained(run):
     elsewhere a missing checkpoint stays a warning (read_pretrained): hours of training are never a side effect."""
     args = run.args
     jobs = [(args.vision_ckpt, Path("out/vision-lite/best.pt" if args.lite else "out/vision/best.pt"),
-             ["pretrain_vision.py", *(["--lite"] if args.lite else [])]),
-            (Path(args.text_ckpt), Path("out/text/best.pt"), ["pretrain_text.py"])]
-    for path, default, cmd in jobs:
-        if path != default or path.exists():
+             ["pretrain_vision.py", *(["--lite"] if args.lite else [])], args.vision_pretraining),
+            (Path(args.text_ckpt), Path("out/text/best.pt"), ["pretrain_text.py"], args.text_pretraining)]
+    for path, default, cmd, wanted in jobs:
+        if not wanted or path != default or path.exists():
             continue
         if run.ddp:  # one pre-training run under torchrun would need the processes to itself
             run.log(f"note: {path} is missing; under torchrun it is not trained here (run python {' '.join(cmd)} first)")
@@ -174,13 +200,19 @@ def train_missing_pretrained(run):
 def read_pretrained(path, stage, label_names, run, preset=None):
     """A pre-trained checkpoint (stage 2a or 2b) that fits this run, or None (and a WARNING) when there is none."""
     path, args = Path(path), run.args
+    if not getattr(args, f"{stage}_pretraining"):  # Fig. 4a's scope, or --joint (Fig. 3e/f): said, not warned
+        run.log(f"{stage} encoder: not pre-trained ({'--joint' if args.joint else f'--no-{stage}-pretraining'}), it starts from "
+                f"{'random initialisation' if stage == 'vision' else 'its initialisation (--text-model)'}")
+        return None
     if not path.exists():
         script = "pretrain_vision.py" + (" --lite" if args.lite else "") if stage == "vision" else "pretrain_text.py"
         start = "random initialisation" if stage == "vision" else "its initialisation"
         run.log(f"WARNING: no {stage} checkpoint at {path}: the {'image' if stage == 'vision' else 'text'} encoder starts "
                 f"from {start} (run {script} first for the full recipe)")
         return None
-    ck = checkpoints.load_checkpoint(path, stage=stage, label_names=label_names)
+    ck = checkpoints.load_checkpoint(path, label_names=label_names)
+    if ck["stage"] not in (stage, "align"):  # an aligned checkpoint's encoders: stage 1 on the reports alone (Fig. 4c)
+        raise D.DataError(f"{path}: expected a {stage!r} (or 'align') checkpoint, found a {ck['stage']!r} checkpoint")
     if stage == "vision":  # the standard model needs a stem-2 encoder, --lite a stem-4 one
         stem, want = ck["model_config"]["vision"]["stem"], 4 if args.lite else 2
         if stem != want:
@@ -188,6 +220,9 @@ def read_pretrained(path, stage, label_names, run, preset=None):
                                f"needs stem {want}; pass the matching --vision-ckpt")
         D.require_channels(ck["model_config"]["vision"], preset, path)
     run.log(f"loaded {stage} encoder: {path} (pre-trained step {ck['step']}, valid macro AUC {ck['best_metric']})")
+    if ck["model_config"].get("image_pooling", "gap") != "gap":  # pretrain_vision.py --image-pooling (Fig. 4d)
+        run.log(f"note: it was pre-trained with {ck['model_config']['image_pooling']} pooling; alignment reads the encoder "
+                f"by GAP (one embedding per volume): the mismatch Fig. 4d measures")
     return ck
 
 
@@ -197,13 +232,14 @@ def validate(run, model, tokenizer, valid_ds, label_names):
     # Prompt latents depend only on the text encoder: computed once per evaluation, (C, 2, E).
     prompts = M.prompt_latents(model, tokenizer, label_names, M.PROMPT_TEMPLATES[run.args.template], run.args.max_len, run.device)
 
-    def read(b):  # -> zero-shot P(positive prompt), shared classifier read-out; (B, C) each
+    def read(b):  # -> zero-shot P(positive prompt), shared classifier read-out (if there is one); (B, C) each
         with run.autocast():
             img = model.encode_image(b["image"].to(run.device)).float()  # (B, E)
-        return M.zero_shot_scores(img, prompts), torch.sigmoid(model.classifier(img))
-    refs, (zero_shot, classifier) = common.predict(run, valid_ds, read)
+        return M.zero_shot_scores(img, prompts), *(() if model.classifier is None else (torch.sigmoid(model.classifier(img)),))
+    refs, (zero_shot, *classifier) = common.predict(run, valid_ds, read)
     aucs, macro = metrics.per_label_auc(refs, zero_shot)
-    return {"auc": dict(zip(label_names, aucs)), "macro_auc": macro, "classifier_macro_auc": metrics.per_label_auc(refs, classifier)[1]}
+    return {"auc": dict(zip(label_names, aucs)), "macro_auc": macro,
+            **{"classifier_macro_auc": metrics.per_label_auc(refs, c)[1] for c in classifier}}
 
 
 if __name__ == "__main__":
