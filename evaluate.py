@@ -89,7 +89,7 @@ def encode_split(model, tokenizer, loader, max_len, device):
                         return_tensors="pt")
         f = model.vision(batch["image"].to(device))  # (B, 512)
         feat.append(f.float().cpu())
-        img.append(model.img_proj(f).float().cpu())  # (B, 768) = model.encode_image
+        img.append(model.image_latent(f).float().cpu())  # (B, 768) = model.encode_image
         txt.append(model.encode_text(tok["input_ids"].to(device),
                                      tok["attention_mask"].to(device)).float().cpu())  # (B, 768)
         ids += list(batch["id"])
@@ -183,7 +183,8 @@ def main():
         if n not in ckpt["label_names"]:
             raise D.UsageError(f"{args.ckpt}: label '{n}' of --protocol {args.protocol} is not among the checkpoint's labels")
     print(f"checkpoint {args.ckpt}: stage {ckpt['stage']}, step {ckpt.get('step')}, "
-          f"{len(ckpt['label_names'])} labels; protocol {args.protocol}: {len(names)} labels")
+          f"{len(ckpt['label_names'])} labels; protocol {args.protocol}: {len(names)} labels"
+          f"{'; no shared classifier (aligned with --no-shared-classifier): no classifier scores' if model.classifier is None else ''}")
     # every template's prompt latents are computed once, (C, 2, 768) each, not once per volume
     prompts = {k: M.prompt_latents(model, tokenizer, names, k, max_len, device).cpu() for k in M.PROMPT_TEMPLATES}
     score = dict(model=model, tokenizer=tokenizer, prompts=prompts, names=names, max_len=max_len, preset=preset,
@@ -202,6 +203,7 @@ def main():
         tv = score_split(table, thr_split, labels_required=False, **score)
         thr_other = metrics.youden_thresholds(tv["y"], tv["scores"][args.template])
     by_score = {k: metrics.per_label_auc(y, v) for k, v in ev["scores"].items()}  # k -> (aucs, macro)
+    by_score.setdefault("classifier", ([None] * len(names), None))  # undefined without a shared classifier
     retrieval = metrics.recall_at_k(ev["txt"] @ ev["img"].T)  # (U, U): report latent vs every image latent
 
     # -----------------------------------------------------------------------------
@@ -250,7 +252,8 @@ def make_reference(ev, rv, ref_split, table, score):
     -> what summary.json records of them."""
     args, names, sig = score["args"], score["names"], lambda z: 1 / (1 + np.exp(-z))  # noqa: E731
     v, e = rv["volume"], ev["volume"]
-    t_zs, t_clf = metrics.fit_temperature(v["logits"], v["y"]), metrics.fit_temperature(v["clf_logits"], v["y"])
+    t_zs = metrics.fit_temperature(v["logits"], v["y"])
+    t_clf = None if v["clf_logits"] is None else metrics.fit_temperature(v["clf_logits"], v["y"])  # None: no classifier
     p = sig(v["logits"] / t_zs)  # (N, C) calibrated zero-shot probabilities of the threshold split
     youden, screen = metrics.youden_thresholds(v["y"], p), metrics.sensitivity_thresholds(v["y"], p, 0.9)
     labels = {n: {"youden": youden[c], "sensitivity_0.9": screen[c],
@@ -258,7 +261,7 @@ def make_reference(ev, rv, ref_split, table, score):
                      for k, want in (("positives", 1), ("negatives", 0))}}
               for c, n in enumerate(names) if np.isfinite(youden[c])}  # a label without both classes: no decision
     calibration = {}  # per probability: ECE and its bins on the evaluated split, before and after the temperature
-    for k, z, t in (("zero_shot", e["logits"], t_zs), ("classifier", e["clf_logits"], t_clf)):
+    for k, z, t in [("zero_shot", e["logits"], t_zs)] + ([("classifier", e["clf_logits"], t_clf)] if t_clf else []):
         (ece0, bins0), (ece1, bins1) = (metrics.calibration_error(e["y"], sig(z / tt)) for tt in (1.0, t))
         calibration[k] = {"temperature": t, "before": bins0, "after": bins1, "ece_before": ece0, "ece_after": ece1}
     features, ood = None, {"note": "no training split: no feature reference"}
@@ -274,9 +277,10 @@ def make_reference(ev, rv, ref_split, table, score):
     points = {"split": ref_split, "n_volumes": len(v["y"]), "template": args.template, "labels": labels,
               "temperature": {"zero_shot": t_zs, "classifier": t_clf}}
     written = checkpoints.save_reference(args.ckpt, _plain(points), features)
+    zs, clf = calibration["zero_shot"], calibration.get("classifier")
     print(f"\noperating points on '{ref_split}' ({len(v['y'])} volumes), for scan.py: temperature zero-shot {t_zs:.3g} "
-          f"(ECE on the evaluated split {calibration['zero_shot']['ece_before']:.3f} -> {calibration['zero_shot']['ece_after']:.3f}), "
-          f"classifier {t_clf:.3g} ({calibration['classifier']['ece_before']:.3f} -> {calibration['classifier']['ece_after']:.3f})")
+          f"(ECE on the evaluated split {zs['ece_before']:.3f} -> {zs['ece_after']:.3f}), " +
+          (f"classifier {t_clf:.3g} ({clf['ece_before']:.3f} -> {clf['ece_after']:.3f})" if clf else "no classifier"))
     if features is not None:
         print(f"feature reference: {len(pick)} training volumes; cut-off {cut:.1f} (the {args.ood_percentile:g}th percentile "
               f"of '{ref_split}'); {100 * beyond:.1f}% of the evaluated split lies beyond it")
@@ -331,12 +335,13 @@ def score_split(table, name, labels_required, model, tokenizer, prompts, names, 
     loader = torch.utils.data.DataLoader(ds, batch_size=args.batch_size, num_workers=args.workers)
     device = next(model.parameters()).device
     ids, img, txt, feat = encode_split(model, tokenizer, loader, max_len, device)
-    with torch.no_grad():  # the shared classifier read directly: sigmoid(W img + b), (N, C)
-        clf_logits = model.classifier(img.to(device)).cpu()[:, ck_cols].numpy()
-    clf = 1 / (1 + np.exp(-clf_logits))
     scores = {k: M.zero_shot_scores(img, P).numpy() for k, P in prompts.items()}  # (N, C) each
     scores["ensemble"] = np.mean([scores[k] for k in M.PROMPT_TEMPLATES], axis=0)
-    scores["classifier"] = clf
+    clf_logits = None  # (none without a shared classifier: align.py --no-shared-classifier)
+    if model.classifier is not None:
+        with torch.no_grad():  # the shared classifier read directly: sigmoid(W img + b), (N, C)
+            clf_logits = model.classifier(img.to(device)).cpu()[:, ck_cols].numpy()
+        scores["classifier"] = 1 / (1 + np.exp(-clf_logits))
     units, inv = np.unique(unit_keys(ids, args.unit), return_inverse=True)
     return {"n_volumes": len(ids), "units": list(units), "y": metrics.unit_max(inv, y),
             "scores": {k: metrics.unit_mean(inv, s) for k, s in scores.items()},

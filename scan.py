@@ -100,9 +100,9 @@ def say_what_it_knows(args, ckpt, preset, points, features):
         print("trained on: not recorded in this checkpoint (made before align.py recorded its data)")
     make = f"python evaluate.py --ckpt {args.ckpt} --data <its data set>"
     if points:
-        t = points["temperature"]
+        t, clf = points["temperature"], points["temperature"]["classifier"]  # clf None: no shared classifier
         print(f"operating points: measured on split '{points['split']}' ({points['n_volumes']} volumes); temperatures "
-              f"zero-shot {t['zero_shot']:.3g}, classifier {t['classifier']:.3g}")
+              f"zero-shot {t['zero_shot']:.3g}, classifier {'none' if clf is None else f'{clf:.3g}'}")
     else:
         print(f"no operating points beside the checkpoint: uncalibrated probabilities, no decisions (make them: {make})")
     if not features:
@@ -185,16 +185,18 @@ def main():
     if None in cols:
         print(f"note: {cols.count(None)} of {len(findings)} findings are not among the checkpoint's trained labels: they are "
               f"answered through the prompt pair only (no classifier output, no validation scores, so no decision)")
+    if model.classifier is None:
+        print("note: this model has no shared classifier (aligned with align.py --no-shared-classifier): no classifier output")
     temp = points["temperature"] if points else {"zero_shot": 1.0, "classifier": 1.0}
     ref = [points["labels"].get(ck_names[c]) if points and c is not None else None for c in cols]  # per finding or None
     out = {k: [] for k in ("feature", "latent", "zero_shot", "classifier", "decision", "screening", "distance", "distance_flipped")}
     for i, scan in enumerate(args.scans):
         x = ds[i]["image"][None].to(device)  # (1, K, D, H, W)
         feat = model.vision(x)  # (1, 512): the encoder's pooled feature
-        lat = model.img_proj(feat)  # (1, 768) = model.encode_image(x)
+        lat = model.image_latent(feat)  # (1, 768) = model.encode_image(x)
         z = torch.sigmoid(M.zero_shot_logits(lat.float().cpu(), prompts.cpu())[0] / temp["zero_shot"]).numpy()  # (F,)
-        clf = torch.sigmoid(model.classifier(lat).float().cpu()[0] / temp["classifier"])  # (C,)
-        c_out = np.array([np.nan if c is None else float(clf[c]) for c in cols])  # (F,), nan = not trained
+        clf = None if model.classifier is None else torch.sigmoid(model.classifier(lat).float().cpu()[0] / temp["classifier"])  # (C,)
+        c_out = np.array([np.nan if c is None or clf is None else float(clf[c]) for c in cols])  # (F,), nan = none
         # decisions: 1 positive, 0 negative, -1 none (no operating point for this finding)
         dec = np.array([-1 if r is None else int(zi >= r["youden"]) for zi, r in zip(z, ref)])
         scr = np.array([-1 if r is None else int(zi >= r[SCREENING]) for zi, r in zip(z, ref)])
@@ -203,10 +205,10 @@ def main():
         if features:  # how far this scan lies from the scans the model was trained on, as it is and upside down
             dist, flipped = trust_check(scan, model, x, feat, features)
         print(f"  {'finding':34s} {'zero-shot':>9s}  {'classifier':>10s}  {'Youden':8s} {'sens 0.90':9s}  among validation neg / pos")
-        for f, zi, ci, r, a, b in zip(findings, z, c_out, ref, dec, scr):
+        for f, c, zi, ci, r, a, b in zip(findings, cols, z, c_out, ref, dec, scr):
             word = {1: "positive", 0: "negative", -1: "-"}
             where = (f"{percentile(r['negatives'], zi)} / {percentile(r['positives'], zi)}" if r else
-                     "no decision: not a trained label" if np.isnan(ci) else "no decision: no operating points" if not points
+                     "no decision: not a trained label" if c is None else "no decision: no operating points" if not points
                      else f"no decision: '{points['split']}' lacks positives or negatives of it")
             print(f"  {f[:34]:34s} {zi:9.4f}  {'n/a' if np.isnan(ci) else f'{ci:.4f}':>10s}  {word[a]:8s} {word[b]:9s}  {where}")
         if args.maps:
