@@ -15,8 +15,8 @@ and classifier faster than the pretrained encoders, and --init-shared heads star
 The paper's ablations are switches of this script, each off in the recipe (--help names the figure): leave out the
 vision or text pre-training or the shared classifier (Fig. 4a: --no-vision-pretraining, --no-text-pretraining,
 --no-shared-classifier; all three: CLIP alone), L2-normalise the latents (Fig. 4e: --l2-norm), train in one stage
-(Fig. 3e/f: --joint); stage 1 on the reports instead of labels (Fig. 4c) is a CLIP-only run of this script whose
-checkpoint is then passed as --vision-ckpt and --text-ckpt. --train-fraction (Fig. 3a) is every stage's.
+(Fig. 3e/f: --joint), or start both encoders from a CLIP-only run of this script, stage 1 on the reports instead of
+the labels (Fig. 4c: --encoders-from). --train-fraction (Fig. 3a) is every stage's.
 
 Reads:  a data set (default data/demo, built on first use); the pre-trained checkpoints
         out/vision[-lite]/best.pt and out/text/best.pt (a missing one is a warning: that encoder
@@ -53,10 +53,8 @@ def get_args():
     g = p.add_argument_group("model")
     g.add_argument("--lite", action="store_true", help="the 6 GB configuration: stride-4 stem, text encoder checkpointed, reads out/vision-lite, writes out/align-lite")
     g.add_argument("--vision-ckpt", default=None, help="pre-trained vision checkpoint, stage 2a (default out/vision[-lite]/best.pt; on the default demo set "
-                                                     "trained first when missing); an aligned checkpoint gives its vision encoder (Fig. 4c: "
-                                                     "stage 1 on the reports alone, from a run with all three of Fig. 4a's switches off)")
-    g.add_argument("--text-ckpt", default="out/text/best.pt", help="pre-trained text checkpoint, stage 2b (on the default demo set trained first when "
-                                                                   "missing); an aligned checkpoint gives its text encoder (Fig. 4c)")
+                                                     "trained first when missing)")
+    g.add_argument("--text-ckpt", default="out/text/best.pt", help="pre-trained text checkpoint, stage 2b (on the default demo set trained first when missing)")
     g.add_argument("--text-model", default=None, help="text encoder used only when there is no text checkpoint (as in pretrain_text.py; Fig. 4b)")
     g.add_argument("--pooling", default="cls", choices=M.POOLINGS, help="report embedding, used only when there is no text checkpoint (as in pretrain_text.py)")
     g.add_argument("--max-len", type=int, default=512, help="maximum tokens per report")
@@ -80,8 +78,12 @@ def get_args():
                    "instead of raw dot products at temperature 1 (Fig. 4e)")
     g.add_argument("--joint", action="store_true", help="one stage, not two: both encoders from their initialisation (no "
                    "checkpoint read), each with its own head to the labels, whose BCE joins the loss (Fig. 3e/f)")
+    g.add_argument("--encoders-from", default=None, help="both encoders from this aligned checkpoint instead of stages 2a and 2b: "
+                   "given a run with Fig. 4a's three switches off, stage 1 supervised by the reports, not labels (Fig. 4c)")
     args = common.parse(p, STAGE)
     if args.joint:  # the encoders are trained here from the start: no pre-trained checkpoint is read
+        if args.encoders_from:
+            raise D.UsageError("--joint trains both encoders from their initialisation: it reads no --encoders-from")
         args.vision_pretraining = args.text_pretraining = False
     args.vision_ckpt = Path(args.vision_ckpt or ("out/vision-lite/best.pt" if args.lite else "out/vision/best.pt"))
     return args
@@ -97,7 +99,7 @@ def main():
     train_t = table.subset("train")
     train_ds = D.VolumeReportDataset(train_t, preset, train=args.random_crop, cache_dir=cache, seed=args.seed, uncertain=args.uncertain)
     valid_ds = D.VolumeReportDataset(table.subset("valid"), preset, train=False, cache_dir=cache, uncertain=args.uncertain)
-    if args.data == D.DEMO_DIR:  # the demo trains what it needs, as it builds its data set: stages 2a and 2b first
+    if args.data == D.DEMO_DIR and not args.encoders_from:  # the demo trains what it needs, as it builds its data: 2a, 2b first
         train_missing_pretrained(run)
 
     # -----------------------------------------------------------------------------
@@ -198,21 +200,22 @@ def train_missing_pretrained(run):
 
 
 def read_pretrained(path, stage, label_names, run, preset=None):
-    """A pre-trained checkpoint (stage 2a or 2b) that fits this run, or None (and a WARNING) when there is none."""
+    """A pre-trained checkpoint (stage 2a or 2b; --encoders-from's aligned one) that fits this run, or None: when there
+    is none (a WARNING), or the pre-training is switched off (said)."""
     path, args = Path(path), run.args
     if not getattr(args, f"{stage}_pretraining"):  # Fig. 4a's scope, or --joint (Fig. 3e/f): said, not warned
         run.log(f"{stage} encoder: not pre-trained ({'--joint' if args.joint else f'--no-{stage}-pretraining'}), it starts from "
                 f"{'random initialisation' if stage == 'vision' else 'its initialisation (--text-model)'}")
         return None
-    if not path.exists():
+    if args.encoders_from:  # Fig. 4c: the encoders of an aligned (CLIP-only) run, stage 1 on the reports alone
+        path = Path(args.encoders_from)
+    elif not path.exists():
         script = "pretrain_vision.py" + (" --lite" if args.lite else "") if stage == "vision" else "pretrain_text.py"
         start = "random initialisation" if stage == "vision" else "its initialisation"
         run.log(f"WARNING: no {stage} checkpoint at {path}: the {'image' if stage == 'vision' else 'text'} encoder starts "
                 f"from {start} (run {script} first for the full recipe)")
         return None
-    ck = checkpoints.load_checkpoint(path, label_names=label_names)
-    if ck["stage"] not in (stage, "align"):  # an aligned checkpoint's encoders: stage 1 on the reports alone (Fig. 4c)
-        raise D.DataError(f"{path}: expected a {stage!r} (or 'align') checkpoint, found a {ck['stage']!r} checkpoint")
+    ck = checkpoints.load_checkpoint(path, stage="align" if args.encoders_from else stage, label_names=label_names)
     if stage == "vision":  # the standard model needs a stem-2 encoder, --lite a stem-4 one
         stem, want = ck["model_config"]["vision"]["stem"], 4 if args.lite else 2
         if stem != want:

@@ -204,7 +204,7 @@ def test_joint_training_adds_each_encoders_head_to_the_loss(text_cfg):
 
 def test_encoders_load_from_an_aligned_checkpoint(text_cfg, tmp_path):
     """The 'visual descriptions' arm: stage 1 is a CLIP-only alignment run, whose encoders the recipe's stage 3 starts
-    from (align.py --vision-ckpt / --text-ckpt given an aligned checkpoint)."""
+    from (align.py --encoders-from); a stage-1 checkpoint of the other encoder is still refused."""
     cfg = align_config(text_cfg, shared_classifier=False)
     first = M.build_model(cfg)
     path = checkpoints.save_checkpoint(tmp_path / "clip.pt", stage="align", model=first, model_config=cfg, args={},
@@ -215,6 +215,11 @@ def test_encoders_load_from_an_aligned_checkpoint(text_cfg, tmp_path):
         for k, v in getattr(second, part).state_dict().items():
             assert torch.equal(v, first.state_dict()[f"{part}.{k}"])
     assert second.classifier is not None  # the recipe's stage 3, with its classifier
+    text = checkpoints.save_checkpoint(tmp_path / "text.pt", stage="text", model=M.build_model(
+        {"kind": "text", "num_labels": 3, "text": text_cfg}), model_config={"kind": "text", "num_labels": 3, "text": text_cfg},
+        args={}, label_names=["a", "b", "c"])
+    with pytest.raises(D.DataError, match="expected a 'vision' pre-trained checkpoint, found a 'text'"):
+        M.load_pretrained_encoder(second, checkpoints.load_checkpoint(text), "vision")
 
 
 # ---------------------------------------------------------------------------- Fig. 3a: a fraction of the training split
