@@ -1,7 +1,11 @@
-"""Shared test setup: offline Hugging Face, repo root on sys.path, paths to shared sample data."""
+"""Shared test setup: offline Hugging Face, repo root on sys.path, paths to shared sample data, and the suite's speed
+guard: a test (its setup included) that takes longer than LIMIT_S fails, unless it is marked
+@pytest.mark.long(reason="why it needs the time"). A suite that grows slow one test at a time stops being run."""
 import os
 import sys
 from pathlib import Path
+
+import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -9,3 +13,73 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 # Real sample data lives beside the checkout (../shared), never inside the repository.
 SAMPLE = ROOT.parent / "shared" / "greenrfm-sample-data"
+
+# Seconds one test may take, setup (its fixtures) included. GREENRFM_TEST_LIMIT_S raises it on a slower machine.
+LIMIT_S = float(os.environ.get("GREENRFM_TEST_LIMIT_S", 60))
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "long(reason): this test may take longer than the suite's per-test limit; "
+                                       "the reason says why it needs the time")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """After setup, remember its time; after a passing call, fail the test if setup + call took over LIMIT_S and it
+    is not marked long (with a reason). A module-scoped fixture is charged to the first test that uses it."""
+    rep = (yield).get_result()
+    if call.when == "setup":
+        item.setup_s = call.duration
+        return
+    if call.when != "call" or not rep.passed:
+        return
+    total, mark = getattr(item, "setup_s", 0.0) + call.duration, item.get_closest_marker("long")
+    if mark is not None and not mark.kwargs.get("reason"):
+        rep.outcome, rep.longrepr = "failed", f"{item.nodeid}: @pytest.mark.long needs reason='why it needs the time'"
+    elif mark is None and total > LIMIT_S:
+        rep.outcome = "failed"
+        rep.longrepr = (f"{item.nodeid} took {total:.0f} s (setup {getattr(item, 'setup_s', 0.0):.0f} s + call "
+                        f"{call.duration:.0f} s), over the suite's {LIMIT_S:.0f} s per test: make it cheaper, or mark it "
+                        f"@pytest.mark.long(reason=...)")
+
+
+# -----------------------------------------------------------------------------
+# A script's command line, run in this process: torch and transformers are imported once for the whole suite instead
+# of once per run (2-6 s each on 2 cores). Use a subprocess only where the process itself is the subject: a kill, a
+# crash, torchrun, a script that starts others, the environment a fresh process sees.
+
+def run_script(name, *args, cwd, timeout=300):
+    """`python <name> <args>` in this process, in folder cwd -> (exit code, stdout, stderr). An exception that escapes
+    the script's own error handling (what a user would see as a traceback) propagates and fails the test."""
+    import contextlib
+    import io
+    import runpy
+    import signal
+
+    def hung(*a):  # a script that loops instead of ending fails the test, not the CI run
+        raise TimeoutError(f"{name} still running after {timeout} s")
+    out, err, argv, here = io.StringIO(), io.StringIO(), sys.argv, os.getcwd()
+    signal.signal(signal.SIGALRM, hung)
+    signal.alarm(timeout)
+    try:
+        os.chdir(cwd)
+        sys.argv = [name, *map(str, args)]
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                runpy.run_path(str(ROOT / name), run_name="__main__")
+                code = 0
+            except SystemExit as e:
+                code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+                if not isinstance(e.code, (int, type(None))):
+                    print(e.code, file=sys.stderr)  # SystemExit("message"): Python prints it and exits 1
+    finally:
+        signal.alarm(0)
+        sys.argv = argv
+        os.chdir(here)
+    return code, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture
+def script(tmp_path):
+    """run_script in tmp_path: script("pretrain_vision.py", "--lite", ...) -> (exit code, stdout, stderr)."""
+    return lambda name, *args: run_script(name, *args, cwd=tmp_path)

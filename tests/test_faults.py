@@ -15,7 +15,6 @@ import math
 import os
 import random
 import re
-import runpy
 import signal
 import subprocess
 import sys
@@ -316,29 +315,7 @@ def test_training_survives_sigkill(tmp_path, tiny, script):
 # -----------------------------------------------------------------------------
 # bad input: one line naming the file or row, and a documented outcome (refused: exit 2; or skipped and counted)
 
-@pytest.fixture
-def script(monkeypatch, capsys, tmp_path):
-    """Run a stage script's __main__ in this process (torch is imported once) -> (exit code, stdout, stderr).
-    An exception that escapes the script's own error handling (a traceback for a user) fails the test."""
-    def go(name, *args):
-        monkeypatch.chdir(tmp_path)
-        monkeypatch.setattr(sys, "argv", [name, *map(str, args)])
-        capsys.readouterr()
-
-        def hung(*a):  # a script that loops instead of ending fails the test, not the CI run
-            raise TimeoutError(f"{name} still running after 300 s")
-        signal.signal(signal.SIGALRM, hung)
-        signal.alarm(300)
-        try:
-            runpy.run_path(str(ROOT / name), run_name="__main__")
-            code = 0
-        except SystemExit as e:
-            code = e.code or 0
-        finally:
-            signal.alarm(0)
-        out, err = capsys.readouterr()
-        return code, out, err
-    return go
+# script(name, *args) -> (exit code, stdout, stderr): the stage script's command line run in this process (conftest.py)
 
 
 def refused(result, *words):

@@ -1,14 +1,16 @@
 """The whole recipe through subprocess at toy size, in a fresh working folder, each stage finding the
 previous stage's files at their default paths: demo -> distill (rules) -> pretrain_vision --lite ->
-pretrain_text -> align --lite -> evaluate."""
+pretrain_text -> align --lite -> evaluate. Fresh processes, as a user runs them; the checks whose subject is not the
+start-up run the command line in this process (conftest.run_script)."""
 import json
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import torch
 
-from conftest import ROOT
+from conftest import ROOT, run_script
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 TOY = ["--epochs", "1", "--batch-size", "5", "--workers", "0"]
@@ -60,7 +62,9 @@ def test_whole_recipe_at_toy_size(tmp_path):
     # heads. One step at lr 1e-12 leaves them where they started: the classifier reads each latent exactly as that
     # encoder's pre-trained head did (W P = H), and W's rows are orthogonal with norm 1 / 0.1 (W W^T = 100 I).
     assert "start from the pre-trained heads" in r.stdout
-    run(tmp_path, "align.py", "--lite", *TOY, "--out", "init", "--max-steps", "1", "--lr", "1e-12", "--head-lr", "1e-12")
+    code, out, err = run_script("align.py", "--lite", *TOY, "--out", "init", "--max-steps", "1", "--lr", "1e-12",
+                                "--head-lr", "1e-12", cwd=tmp_path)
+    assert code == 0, err[-3000:]
     sd = torch.load(tmp_path / "init/last.pt", weights_only=True)["model"]
     text = torch.load(tmp_path / "out/text/best.pt", weights_only=True)["model"]
     W = sd["classifier.weight"].double()
@@ -75,8 +79,14 @@ def test_whole_recipe_at_toy_size(tmp_path):
     groups[0]["params"] += groups.pop()["params"]
     (tmp_path / "old").mkdir()
     torch.save(old, tmp_path / "old/last.pt")
-    r = run(tmp_path, "align.py", "--lite", *TOY, "--out", "old", "--resume", ok=False)
-    assert r.returncode == 2 and r.stderr.strip().splitlines() == [r.stderr.strip()] and "older align.py" in r.stderr
+    code, out, err = run_script("align.py", "--lite", *TOY, "--out", "old", "--resume", cwd=tmp_path)
+    assert code == 2 and err.strip().splitlines() == [err.strip()] and "older align.py" in err
+
+    # A checkpoint of another stage where a vision one belongs: one line naming the file, exit 2 (in this process: the
+    # refusal is the subject, not the start-up).
+    code, out, err = run_script("align.py", "--lite", "--vision-ckpt", "out/text/best.pt", *TOY, "--out", "refused", cwd=tmp_path)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in out + err
+    assert "out/text/best.pt" in err and "vision" in err
 
     r = run(tmp_path, "evaluate.py", "--bootstrap", "50")
     summary = json.loads((tmp_path / "out/eval/summary.json").read_text())
@@ -95,25 +105,19 @@ def test_align_on_the_demo_trains_the_missing_pretrained_checkpoints_first(tmp_p
     assert "start from the pre-trained heads" in r.stdout and "zero-shot AUC, validation split" in r.stdout
     vision = torch.load(tmp_path / "out/vision-lite/best.pt", weights_only=True)
     assert vision["stage"] == "vision" and vision["args"]["epochs"] == 2  # the demo's recommendation, not align's TOY flags
-    r = run(tmp_path, "align.py", "--lite", *TOY, "--out", "again")
-    assert "running:" not in r.stdout and "loaded vision encoder: out/vision-lite/best.pt" in r.stdout  # reused
+    code, out, err = run_script("align.py", "--lite", *TOY, "--out", "again", cwd=tmp_path)
+    assert code == 0 and "running:" not in out and "loaded vision encoder: out/vision-lite/best.pt" in out  # reused
 
 
 def test_align_without_stage1_warns_and_trains(tmp_path):
     """Anywhere but the default demo folder a missing checkpoint is a warning, never an automatic training run."""
-    run(tmp_path, "demo.py", "--out", "elsewhere", "--n-train", "10", "--n-valid", "5", "--n-test", "5")
-    r = run(tmp_path, "align.py", "--lite", "--data", "elsewhere", *TOY)
+    run_script("demo.py", "--out", "elsewhere", "--n-train", "10", "--n-valid", "5", "--n-test", "5", cwd=tmp_path)
+    code, out, err = run_script("align.py", "--lite", "--data", "elsewhere", *TOY, cwd=tmp_path)
+    assert code == 0, err[-3000:]
+    r = SimpleNamespace(stdout=out)
     assert "running:" not in r.stdout and not (tmp_path / "out/text").exists()
     assert "WARNING: no vision checkpoint at out/vision-lite/best.pt" in r.stdout
     assert "WARNING: no text checkpoint at out/text/best.pt" in r.stdout
     assert "note: --init-shared heads needs both pre-trained checkpoints" in r.stdout  # said, not silently skipped
     aligned = torch.load(tmp_path / "out/align-lite/best.pt", weights_only=True)
     assert aligned["model_config"]["text"]["pooling"] == "sentence"  # --pooling, from the demo's recommended flags
-
-
-def test_align_refuses_a_checkpoint_of_another_stage(tmp_path):
-    run(tmp_path, "demo.py", "--out", "data/demo", "--n-train", "10", "--n-valid", "5", "--n-test", "5")
-    run(tmp_path, "pretrain_text.py", "--max-len", "128", *TOY)
-    r = run(tmp_path, "align.py", "--lite", "--vision-ckpt", "out/text/best.pt", *TOY, ok=False)
-    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
-    assert "out/text/best.pt" in r.stderr and "vision" in r.stderr

@@ -1,34 +1,42 @@
-"""The pre-training scripts (stages 2a, 2b) end to end through subprocess, at toy size on a small demo set: defaults, resume
+"""The pre-training scripts (stages 2a, 2b) end to end by their command lines (in this
+process; torchrun in subprocesses), at toy size on a small demo set: defaults, resume
 equality, torchrun with 2 processes and with 1 (gloo on CPU)."""
 import math
 import os
-import shutil
 import subprocess
 import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import ROOT, run_script
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 TOY = ["--epochs", "2", "--batch-size", "4", "--workers", "0", "--log-every", "1"]
 
 
-def run(args, cwd, ok=True, timeout=600):
-    r = subprocess.run([sys.executable, *args], cwd=cwd, env=ENV, capture_output=True, text=True, timeout=timeout)
+def run(args, cwd, ok=True):
+    """A stage script's command line: in this process (conftest.run_script: torch is imported once), except under
+    torchrun, whose launcher and process group are the subject and run in subprocesses below."""
+    code, out, err = run_script(Path(args[0]).name, *args[1:], cwd=cwd)
     if ok:
-        assert r.returncode == 0, f"{args} failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
-    return r
+        assert code == 0, f"{args} failed:\n{out[-3000:]}\n{err[-3000:]}"
+    return SimpleNamespace(returncode=code, stdout=out, stderr=err)
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    """A small demo set (16 train / 8 valid / 8 test) built by the real CLI."""
+    """A small demo set (16 train / 8 valid / 8 test) built by demo.py's command line."""
     d = tmp_path_factory.mktemp("tiny")
     run([str(ROOT / "demo.py"), "--out", str(d / "demo"), "--n-train", "16", "--n-valid", "8", "--n-test", "8"], cwd=d)
     return d / "demo"
+
+
+# torchrun as this interpreter's module: it runs wherever torch is installed, also from a virtual environment that
+# was never activated (its bin/ not on PATH), so these tests never skip for want of a `torchrun` command.
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
 
 
 def load_last(path):
@@ -75,10 +83,9 @@ def test_resume_gives_the_same_weights(tmp_path, tiny, script, extra):
         assert torch.equal(a["model"][k], b["model"][k]), f"{k} differs after resume"
 
 
-@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not on PATH")
 @pytest.mark.parametrize("script,extra", [("pretrain_vision.py", ["--lite"]), ("pretrain_text.py", ["--max-len", "128"])])
 def test_torchrun_two_processes(tmp_path, tiny, script, extra):
-    cmd = [shutil.which("torchrun"), "--standalone", "--nproc_per_node", "2", str(ROOT / script), "--data", str(tiny),
+    cmd = [*TORCHRUN, "--standalone", "--nproc_per_node", "2", str(ROOT / script), "--data", str(tiny),
            "--out", str(tmp_path / "o"), "--epochs", "1", "--batch-size", "4", "--workers", "0", *extra]
     r = subprocess.run(cmd, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
@@ -88,11 +95,10 @@ def test_torchrun_two_processes(tmp_path, tiny, script, extra):
     assert load_last(tmp_path / "o" / "last.pt")["step"] == 16 // 4
 
 
-@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not on PATH")
 def test_torchrun_one_process_takes_the_ddp_path(tmp_path, tiny):
     """torchrun with a single process still runs under DDP (a process group, here gloo), so that a one-GPU machine
     can exercise the NCCL path: launched by torchrun means DDP, whatever the number of processes."""
-    cmd = [shutil.which("torchrun"), "--standalone", "--nproc_per_node", "1", str(ROOT / "pretrain_text.py"), "--data",
+    cmd = [*TORCHRUN, "--standalone", "--nproc_per_node", "1", str(ROOT / "pretrain_text.py"), "--data",
            str(tiny), "--out", str(tmp_path / "o"), "--epochs", "1", "--batch-size", "4", "--workers", "0", "--max-len", "128"]
     r = subprocess.run(cmd, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]

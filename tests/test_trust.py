@@ -2,9 +2,7 @@
 metrics.py against hand counts and scipy/sklearn; the reference file beside a checkpoint (refused when made for other
 weights); and scan.py's decisions, percentiles, the demo note and the distance, end to end on toy checkpoints."""
 import json
-import os
-import subprocess
-import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -15,7 +13,7 @@ import checkpoints
 import data as D
 import metrics
 import model as M
-from conftest import ROOT
+from conftest import run_script
 
 
 def test_sensitivity_thresholds_by_hand():
@@ -74,13 +72,12 @@ def test_reference_made_for_other_weights_is_refused(tmp_path):
 
 
 # ----------------------------------------------------------------------------- scan.py on a small trained model
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "2"}
 
-
-def run(*argv, cwd, ok=True):
-    r = subprocess.run([sys.executable, *map(str, argv)], capture_output=True, text=True, env=ENV, cwd=cwd, timeout=900)
-    assert (r.returncode == 0) == ok and "Traceback" not in r.stderr, r.stderr[-3000:]
-    return r
+def run(script, *argv, cwd, ok=True):
+    """A script's command line, in this process (conftest.run_script) -> an object with returncode, stdout, stderr."""
+    code, out, err = run_script(script, *argv, cwd=cwd)
+    assert (code == 0) == ok, err[-3000:]
+    return SimpleNamespace(returncode=code, stdout=out, stderr=err)
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +88,7 @@ def trained(tmp_path_factory):
     from demo import make_demo
     d = tmp_path_factory.mktemp("trust")
     make_demo(d / "demo", n_train=200, n_valid=50, n_test=10, seed=0)
-    run(ROOT / "pretrain_vision.py", "--lite", "--data", d / "demo", "--epochs", "3", "--workers", "0", "--out", d / "vis", cwd=d)
+    run("pretrain_vision.py", "--lite", "--data", d / "demo", "--epochs", "3", "--workers", "0", "--out", d / "vis", cwd=d)
     table = D.load_table(d / "demo")
     vck = checkpoints.load_checkpoint(d / "vis" / "best.pt", stage="vision")
     text, _, _ = M.build_text("scratch", table.reports, max_len=64)
@@ -100,7 +97,7 @@ def trained(tmp_path_factory):
     data = {"source": str(d / "demo" / "manifest.csv"), "name": "demo", "train_volumes": 200, "synthetic": True}
     checkpoints.save_checkpoint(d / "best.pt", stage="align", model=model, model_config=cfg, args={},
                                 label_names=table.label_names, extra={"preset": "demo", "data": data})
-    r = run(ROOT / "evaluate.py", "--ckpt", d / "best.pt", "--data", d / "demo", "--bootstrap", "0", "--out", d / "eval", cwd=d)
+    r = run("evaluate.py", "--ckpt", d / "best.pt", "--data", d / "demo", "--bootstrap", "0", "--out", d / "eval", cwd=d)
     assert "feature reference: 200 training volumes" in r.stdout
     return d, table
 
@@ -114,17 +111,17 @@ def test_corrupted_inputs_are_flagged_and_test_volumes_are_not(trained):
     d, table = trained
     made = inputs(table.subset("test"), 3, d)  # raw units, head to feet, abdomen, noise: 3 of each
     bad = [p for k in ("raw units", "head to feet", "abdomen", "noise") for p in made[k]] + made.get("real CT", [])
-    r = run(ROOT / "scan.py", *bad, "--ckpt", d / "best.pt", cwd=d)
+    r = run("scan.py", *bad, "--ckpt", d / "best.pt", cwd=d)
     assert flagged(r.stderr) == set(bad), r.stderr
     assert sum("upside down?" in ln for ln in r.stderr.splitlines()) >= 1  # the flip named where it is the cause
-    r = run(ROOT / "scan.py", *table.subset("test").images, "--ckpt", d / "best.pt", cwd=d)
+    r = run("scan.py", *table.subset("test").images, "--ckpt", d / "best.pt", cwd=d)
     assert len(flagged(r.stderr)) <= 1, r.stderr  # 10 demo test volumes: a false alarm at most
 
 
 def test_scan_output_has_the_demo_note_decisions_and_saves_them(trained):
     d, table = trained
     scan = table.subset("test").images[0]
-    r = run(ROOT / "scan.py", scan, "--ckpt", d / "best.pt", "--findings", "pleural effusion, pneumothorax",
+    r = run("scan.py", scan, "--ckpt", d / "best.pt", "--findings", "pleural effusion, pneumothorax",
             "--save-latents", d / "s.npz", cwd=d)
     out = r.stdout
     assert "trained on: demo (" in out and "200 training volumes, the synthetic demo" in out
@@ -144,7 +141,7 @@ def test_scan_output_has_the_demo_note_decisions_and_saves_them(trained):
     # Without the reference: no decisions, no distance, and the way to make them.
     (d / "best.operating_points.json").rename(d / "kept.json")
     try:
-        r = run(ROOT / "scan.py", scan, "--ckpt", d / "best.pt", cwd=d)
+        r = run("scan.py", scan, "--ckpt", d / "best.pt", cwd=d)
     finally:
         (d / "kept.json").rename(d / "best.operating_points.json")
     assert "no operating points beside the checkpoint" in r.stdout and "python evaluate.py --ckpt" in r.stdout
@@ -157,7 +154,7 @@ def test_evaluate_keeps_the_auc_and_records_calibration(trained):
     ref = summary["reference"]
     assert ref["calibration"]["zero_shot"]["temperature"] > 0 and 0 <= ref["ood"]["beyond_evaluated"] <= 1
     assert (d / "eval" / "reliability.png").is_file()
-    r = run(ROOT / "evaluate.py", "--scan", "x.nii.gz", cwd=d, ok=False)
+    r = run("evaluate.py", "--scan", "x.nii.gz", cwd=d, ok=False)
     assert "python scan.py" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
