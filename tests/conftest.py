@@ -14,6 +14,17 @@ sys.path.insert(0, str(ROOT))
 # Real sample data lives beside the checkout (../shared), never inside the repository.
 SAMPLE = ROOT.parent / "shared" / "greenrfm-sample-data"
 
+# The suite runs in 2 pytest-xdist workers (pytest.ini), one test file per worker (--dist loadfile, so that a module's
+# fixture, such as a trained encoder, is built once). Each worker computes on one thread: two workers of two threads
+# each on a 2-core machine would make every torch kernel wait for a core. Run alone (-n 0), torch keeps its default.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"  # for the subprocesses too
+    import torch
+    torch.set_num_threads(1)
+
+# Files that take longest run first, so that the two workers finish together (longest-first scheduling).
+LONGEST_FIRST = ["test_trust.py", "test_recipe.py", "test_gpu_check.py", "test_faults.py", "test_stages.py"]
+
 # Seconds one test may take, setup (its fixtures) included. GREENRFM_TEST_LIMIT_S raises it on a slower machine.
 LIMIT_S = float(os.environ.get("GREENRFM_TEST_LIMIT_S", 60))
 
@@ -21,6 +32,11 @@ LIMIT_S = float(os.environ.get("GREENRFM_TEST_LIMIT_S", 60))
 def pytest_configure(config):
     config.addinivalue_line("markers", "long(reason): this test may take longer than the suite's per-test limit; "
                                        "the reason says why it needs the time")
+
+
+def pytest_collection_modifyitems(items):
+    first = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: first.get(item.path.name, len(first)))  # stable: the others keep their order
 
 
 @pytest.hookimpl(hookwrapper=True)

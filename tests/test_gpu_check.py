@@ -27,10 +27,16 @@ def toy(tmp_path_factory):
     return r, json.loads((work / "gpu_check.json").read_text())
 
 
+# Whichever of these tests runs first pays for the toy run (about 70 s on 2 cores).
+TOY_RUN = pytest.mark.long(reason="the first test to use `toy` runs the device check at toy size: its subject is the "
+                                  "subprocesses a lent GPU runs (torchrun, --resume, the bare recipe, evaluate.py)")
+
+
 def rows(report, part):
     return {r["check"]: r for r in report["parts"][part]["rows"]}
 
 
+@TOY_RUN
 def test_toy_run_passes_every_part(toy):
     r, report = toy
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
@@ -44,6 +50,7 @@ def test_toy_run_passes_every_part(toy):
     assert "0 FAIL" in r.stdout and "| part | check | value | expected | verdict |" in r.stdout
 
 
+@TOY_RUN
 def test_toy_correctness_compares_what_a_cpu_can(toy):
     c = rows(toy[1], "correctness")
     for stage in ("vision", "text", "align"):  # the same device and precision: the comparison must find no difference
@@ -55,6 +62,7 @@ def test_toy_correctness_compares_what_a_cpu_can(toy):
     assert c["Conv3x3x3 im2col path"]["verdict"] == "ok" and not c["Conv3x3x3 im2col path"]["value"].startswith("0 ")
 
 
+@TOY_RUN
 def test_toy_scripts_run_under_torchrun_and_resume_exactly(toy):
     s = rows(toy[1], "scripts")
     ddp = next(v for k, v in s.items() if k.startswith("torchrun"))

@@ -102,10 +102,16 @@ def trained(tmp_path_factory):
     return d, table
 
 
+# Whichever of these tests runs first pays for the fixture: about 60 s of training on 2 cores.
+TRAINS = pytest.mark.long(reason="the first test to use `trained` trains its encoder (3 epochs on 200 volumes): the "
+                                 "trust checks need trained weights, random ones see no up or down")
+
+
 def flagged(stderr):
     return {ln.split(": ")[1] for ln in stderr.splitlines() if ln.startswith("warning: ") and "should not be trusted" in ln}
 
 
+@TRAINS
 def test_corrupted_inputs_are_flagged_and_test_volumes_are_not(trained):
     from benchmarks.trust import REAL_CT, inputs
     d, table = trained
@@ -118,6 +124,7 @@ def test_corrupted_inputs_are_flagged_and_test_volumes_are_not(trained):
     assert len(flagged(r.stderr)) <= 1, r.stderr  # 10 demo test volumes: a false alarm at most
 
 
+@TRAINS
 def test_scan_output_has_the_demo_note_decisions_and_saves_them(trained):
     d, table = trained
     scan = table.subset("test").images[0]
@@ -148,6 +155,7 @@ def test_scan_output_has_the_demo_note_decisions_and_saves_them(trained):
     assert "no decision: no operating points" in r.stdout
 
 
+@TRAINS
 def test_evaluate_keeps_the_auc_and_records_calibration(trained):
     d, _ = trained
     summary = json.loads((d / "eval" / "summary.json").read_text())
@@ -158,6 +166,7 @@ def test_evaluate_keeps_the_auc_and_records_calibration(trained):
     assert "python scan.py" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
+@TRAINS
 @pytest.mark.parametrize("method", ["occlusion"])
 def test_a_map_follows_a_finding_that_moves(trained, method):
     """A demo test volume with a chest port (medical material, on the patient's right) and the same volume mirrored
