@@ -13,7 +13,7 @@ beside it: docs/ablations-arms.png (the arms, a dot per seed) and docs/ablations
 Every run is one command (a stage script and its flags, run from the repository root) with its own folder under --work
 (default out/ablations/<run>/: the script's outputs, log.txt, and result.json, written atomically once the command
 has succeeded). A run whose result.json exists is done and never run again, so a stopped study goes on where it
-stopped; arms that share a run share its folder (one recipe stage-1 pair per seed serves seven arms). A failed command
+stopped; arms that share a run share its folder (one recipe stage-1 pair per seed serves every arm that keeps it). A failed command
 is one line naming the arm and its log file; the study goes on with the runs that do not need it, and reports it.
 The protocol (arms, seeds, fractions, metric, split, the tie rule, the time estimate) is in docs/ablations.md.
 """
