@@ -356,7 +356,7 @@ def report(a, seeds, failures, skipped):
             words[arm] = (w, expected)
             cell = "recipe " + shows(w, d, expected)
         elif arm == "recipe":
-            cell = f"test macro AUC {fmt(ref['mean'])} (range {fmt(ref['min'])}-{fmt(ref['max'])})" if ref else "not run yet"
+            cell = f"test macro AUC {fmt(ref['mean'])} (range {fmt(ref['min'])} to {fmt(ref['max'])})" if ref else "not run yet"
         elif unavailable(arm, a) and not arms[arm]:
             cell = unavailable(arm, a)
         else:
@@ -384,12 +384,12 @@ def report(a, seeds, failures, skipped):
             continue
         each = "; ".join(f"s{s['seed']} {fmt(s['auc'])} [{fmt(s['ci'][0])}, {fmt(s['ci'][1])}]" for s in runs)
         t = spread([s["train_s"] for s in runs])
-        lines.append(f"| {arm} | {ARMS[arm][0]} | {v['n']} | {fmt(v['mean'])} | {fmt(v['min'])}-{fmt(v['max'])} | {fmt(v['std'])} | "
+        lines.append(f"| {arm} | {ARMS[arm][0]} | {v['n']} | {fmt(v['mean'])} | {fmt(v['min'])} to {fmt(v['max'])} | {fmt(v['std'])} | "
                      f"{each} | {fmt_min(t['mean']) if t else '-'} |")
     lines += ["", "### Fig. 3a: data scaling", "", "| training fraction | training volumes | recipe: mean (range) | CLIP-only: mean (range) |",
               "| --- | --- | --- | --- |"]
     for f in (*a.fractions, 1.0):
-        cell = lambda v: f"{fmt(v['mean'])} ({fmt(v['min'])}-{fmt(v['max'])}, {v['n']} seeds)" if v else "-"  # noqa: E731
+        cell = lambda v: f"{fmt(v['mean'])} ({fmt(v['min'])} to {fmt(v['max'])}, {v['n']} seed{'s' if v['n'] > 1 else ''})" if v else "-"  # noqa: E731
         lines.append(f"| {f:g} | {max(1, round(f * n_train))} | {cell(spread([s['auc'] for s in scaling['recipe'][f]]))} | "
                      f"{cell(spread([s['auc'] for s in scaling['clip_only'][f]]))} |")
     lines += ["", "### Fig. 3c: alignment selectivity", "", "Mean alignment loss of test report sentences (model.sentence_alignment; "
@@ -400,7 +400,7 @@ def report(a, seeds, failures, skipped):
             m = lambda k: spread([r[k] for r in rs])  # noqa: E731
             sel = spread([selective(r) for r in rs])
             lines.append(f"| {name} | {len(rs)} | {fmt((m('related') or {}).get('mean'))} | {fmt((m('unrelated') or {}).get('mean'))} | "
-                         f"{fmt(sel and sel['mean'])} ({fmt(sel and sel['min'])}-{fmt(sel and sel['max'])}) | {fmt(rs[0]['chance'])} |")
+                         f"{fmt(sel and sel['mean'])} ({fmt(sel and sel['min'])} to {fmt(sel and sel['max'])}) | {fmt(rs[0]['chance'])} |")
     doc = Path(a.doc)
     pictures(doc.with_name(doc.stem + "-arms.png"), doc.with_name(doc.stem + "-scaling.png"), arms, scaling, a)
     lines += ["", f"![the arms: a dot per seed, its bootstrap interval, the mean]({doc.stem}-arms.png)", "",
@@ -426,11 +426,12 @@ def pictures(arms_png, scaling_png, arms, scaling, a):
                 ax.plot(s["ci"], [y + dy] * 2, color="0.6", lw=1)
             ax.plot(s["auc"], y + dy, "o", color="tab:blue", ms=4)
         ax.plot(spread([s["auc"] for s in runs])["mean"], y, "|", color="black", ms=14, mew=2)
-    ax.set_yticks(range(len(rows)), [f"{k} ({ARMS[k][0]})" for k, _ in rows])
+    ax.set_yticks(range(len(rows)), [k if k == "recipe" else f"{k} ({ARMS[k][0]})" for k, _ in rows])
     ax.invert_yaxis()
     ax.set_xlabel("test zero-shot macro AUC (dot: a seed, grey: its 95% bootstrap interval, bar: mean)")
     ax.set_title(f"Ablations on {'the toy set' if a.toy else 'the demo set'}, test split")
-    ax.legend(loc="lower left", fontsize=8)
+    if ref:
+        ax.legend(loc="best", fontsize=8)
     fig.tight_layout()
     fig.savefig(arms_png, dpi=110)
     plt.close(fig)
@@ -448,7 +449,8 @@ def pictures(arms_png, scaling_png, arms, scaling, a):
     ax.set_xlabel("share of the training split")
     ax.set_ylabel("test zero-shot macro AUC")
     ax.set_title("Fig. 3a: data scaling")
-    ax.legend(fontsize=8)
+    if any(scaling[n][f] for n in scaling for f in scaling[n]):
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(scaling_png, dpi=110)
     plt.close(fig)
