@@ -24,10 +24,18 @@ def run(cwd, script, *args, ok=True):
     return r
 
 
+def run_here(cwd, script, *args):
+    """The same command line in this process (conftest.run_script): for the stages that train nothing, whose start-up
+    (importing torch and transformers) would cost more than their work."""
+    code, out, err = run_script(script, *args, cwd=cwd)
+    assert code == 0, f"{script} {args}:\n{out[-3000:]}\n{err[-3000:]}"
+    return SimpleNamespace(stdout=out, stderr=err)
+
+
 def test_whole_recipe_at_toy_size(tmp_path):
     run(tmp_path, "demo.py", "--out", "data/demo", "--n-train", "20", "--n-valid", "10", "--n-test", "10")
 
-    r = run(tmp_path, "distill.py", "--backend", "rules")
+    r = run_here(tmp_path, "distill.py", "--backend", "rules")
     assert (tmp_path / "out/distill/labels.csv").is_file() and "agreement" in r.stdout
 
     r = run(tmp_path, "pretrain_vision.py", "--lite", *TOY)
@@ -88,7 +96,7 @@ def test_whole_recipe_at_toy_size(tmp_path):
     assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in out + err
     assert "out/text/best.pt" in err and "vision" in err
 
-    r = run(tmp_path, "evaluate.py", "--bootstrap", "50")
+    r = run_here(tmp_path, "evaluate.py", "--bootstrap", "50")
     summary = json.loads((tmp_path / "out/eval/summary.json").read_text())
     assert "align-lite" in json.dumps(summary)  # it evaluated the checkpoint align.py just wrote
     assert (tmp_path / "out/eval/per_label.csv").is_file()
@@ -97,7 +105,7 @@ def test_whole_recipe_at_toy_size(tmp_path):
 def test_align_on_the_demo_trains_the_missing_pretrained_checkpoints_first(tmp_path):
     """The bare command on the default demo set: stages 2a and 2b run first (the README's commands, printed), write
     to their usual folders, and are reused by the next run; then alignment starts from both."""
-    run(tmp_path, "demo.py", "--out", "data/demo", "--n-train", "10", "--n-valid", "5", "--n-test", "5")
+    run_here(tmp_path, "demo.py", "--out", "data/demo", "--n-train", "10", "--n-valid", "5", "--n-test", "5")
     r = run(tmp_path, "align.py", "--lite", *TOY)
     assert "running: python pretrain_vision.py --lite" in r.stdout and "running: python pretrain_text.py" in r.stdout
     assert r.stdout.index("running: python pretrain_vision.py") < r.stdout.index("loaded vision encoder: out/vision-lite/best.pt")

@@ -82,13 +82,13 @@ def run(script, *argv, cwd, ok=True):
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """A demo set of 200 training volumes, a lite vision encoder trained on it for 3 epochs (about 40 s), an aligned
+    """A demo set of 200 training volumes, a lite vision encoder trained on it for 2 epochs (about 30 s on one thread), an aligned
     checkpoint around it (scratch text encoder, projections at random) that records its data, and evaluate.py's
     reference beside it. The checks below need a trained encoder: random weights see no up or down."""
     from demo import make_demo
     d = tmp_path_factory.mktemp("trust")
     make_demo(d / "demo", n_train=200, n_valid=50, n_test=10, seed=0)
-    run("pretrain_vision.py", "--lite", "--data", d / "demo", "--epochs", "3", "--workers", "0", "--out", d / "vis", cwd=d)
+    run("pretrain_vision.py", "--lite", "--data", d / "demo", "--epochs", "2", "--workers", "0", "--out", d / "vis", cwd=d)
     table = D.load_table(d / "demo")
     vck = checkpoints.load_checkpoint(d / "vis" / "best.pt", stage="vision")
     text, _, _ = M.build_text("scratch", table.reports, max_len=64)
@@ -102,8 +102,8 @@ def trained(tmp_path_factory):
     return d, table
 
 
-# Whichever of these tests runs first pays for the fixture: about 60 s of training on 2 cores.
-TRAINS = pytest.mark.long(reason="the first test to use `trained` trains its encoder (3 epochs on 200 volumes): the "
+# Whichever of these tests runs first pays for the fixture: about 45 s (demo set, training, evaluate.py) on one thread.
+TRAINS = pytest.mark.long(reason="the first test to use `trained` trains its encoder (2 epochs on 200 volumes): the "
                                  "trust checks need trained weights, random ones see no up or down")
 
 
