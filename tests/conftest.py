@@ -23,7 +23,8 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
 
 # Files that take longest run first, so that the two workers finish together (longest-first scheduling).
-LONGEST_FIRST = ["test_trust.py", "test_recipe.py", "test_gpu_check.py", "test_faults.py", "test_stages.py"]
+LONGEST_FIRST = ["test_faults.py", "test_gpu_check.py", "test_recipe.py", "test_trust.py", "test_stages.py", "test_distill.py",
+                 "test_scan.py", "test_ablation_study.py"]
 
 # Seconds one test may take, setup (its fixtures) included. GREENRFM_TEST_LIMIT_S raises it on a slower machine.
 LIMIT_S = float(os.environ.get("GREENRFM_TEST_LIMIT_S", 60))
