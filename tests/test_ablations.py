@@ -4,21 +4,19 @@ there is a formula: the shared classifier left out (Fig. 4a), L2-normalised late
 (Fig. 4c), the sentence alignment measure (Fig. 3c); that the defaults build the recipe, old checkpoints included; and
 one toy align.py run with the switches on, then evaluated and scanned, where the model has no shared classifier."""
 import math
-import os
-import subprocess
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 import checkpoints
 import common
 import data as D
 import model as M
-from conftest import ROOT
+from conftest import run_script
 
 REPORTS = ["Pleural effusion is present. The spine is unremarkable.", "No emphysema. Axillary regions are unremarkable."] * 20
 TINY_VISION = {"in_channels": 1, "stem": 4, "widths": [8, 8, 8, 8]}
@@ -309,11 +307,11 @@ def test_align_with_the_switches_on_then_evaluate_and_scan(tmp_path, monkeypatch
     shared classifier, saying so instead of failing."""
     from demo import make_demo
     make_demo(tmp_path / "demo", n_train=8, n_valid=4, n_test=4, seed=0)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([sys.executable, str(ROOT / "align.py"), "--lite", "--data", str(tmp_path / "demo"), "--epochs", "1",
-                        "--batch-size", "4", "--workers", "0", "--out", str(tmp_path / "out"), "--joint", "--l2-norm",
-                        "--no-shared-classifier", "--train-fraction", "0.5"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stdout[-2000:] + r.stderr[-2000:]
+    code, out, err = run_script("align.py", "--lite", "--data", tmp_path / "demo", "--epochs", "1", "--batch-size", "4",
+                                "--workers", "0", "--out", tmp_path / "out", "--joint", "--l2-norm", "--no-shared-classifier",
+                                "--train-fraction", "0.5", cwd=tmp_path)  # align.py's command line, in this process
+    assert code == 0, out[-2000:] + err[-2000:]
+    r = SimpleNamespace(stdout=out)
     assert "train fraction 0.5 (--seed 0): 4 of 8 training rows" in r.stdout and "training: 1 epochs x 1 steps" in r.stdout
     assert "vision encoder: not pre-trained (--joint)" in r.stdout and "WARNING" not in r.stdout
     assert "ablation, not the recipe: shared_classifier False, l2_norm True, joint_heads True" in r.stdout

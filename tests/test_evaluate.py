@@ -1,9 +1,8 @@
 """Zero-shot evaluation: metrics against sklearn, prompt scoring by hand, CT-RATE units, retrieval,
 and evaluate.py end to end on a tiny checkpoint."""
 import json
-import os
-import subprocess
-import sys
+from types import SimpleNamespace
+
 
 import numpy as np
 import pytest
@@ -14,7 +13,7 @@ import checkpoints
 import evaluate as E
 import metrics
 import model as M
-from conftest import ROOT, SAMPLE
+from conftest import SAMPLE, run_script
 
 
 def _synthetic(n, c=3, seed=0):
@@ -182,9 +181,10 @@ def test_evaluate_script_end_to_end(tmp_path):
     ckpt = tmp_path / "align.pt"
     checkpoints.save_checkpoint(ckpt, stage="align", model=net, model_config=cfg, args={"preset": "demo"},
                       label_names=table.label_names)
-    run = lambda *a: subprocess.run([sys.executable, str(ROOT / "evaluate.py"), "--data", str(tmp_path / "demo"),  # noqa: E731
-                                     "--out", str(tmp_path / "eval"), "--workers", "0", "--bootstrap", "20", *a],
-                                    capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    def run(*a):  # evaluate.py's command line, in this process (conftest.run_script)
+        code, out, err = run_script("evaluate.py", "--data", tmp_path / "demo", "--out", tmp_path / "eval", "--workers", "0",
+                                    "--bootstrap", "20", *a, cwd=tmp_path)
+        return SimpleNamespace(returncode=code, stdout=out, stderr=err)
     r = run("--ckpt", str(ckpt), "--protocol", "ctrate16")
     assert r.returncode == 0, r.stderr[-2000:]
     summary = json.loads((tmp_path / "eval" / "summary.json").read_text())

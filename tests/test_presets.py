@@ -1,9 +1,7 @@
 """A new modality without a code edit: presets written as JSON (in dataset.json, or a --preset file), checked on
 the way in, recorded by the cache and the checkpoint, and used end to end by a training script."""
 import json
-import os
-import subprocess
-import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -11,21 +9,19 @@ import torch
 
 import badinput as B
 import data
-from conftest import ROOT
+from conftest import run_script
 from data import DataError, UsageError
 
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 # Two windows (lung-ish and soft tissue), a stored size and crop of its own: nothing of it is in data.PRESETS.
 CUSTOM = {"spacing": [4.0, 4.0, 8.0], "size": [8, 16, 16], "crop": [8, 12, 12], "intensity": [[-1000, 200], [-160, 240]]}
 
 
 def run(script, *args, cwd, ok=True):
-    r = subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=cwd, env=ENV, capture_output=True,
-                       text=True, timeout=600)
-    assert "Traceback" not in r.stderr, r.stderr[-3000:]
+    """A script's command line in this process (conftest.run_script) -> an object with returncode, stdout, stderr."""
+    code, out, err = run_script(script, *args, cwd=cwd, timeout=600)
     if ok:
-        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    return r
+        assert code == 0, out[-3000:] + err[-3000:]
+    return SimpleNamespace(returncode=code, stdout=out, stderr=err)
 
 
 def test_json_preset_is_checked_and_named():

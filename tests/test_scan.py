@@ -6,8 +6,10 @@ import os
 import re
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import nibabel as nib
+
 import numpy as np
 import pytest
 import torch
@@ -17,7 +19,7 @@ import data as D
 import evaluate as E
 import scan as S
 import model as M
-from conftest import ROOT, SAMPLE
+from conftest import ROOT, SAMPLE, run_script
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 ROW = re.compile(r"^  (.{34}) +(\d\.\d{4})  +(n/a|\d\.\d{4})  (positive|negative|-) +(positive|negative|-) +(.*)$")  # a finding
@@ -178,18 +180,16 @@ def test_a_folder_of_two_series_is_refused_with_one_line_each(ck, tmp_path):
     d, _ = ck
     vol = np.random.default_rng(0).integers(-1000, 400, (16, 16, 10)).astype(np.int16)
     uids = [write_series(tmp_path / "study", vol, np.diag([-4.0, -4, 8, 1]), name=n, description=n.upper())[1] for n in "ab"]
-    r = subprocess.run([sys.executable, str(ROOT / "scan.py"), str(tmp_path / "study"), "--ckpt", str(d / "demo.pt")],
-                       capture_output=True, text=True, env=ENV, cwd=tmp_path)
+    here = lambda *a: SimpleNamespace(**dict(zip(("returncode", "stdout", "stderr"), run_script(*a, cwd=tmp_path))))  # noqa: E731
+    r = here("scan.py", tmp_path / "study", "--ckpt", d / "demo.pt")  # in this process (conftest.run_script)
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2 and len(lines) == 3 and "Traceback" not in r.stderr, r.stderr
     assert lines[0].startswith("error: ") and "2 series in one folder" in lines[0] and "::SeriesInstanceUID" in lines[0]
     assert uids[0] in lines[1] + lines[2] and uids[1] in lines[1] + lines[2] and "'A', 10 images" in r.stderr
     (tmp_path / "manifest.csv").write_text("id,image,report,split\nboth,study,,train\n")
-    p = subprocess.run([sys.executable, str(ROOT / "data.py"), "preprocess", "--data", str(tmp_path), "--preset", "demo"],
-                       capture_output=True, text=True, env=ENV, cwd=tmp_path)
+    p = here("data.py", "preprocess", "--data", tmp_path, "--preset", "demo")
     assert p.returncode == 1 and "1 of 1 volumes failed" in p.stderr and all(u in p.stderr for u in uids), p.stderr
-    ok = subprocess.run([sys.executable, str(ROOT / "scan.py"), f"{tmp_path / 'study'}::{uids[1]}", "--ckpt",
-                         str(d / "demo.pt")], capture_output=True, text=True, env=ENV, cwd=tmp_path)
+    ok = here("scan.py", f"{tmp_path / 'study'}::{uids[1]}", "--ckpt", d / "demo.pt")
     assert ok.returncode == 0 and len(tables(ok.stdout)) == 1, ok.stderr[-2000:]
 
 
