@@ -3,8 +3,7 @@ stage is its positive part; a map goes back onto the scan's own grid
 through the inverse of the preprocessing (NIfTI, oblique NIfTI, DICOM); scan.py --maps writes a map with the input's
 shape and affine, and a picture; localise.py refuses a mask on another grid in one line. That a map follows a
 finding that moves needs a trained encoder: tests/test_trust.py has one."""
-import subprocess
-import sys
+from types import SimpleNamespace
 
 import nibabel as nib
 import numpy as np
@@ -15,7 +14,7 @@ import checkpoints
 import data as D
 import maps
 import model as M
-from conftest import ROOT
+from conftest import run_script
 
 
 def toy_model(k=4, seed=0):
@@ -78,10 +77,10 @@ def test_scan_maps_have_the_input_shape_and_affine(tmp_path):
     checkpoints.save_checkpoint(tmp_path / "a.pt", stage="align", model=model, model_config=cfg, args={},
                                 label_names=table.label_names, extra={"preset": "demo"})
     scan = table.images[-1]
-    r = subprocess.run([sys.executable, str(ROOT / "scan.py"), scan, "--ckpt", str(tmp_path / "a.pt"), "--findings",
-                        "pleural effusion, pneumothorax", "--maps", str(tmp_path / "maps"), "--map-method", "exact"],
-                       capture_output=True, text=True, cwd=tmp_path, timeout=600)
-    assert r.returncode == 0, r.stderr[-2000:]
+    code, out, err = run_script("scan.py", scan, "--ckpt", tmp_path / "a.pt", "--findings", "pleural effusion, pneumothorax",
+                                "--maps", tmp_path / "maps", "--map-method", "exact", cwd=tmp_path)  # in this process
+    assert code == 0, err[-2000:]
+    r = SimpleNamespace(stdout=out)
     src = nib.load(scan)
     for f in ("pleural_effusion", "pneumothorax"):
         m = nib.load(tmp_path / "maps" / "demo_test_0001" / f"{f}.nii.gz")

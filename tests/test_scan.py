@@ -155,14 +155,12 @@ def test_real_chest_ct_as_a_dicom_series(ck, tmp_path):
                             order=np.random.default_rng(0).permutation(z))
     write_localiser(tmp_path / "series", study)
     (tmp_path / "manifest.csv").write_text(f"id,image,report,split\nnifti,{path},,train\ndicom,series,,train\n")
-    r = subprocess.run([sys.executable, str(ROOT / "data.py"), "preprocess", "--data", str(tmp_path), "--preset", "chest"],
-                       capture_output=True, text=True, env=ENV, cwd=tmp_path)
+    here = lambda *a: SimpleNamespace(**dict(zip(("returncode", "stdout", "stderr"), run_script(*a, cwd=tmp_path))))  # noqa: E731
+    r = here("data.py", "preprocess", "--data", tmp_path, "--preset", "chest")  # in this process (conftest.run_script)
     assert r.returncode == 0, r.stderr[-2000:]
     cache = tmp_path / "cache-chest"
     np.testing.assert_array_equal(np.load(cache / "dicom.npy"), np.load(cache / "nifti.npy"))
-    e = subprocess.run([sys.executable, str(ROOT / "scan.py"), str(path), str(tmp_path / "series"), "--ckpt",
-                        str(d / "chest.pt"), "--save-latents", str(tmp_path / "lat.npz")],
-                       capture_output=True, text=True, env=ENV, cwd=tmp_path)
+    e = here("scan.py", path, tmp_path / "series", "--ckpt", d / "chest.pt", "--save-latents", tmp_path / "lat.npz")
     assert e.returncode == 0, e.stderr[-2000:]
     got = tables(e.stdout)
     assert got[str(tmp_path / "series")] == got[str(path)] and len(got[str(path)]) == 18
@@ -213,8 +211,8 @@ def test_suspect_volumes_warn_once_and_are_processed(ck, monkeypatch, capsys):
     assert "oblique.nii.gz" in lines[1] and "10.0 degrees" in lines[1]
     # The same warnings from `python data.py preprocess`, which writes both volumes to the cache.
     (d / "manifest.csv").write_text(f"id,image,report,split\nu8,{u8.name},,train\nobl,{obl.name},,train\n")
-    r = subprocess.run([sys.executable, str(ROOT / "data.py"), "preprocess", "--data", str(d), "--preset", "demo"],
-                       capture_output=True, text=True, env=ENV, cwd=d)
+    r = SimpleNamespace(**dict(zip(("returncode", "stdout", "stderr"),
+                                   run_script("data.py", "preprocess", "--data", d, "--preset", "demo", cwd=d))))
     assert r.returncode == 0, r.stderr[-2000:]
     warned = [ln for ln in r.stderr.splitlines() if "warning:" in ln]
     assert len(warned) == 2 and "not CT Hounsfield units" in warned[0] + warned[1] and "10.0 degrees" in r.stderr
