@@ -115,7 +115,7 @@ def model_from_checkpoint(path, stage=None, label_names=None):
 
 
 def exact_fp32():
-    """evaluate.py and scan.py run a loaded model in true fp32 on a GPU (training allows TF32: common.cuda_speed_flags)."""
+    """evaluate.py and scan.py run a loaded model in true fp32 on a GPU (training allows TF32: devices.cuda_speed_flags)."""
     torch.backends.cudnn.allow_tf32 = False  # cuDNN's convolutions use TF32 by default on Ampere and later GPUs
     torch.set_float32_matmul_precision("highest")  # = torch.backends.cuda.matmul.allow_tf32 = False, the default
 

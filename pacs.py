@@ -15,7 +15,7 @@ With --reports (a CSV with an accession column, AccessionNumber or AccessionNo, 
 report_text), manifest.csv gets one row per report whose study has a usable series: id = the accession number,
 image = FOLDER::SeriesInstanceUID of that study's usable series with the thinnest slice step (then the most
 slices), split = train (edit it). Which series was chosen is marked in scans.csv (chosen = yes); to take another,
-edit the manifest's image cell. Then: `python distill.py --data data/hospital` labels the reports, and every stage
+edit the manifest's image cell. Then: `python distill.py --reports data/hospital` labels the reports, and every stage
 reads the manifest as it reads the demo's.
 
 Patient names, IDs and birth dates are never written: a series whose folder path holds one of its patient's
