@@ -289,19 +289,7 @@ def test_help_names_the_figures(monkeypatch, capsys):
         assert all(f in text for f in figures), (script.__name__, [f for f in figures if f not in text])
 
 
-def cli(monkeypatch, capsys, module, *argv):
-    """A script's command line in this process (as its __main__ runs it) -> (exit code, stdout, stderr)."""
-    monkeypatch.setattr(sys, "argv", [module.__name__ + ".py", *map(str, argv)])
-    try:
-        D.run_main(module.main)
-        rc = 0
-    except SystemExit as e:
-        rc = e.code
-    out = capsys.readouterr()
-    return rc, out.out, out.err
-
-
-def test_align_with_the_switches_on_then_evaluate_and_scan(tmp_path, monkeypatch, capsys):
+def test_align_with_the_switches_on_then_evaluate_and_scan(tmp_path):
     """One toy run with every align.py switch that changes the model, on half the training split: the checkpoint says
     what it is (no classifier tensors, a CLIP scale, the two heads), and evaluate.py and scan.py read a model without a
     shared classifier, saying so instead of failing."""
@@ -321,13 +309,11 @@ def test_align_with_the_switches_on_then_evaluate_and_scan(tmp_path, monkeypatch
     assert not any(k.startswith("classifier.") for k in ck["model"]) and "logit_scale" in ck["model"]
     assert {"vision_head.weight", "text_head.weight"} <= set(ck["model"]) and ck["extra"]["data"]["train_volumes"] == 4
 
-    import evaluate
-    import scan
-    rc, out, err = cli(monkeypatch, capsys, evaluate, "--ckpt", tmp_path / "out/best.pt", "--data", tmp_path / "demo",
-                       "--bootstrap", "0", "--workers", "0", "--out", tmp_path / "eval", "--threshold-split", "none")
+    rc, out, err = run_script("evaluate.py", "--ckpt", tmp_path / "out/best.pt", "--data", tmp_path / "demo", "--bootstrap", "0",
+                              "--workers", "0", "--out", tmp_path / "eval", "--threshold-split", "none", cwd=tmp_path)
     assert rc == 0, err
     assert "no shared classifier" in out and "no classifier" in out.split("operating points on")[1]
-    rc, out, err = cli(monkeypatch, capsys, scan, tmp_path / "demo/volumes/demo_test_0001.nii.gz", "--ckpt", tmp_path / "out/best.pt",
-                       "--device", "cpu")
+    rc, out, err = run_script("scan.py", tmp_path / "demo/volumes/demo_test_0001.nii.gz", "--ckpt", tmp_path / "out/best.pt",
+                              "--device", "cpu", cwd=tmp_path)
     assert rc == 0, err
     assert "classifier none" in out and "no shared classifier" in out and "Traceback" not in err
