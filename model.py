@@ -541,14 +541,25 @@ def zero_shot_scores(img_lat, prompt_lat):
 def sentence_alignment(model, tokenizer, img_lat, reports, related, max_len, device):
     """Alignment selectivity (Fig. 3c): the alignment loss of report sentences about the labels against the others (the
     spine, "Comparison: none."). img_lat (N, E): image latents of the N volumes of `reports`; related(sentence) -> bool
-    (e.g. rules.py's labeler finds a label in it). Sentence s of report i: -log softmax_j(s . img_j)[i], scaled as in
-    training (clip_loss's text -> image half); chance is log N. -> {"related", "unrelated" (mean or None), "n_related",
+    (e.g. rules.py's labeler finds a label in it). Sentence s of report i: -log softmax_j(t * s . img_j)[i], the text ->
+    image half of clip_loss; chance is log N.
+
+    Why a fitted t: a single sentence is not what alignment trained on (whole reports), and raw dot products put its
+    logits at whatever scale its latent has, so at t = 1 a confident wrong match costs tens of nats and the scale, not
+    the alignment, decides the mean. One t > 0 per model, the one that minimises the mean loss over all its sentences
+    together (the loss is convex in t; a grid over log t), puts models on one footing and never rises above chance
+    (t -> 0 gives log N). The t = 1 losses are kept as raw_related / raw_unrelated.
+    -> {"related", "unrelated" (mean at the fitted t, or None), "raw_related", "raw_unrelated", "t", "n_related",
     "n_unrelated", "chance"}."""
     sents = [(i, t) for i, r in enumerate(reports) for t in re.split(r"(?<=[.!?])\s+|\n+", r) if t.strip()]
     sim = text_latents(model, tokenizer, [t for _, t in sents], max_len, device) @ img_lat.float().to(device).T  # (S, N)
-    loss = F.cross_entropy(sim, torch.tensor([i for i, _ in sents], device=sim.device), reduction="none").cpu()  # (S,)
-    about = torch.tensor([bool(related(t)) for _, t in sents])
-    out = {"chance": math.log(len(reports))}
-    for key, pick in (("related", about), ("unrelated", ~about)):
-        out |= {key: loss[pick].mean().item() if pick.any() else None, f"n_{key}": int(pick.sum())}
-    return out
+    own = torch.tensor([i for i, _ in sents], device=sim.device)
+    grid = torch.logspace(-6, 2, 801, dtype=torch.float64).tolist()  # t from 1e-6 to 100, 100 steps a decade
+    t = min(grid, key=lambda g: F.cross_entropy(sim.double() * g, own).item())
+    about = torch.tensor([bool(related(s)) for _, s in sents])
+    out = {"chance": math.log(len(reports)), "t": t}
+    for prefix, scale in (("", t), ("raw_", 1.0)):
+        loss = F.cross_entropy(sim.double() * scale, own, reduction="none").cpu()  # (S,)
+        for key, pick in (("related", about), ("unrelated", ~about)):
+            out[prefix + key] = loss[pick].mean().item() if pick.any() else None
+    return out | {"n_related": int(about.sum()), "n_unrelated": int((~about).sum())}

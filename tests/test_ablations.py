@@ -267,11 +267,20 @@ def test_sentence_alignment_on_hand_values():
     reports = [" ".join(sentences[:2]), "\n".join(sentences[2:])]
     got = M.sentence_alignment(LookupModel(latents), tok, torch.tensor(img), reports, lambda s: "emphysema" in s or "effusion" in s,
                                32, "cpu")
-    loss = [hand_ce([sum(a * b for a, b in zip(latents[k].tolist(), im)) for im in img], owner)
-            for k, owner in enumerate([0, 0, 1, 1])]
-    assert math.isclose(got["related"], (loss[0] + loss[2]) / 2, rel_tol=1e-6)
-    assert math.isclose(got["unrelated"], (loss[1] + loss[3]) / 2, rel_tol=1e-6)
+    def losses(t):
+        return [hand_ce([t * sum(a * b for a, b in zip(latents[k].tolist(), im)) for im in img], owner)
+                for k, owner in enumerate([0, 0, 1, 1])]
+    raw = losses(1.0)
+    assert math.isclose(got["raw_related"], (raw[0] + raw[2]) / 2, rel_tol=1e-6)
+    assert math.isclose(got["raw_unrelated"], (raw[1] + raw[3]) / 2, rel_tol=1e-6)
     assert (got["n_related"], got["n_unrelated"], got["chance"]) == (2, 2, math.log(2))
+    # the fitted t: the best of the grid, reported at that t, and no worse than t = 1 or chance (t -> 0)
+    fit = losses(got["t"])
+    assert math.isclose(got["related"], (fit[0] + fit[2]) / 2, rel_tol=1e-6)
+    assert math.isclose(got["unrelated"], (fit[1] + fit[3]) / 2, rel_tol=1e-6)
+    mean = lambda t: sum(losses(t)) / 4  # noqa: E731
+    assert mean(got["t"]) <= min(mean(1.0), mean(1e-6), mean(got["t"] * 1.05), mean(got["t"] / 1.05)) + 1e-9
+    assert 0.1 < got["t"] < 1.0  # "Comparison: none." points at the other volume: at t = 1 it costs more than the rest gain
 
 
 # ---------------------------------------------------------------------------- the scripts, at toy size
