@@ -337,7 +337,7 @@ def section_schedule(args, flops):
 # main
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=D.HelpFormatter)
     p.add_argument("--only", nargs="+", choices=["memory", "flops", "preprocess", "schedule"],
                    help="run only these sections (default: all; schedule needs the FLOPs, which it counts itself)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],

@@ -44,7 +44,7 @@ SCRIPTS = {"vision": "pretrain_vision.py", "text": "pretrain_text.py", "align": 
 def parser(doc, images=True, **paper_defaults):
     """An ArgumentParser with the data, optimization and run flags every training stage shares; the stage adds its
     "model" group. paper_defaults: the stage's own defaults (lr, weight_decay, clip, workers, ...)."""
-    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=doc, formatter_class=D.HelpFormatter)
     g = p.add_argument_group("data")
     g.add_argument("--data", default=D.DEMO_DIR, help="manifest.csv or its folder (default: the demo set, built if missing)")
     g.add_argument("--labels", default=None, help="label CSV (id + label columns); default: out/distill/labels.csv "

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data import is_fixed, parse_floats, read_csv, read_labels, require, run_main, volume_key, write_atomic
+from data import HelpFormatter, is_fixed, parse_floats, read_csv, read_labels, require, run_main, volume_key, write_atomic
 
 
 def ctrate_manifest(reports_csv, labels_csv, volumes_dir, out_csv, metadata_csv=None):
@@ -69,7 +69,7 @@ def ctrate_manifest(reports_csv, labels_csv, volumes_dir, out_csv, metadata_csv=
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--reports", required=True, help="CT-RATE reports CSV (VolumeName, Findings_EN, Impressions_EN)")
     p.add_argument("--labels", required=True, help="CT-RATE multi-abnormality labels CSV")
     p.add_argument("--volumes", required=True, help="folder holding the downloaded .nii.gz volumes (any layout)")

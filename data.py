@@ -57,6 +57,17 @@ def run_main(fn):
     except KeyboardInterrupt:
         sys.exit(130)
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Every script's --help: the docstring as written, and every flag's default after its help, unless the help
+    already says it ("default: ..."), so that a reader can tell the paper's values from --help alone."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if not action.option_strings or action.default is argparse.SUPPRESS or "default" in text:
+            return text
+        d = action.default
+        return f"{text} (default: {'on' if d is True else 'off' if d is False else 'none' if d is None else '%(default)s'})"
+
 def write_atomic(path, data):
     """Write text or bytes to a temporary file beside `path`, then os.replace it: a reader, or a run
     killed midway, sees the old file or the new one, never half of one."""
@@ -533,9 +544,10 @@ class VolumeReportDataset(torch.utils.data.Dataset):
 
 # ----------------------------------------------------------------------------- CLI
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("preprocess", help="resample and pad every volume of a manifest into a .npy cache")
+    p = sub.add_parser("preprocess", help="resample and pad every volume of a manifest into a .npy cache",
+                       formatter_class=HelpFormatter)
     p.add_argument("--data", required=True, help="manifest CSV, or a folder holding manifest.csv")
     p.add_argument("--cache", help="cache folder (default: <manifest folder>/cache-<preset>)")
     p.add_argument("--preset", help=f"one of {list(PRESETS)} or a .json preset file; default: dataset.json's preset, else chest")

@@ -27,7 +27,7 @@ import nibabel as nib
 import numpy as np
 import torch
 
-from data import CHEST_CT_LABELS, cache_file, check_cache, dataset_defaults, preprocess_dataset, preprocess_one, run_main
+from data import CHEST_CT_LABELS, HelpFormatter, cache_file, check_cache, dataset_defaults, preprocess_dataset, preprocess_one, run_main
 
 # Training flags the demo set recommends (written to its dataset.json; the stage scripts apply them under the
 # command line and print them). They are sized for the bare `python align.py --lite` on 2 CPU cores, which trains
@@ -342,7 +342,7 @@ def ensure_demo(path):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--out", default="data/demo", help="output folder")
     p.add_argument("--seed", type=int, default=0, help="random seed of the generator")
     for split, n in (("train", 1000), ("valid", 100), ("test", 100)):

@@ -33,7 +33,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from data import ID_COLUMNS, DataError, UsageError, load_table, require, resolve_label_set, run_main, volume_key, write_atomic
+from data import ID_COLUMNS, DataError, HelpFormatter, UsageError, load_table, require, resolve_label_set, run_main, volume_key, write_atomic
 from demo import ensure_demo
 from llm import Failed, Gate, check_server, on_site, post, redact, request_headers
 from rules import agreement, compile_patterns, explanation, phrase_regex, read_reference, rules_label, split_definitions  # noqa: F401
@@ -42,7 +42,7 @@ from rules import agreement, compile_patterns, explanation, phrase_regex, read_r
 # config
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     g = p.add_argument_group("data")
     g.add_argument("--reports", default="data/demo", help="demo/manifest folder, manifest CSV, CT-RATE reports CSV or any id+text CSV (non-UTF-8 bytes: U+FFFD, rows named; default: %(default)s, the demo set, built if missing)")
     g.add_argument("--id-column", default=None, help="id column of a plain CSV (default: first of id, VolumeName, AccessionNo, NoteAcc_DEID)")

@@ -115,7 +115,7 @@ def get_args():
     default_ckpt = "out/align/best.pt"
     if not Path(default_ckpt).exists() and Path("out/align-lite/best.pt").exists():
         default_ckpt = "out/align-lite/best.pt"
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=D.HelpFormatter)
     g = p.add_argument_group("inputs")
     g.add_argument("--ckpt", default=default_ckpt, help="aligned checkpoint (stage 'align'), loaded strictly")
     g.add_argument("--data", default=D.DEMO_DIR, help="manifest CSV or folder with manifest.csv (demo built if missing)")

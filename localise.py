@@ -42,7 +42,7 @@ DIFFUSE = ("Cardiomegaly", "Emphysema")  # masks that are whole organs: reported
 
 def get_args():
     default_ckpt = "out/align/best.pt" if Path("out/align/best.pt").exists() else "out/align-lite/best.pt"
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=D.HelpFormatter)
     p.add_argument("--ckpt", default=default_ckpt, help="aligned checkpoint (default: out/align/best.pt, else -lite)")
     p.add_argument("--data", default=D.DEMO_DIR, help="manifest with a masks column (default: %(default)s, built if missing)")
     p.add_argument("--split", default="test", help="split scored (default: %(default)s)")

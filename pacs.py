@@ -35,7 +35,7 @@ import numpy as np
 from tqdm import tqdm
 
 import dicom
-from data import read_csv, require, run_main, write_atomic
+from data import HelpFormatter, read_csv, require, run_main, write_atomic
 
 COLUMNS = ["study_uid", "accession", "series_uid", "description", "modality", "kernel", "images", "slices",
            "pixel_spacing", "slice_step", "tilt", "usable", "why_not", "chosen", "image"]
@@ -153,7 +153,7 @@ def write_csv(path, header, rows):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("export", help="the export's top folder (any layout below it: patient/study/series, flat, DICOMDIR)")
     p.add_argument("--out", required=True, help="folder for scans.csv (and manifest.csv with --reports)")
     p.add_argument("--reports", default=None, help="CSV of reports: an accession column (AccessionNumber, AccessionNo or "

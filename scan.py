@@ -47,7 +47,7 @@ def get_args():
     default_ckpt = "out/align/best.pt"
     if not Path(default_ckpt).exists() and Path("out/align-lite/best.pt").exists():
         default_ckpt = "out/align-lite/best.pt"
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=D.HelpFormatter)
     p.add_argument("scans", nargs="+", help="NIfTI file(s) or DICOM series folder(s) (FOLDER::SeriesInstanceUID picks one "
                                             "of several)")
     p.add_argument("--ckpt", default=default_ckpt, help="aligned checkpoint (default: out/align/best.pt, else "

@@ -32,6 +32,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from data import HelpFormatter  # noqa: E402
 
 SEEDS = 3  # seeds 0, 1, 2 (--seeds)
 FRACTIONS = (0.125, 0.25, 0.5)  # Fig. 3a, besides the whole training split (1.0: the arms' own runs)
@@ -502,7 +503,7 @@ def sentence_alignment(ckpt, data, out):
 # -----------------------------------------------------------------------------
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--only", default=None, help=f"comma-separated arms (default: all but {', '.join(sorted(ON_REQUEST))}): {', '.join(ARMS)}")
     p.add_argument("--seeds", type=int, default=SEEDS, help="seeds 0 .. N-1 per arm (the 4b arms: seed 0 only)")
     p.add_argument("--fractions", default=",".join(f"{f:g}" for f in FRACTIONS), help="data_scaling's training fractions, besides 1")

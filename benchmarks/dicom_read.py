@@ -25,9 +25,10 @@ import pydicom
 import SimpleITK as sitk
 
 import dicom, pacs
+from data import HelpFormatter
 from dicomfake import write_localiser, write_series
 
-p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
 p.add_argument("--workdir", default=None, help="folder for the series and the export, kept (default: a temporary one)")
 p.add_argument("--json", default="out/bench/dicom_read.json", help="results file (default %(default)s)")
 p.add_argument("--repeat", type=int, default=7, help="timed reads of the series per reader (default %(default)s)")

@@ -13,14 +13,14 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+sys.path.insert(0, str(ROOT))
+from data import CHEST_CT_LABELS, HelpFormatter  # noqa: E402
+
+p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
 p.add_argument("--n", type=int, default=500, help="reports to label")
 p.add_argument("--latency", type=float, default=0.2, help="seconds the fake server takes per request")
 p.add_argument("--concurrency", type=int, default=16, help="requests in flight (distill.py --concurrency)")
 args = p.parse_args()
-
-sys.path.insert(0, str(ROOT))
-from data import CHEST_CT_LABELS  # noqa: E402
 
 # -----------------------------------------------------------------------------
 # the fake server: a valid answer for the 18 chest CT labels after a fixed latency

@@ -734,7 +734,7 @@ PARTS = {"env": part_env, "correctness": part_correctness, "memory": part_memory
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=D.HelpFormatter)
     p.add_argument("--device", default="auto", help="auto (cuda when there is one), cuda, cuda:N or cpu")
     p.add_argument("--tiny", action="store_true", help="toy sizes everywhere: the CPU run of the test suite")
     p.add_argument("--only", nargs="+", choices=list(PARTS), help="run only these parts (default: all, in this order)")

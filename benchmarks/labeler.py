@@ -17,7 +17,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 REAL = ROOT.parent / "shared/greenrfm-sample-data/reports/ctrate_ctclip_manual_labels_train.csv"
 CXR = ROOT / "examples/chexpert_reports.csv"
-p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+sys.path.insert(0, str(ROOT))
+from data import HelpFormatter  # noqa: E402
+
+p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
 p.add_argument("--compare", default=None, help="another checkout whose distill.py to run on the same reports")
 args = p.parse_args()
 

@@ -37,7 +37,7 @@ import data as D  # noqa: E402
 import metrics  # noqa: E402
 import model as M  # noqa: E402
 
-p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+p = argparse.ArgumentParser(description=__doc__, formatter_class=D.HelpFormatter)
 p.add_argument("--reports", default=str(ROOT.parent / "shared/greenrfm-sample-data/reports/ctrate_ctclip_manual_labels_train.csv"),
                help="CSV with AccessionNo, report_text and the 18 labels")
 p.add_argument("--text-model", default="scratch", help="passed to pretrain_text.py")

@@ -89,7 +89,7 @@ def distances(model, preset, paths, features):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=D.HelpFormatter)
     p.add_argument("--ckpt", default="out/align-lite/best.pt", help="aligned checkpoint with its features.npz (default: %(default)s)")
     p.add_argument("--data", default=D.DEMO_DIR, help="the data set whose test split is used (default: %(default)s)")
     p.add_argument("--n", type=int, default=50, help="test volumes to corrupt (default: %(default)s)")
