@@ -9,8 +9,13 @@ Writes: --out (default out/localise): per_finding.csv and localise.json, and pri
         - pointing game: the map's peak (maps.peak: the centre of its maximal cell) lies inside the mask dilated by
           --tolerance-mm;
         - mass: the share of the map's positive mass inside the mask;
-        - the same pointing game for two baselines on the same cases: the body's centre, and a random body voxel
-          (its exact expectation: the share of body voxels within the tolerance of the mask);
+        - the same pointing game for three baselines on the same cases, none of which looks at the scan: the location
+          prior (per finding, the mean of the training split's masks on the input grid, whose peak is the pointer for
+          every case), the body's centre, and a random body voxel (its exact expectation: the share of body voxels
+          within the tolerance of the mask);
+        - each method against the prior: the paired difference in pointing game over the same cases;
+        - the prior-hard cases apart: those where the prior's peak misses. There only a map that reads this scan
+          can hit, so a finding the demo draws at one fixed place has few or none;
         - each method's time per scan.
 Maps and masks meet on the model's input grid (the preset's centre crop): a mask goes through the same resampling and
 cropping as its scan (trilinear, then > 0.5). Focal findings and the two whose masks are whole organs (cardiomegaly:
@@ -53,6 +58,8 @@ def get_args():
     p.add_argument("--occlusion-blocks", type=int, default=4, help="occlusion: blocks per axis (default: %(default)s)")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples of the cases (default: %(default)s)")
     p.add_argument("--max-cases", type=int, default=None, help="score at most this many volumes (default: all)")
+    p.add_argument("--prior-cases", type=int, default=None, help="location prior: from at most this many training "
+                   "volumes with masks (default: all)")
     p.add_argument("--out", default="out/localise", help="output folder (default: %(default)s)")
     return p.parse_args()
 
@@ -67,23 +74,47 @@ def mask_on_crop(path, image, preset):
     return D.pad_or_crop(D.pad_or_crop(m, p["size"], False), p["crop"], False)
 
 
-def score_case(model, ds, i, table, prompts_by_name, preset, args, spacing):
-    """One volume: {finding: {method: (hit, mass), "centre": hit, "random": expected hit, "seconds": {method: s}}}."""
+def positives_with_masks(table, i):
+    """Volume i's positive findings that have a mask file -> {finding: mask path}."""
     folder = Path(table.source).parent / table.meta[i]["masks"]
+    files = {n: folder / f"{n.replace(' ', '_')}.nii.gz" for n in table.label_names}
+    return {n: f for n, f in files.items() if table.labels[i, table.label_names.index(n)] == 1 and f.is_file()}
+
+
+def location_prior(table, preset):
+    """The baseline that never looks at the scan: per finding, the mean over the training volumes positive for it of
+    their masks on the model's input grid -> {finding: (D, H, W) float in [0, 1]}, each voxel the share of those
+    training cases whose finding covers it. Its peak (maps.peak, the centroid of its maximal voxels) points at where the
+    finding usually is, the same point for every test case."""
+    total, count = {}, {}
+    for i in range(len(table)):
+        for n, path in positives_with_masks(table, i).items():
+            m = mask_on_crop(path, table.images[i], preset)
+            total[n] = total.get(n, 0) + m.astype(np.float32)
+            count[n] = count.get(n, 0) + 1
+        print(f"\rlocation prior: {i + 1}/{len(table)} training volumes", end="", flush=True)
+    print()
+    return {n: total[n] / count[n] for n in total}
+
+
+def score_case(model, ds, i, table, prompts_by_name, preset, args, spacing, prior_points):
+    """One volume: {finding: {method: (hit, mass), "prior", "centre": hit, "random": expected hit, "seconds": {method: s}}};
+    "prior" is None for a finding with no training mask."""
     item, p = ds[i], D.get_preset(preset)
     x = item["image"][None]  # (1, K, D, H, W)
     crop = D.pad_or_crop(ds.stored_volume(i), p["crop"])  # (D, H, W) HU
     body = crop > -500 if p["intensity"] != "mri" else crop > np.percentile(crop, 50)
     out = {}
-    names = [n for n in table.label_names if table.labels[i, table.label_names.index(n)] == 1
-             and (folder / f"{n.replace(' ', '_')}.nii.gz").is_file()]
+    files = positives_with_masks(table, i)
+    names = list(files)
     if not names:
         return out
     P = torch.stack([prompts_by_name[n] for n in names])  # (F, 2, 768)
-    masks = {n: mask_on_crop(folder / f"{n.replace(' ', '_')}.nii.gz", table.images[i], preset) for n in names}
+    masks = {n: mask_on_crop(files[n], table.images[i], preset) for n in names}
     for n in names:
         out[n] = {"centre": metrics.point_hit(metrics.centre_point(body), masks[n], spacing, args.tolerance_mm),
-                  "random": metrics.random_hit_rate(body, masks[n], spacing, args.tolerance_mm), "seconds": {}}
+                  "random": metrics.random_hit_rate(body, masks[n], spacing, args.tolerance_mm), "seconds": {},
+                  "prior": metrics.point_hit(prior_points[n], masks[n], spacing, args.tolerance_mm) if n in prior_points else None}
     for method in args.methods:
         t0 = time.perf_counter()
         m = maps.make_maps(model, x, P, method, preset, args.occlusion_blocks)  # (F, D, H, W)
@@ -107,11 +138,15 @@ def main():
     table = D.load_table(args.data)
     D.require("masks" in D.read_csv(table.source)[0], f"{table.source}: no masks column (a folder of masks per volume)")
     masks_col = {r.get("id") or r.get("image"): (r.get("masks") or "").strip() for r in D.read_csv(table.source)[1]}
-    t = table.subset(args.split)
-    t.meta = [dict(m, masks=masks_col.get(rid, "")) for m, rid in zip(t.meta, t.ids)]
-    keep = [i for i, m in enumerate(t.meta) if m["masks"]][:args.max_cases]
-    D.require(keep, f"{table.source}: no volume of split '{args.split}' has masks")
-    t = t.take(keep)
+    def with_masks(split, limit=None):
+        t = table.subset(split)
+        t.meta = [dict(m, masks=masks_col.get(rid, "")) for m, rid in zip(t.meta, t.ids)]
+        keep = [i for i, m in enumerate(t.meta) if m["masks"]][:limit]
+        D.require(keep, f"{table.source}: no volume of split '{split}' has masks")
+        return t.take(keep)
+    t = with_masks(args.split, args.max_cases)
+    prior = location_prior(with_masks("train", args.prior_cases), preset)  # {finding: (D, H, W) mean training mask}
+    prior_points = {n: maps.peak(m) for n, m in prior.items()}
     cache = Path(table.source).parent / f"cache-{D.preset_name(preset)}"
     ds = D.VolumeReportDataset(t, preset, train=False, cache_dir=cache)
     tok = M.tokenizer_from_cfg(ckpt["model_config"]["text"])
@@ -121,7 +156,7 @@ def main():
     cases = {}  # finding -> list of per-case dicts
     with torch.no_grad():
         for i in range(len(t)):
-            for n, o in score_case(model, ds, i, t, by_name, preset, args, spacing).items():
+            for n, o in score_case(model, ds, i, t, by_name, preset, args, spacing, prior_points).items():
                 cases.setdefault(n, []).append(o)
             print(f"\rscored {i + 1}/{len(t)} volumes", end="", flush=True)
     print()
@@ -129,31 +164,59 @@ def main():
 
 
 def report(cases, args, preset):
-    """The table, per_finding.csv and localise.json: every rate with its 95% bootstrap interval over cases."""
-    cols = [(m, "point") for m in args.methods] + [(m, "mass") for m in args.methods] + [("centre", "point"), ("random", "point")]
-    series = {c: {n: np.array([(o[c[0]][0 if c[1] == "point" else 1] if c[0] in args.methods else o[c[0]]) for o in os
-                               if c[0] not in args.methods or c[0] in o]) for n, os in cases.items()} for c in cols}
-    summary = {f"{m}_{k}": metrics.localisation_summary(series[(m, k)], args.bootstrap) for m, k in cols}
-    focal = {c: {n: v for n, v in series[c].items() if n not in DIFFUSE} for c in cols}
-    summary_focal = {f"{m}_{k}": metrics.localisation_summary(focal[(m, k)], args.bootstrap) for m, k in cols}
-    seconds = {m: float(np.mean([o["seconds"][m] * 1 for os in cases.values() for o in os])) for m in args.methods}
+    """The tables, per_finding.csv and localise.json: every rate with its 95% bootstrap interval over cases.
+    cases: {finding: [score_case's dict per positive case]}."""
+    methods, baselines = list(args.methods), ["prior", "centre", "random"]
+    point = lambda o, c: o[c][0] if c in methods else o[c]  # noqa: E731  (a method's entry is (hit, mass))
+    with_prior = {n: [o for o in os if o["prior"] is not None] for n, os in cases.items()}  # the prior needs a training mask
+    hard = {n: [o for o in os if not o["prior"]] for n, os in with_prior.items()}  # the prior's peak misses
+    series = {**{(m, "point"): {n: [o[m][0] for o in os] for n, os in cases.items()} for m in methods},
+              **{(m, "mass"): {n: [o[m][1] for o in os] for n, os in cases.items()} for m in methods},
+              ("prior", "point"): {n: [o["prior"] for o in os] for n, os in with_prior.items()},
+              **{(b, "point"): {n: [o[b] for o in os] for n, os in cases.items()} for b in ("centre", "random")},
+              # each method against the prior on the same cases: hit - prior's hit per case, in [-1, 1]
+              **{(m, "minus_prior"): {n: [float(o[m][0]) - o["prior"] for o in os] for n, os in with_prior.items()} for m in methods},
+              **{(c, "prior_hard"): {n: [point(o, c) for o in os] for n, os in hard.items()} for c in methods + ["centre", "random"]}}
+    keys = {f"{c}_{k}": v for (c, k), v in series.items()}
+    summary = {k: metrics.localisation_summary(v, args.bootstrap) for k, v in keys.items()}
+    summary_focal = {k: metrics.localisation_summary({n: x for n, x in v.items() if n not in DIFFUSE}, args.bootstrap)
+                     for k, v in keys.items()}
+    seconds = {m: float(np.mean([o["seconds"][m] for os in cases.values() for o in os])) for m in methods}
+    fmt = lambda r: "-" if r is None else f"{r[0]:.2f} [{r[1][0]:.2f}, {r[1][1]:.2f}]"  # noqa: E731
+    fmt_d = lambda r: "-" if r is None else f"{r[0]:+.2f} [{r[1][0]:+.2f}, {r[1][1]:+.2f}]"  # noqa: E731
+    per = lambda k, n: summary[k]["per_finding"].get(n)  # noqa: E731
+    order = sorted(cases, key=lambda n: (n in DIFFUSE, n))
+    means = (("mean, focal findings", summary_focal), ("mean, all findings", summary))
+
     print(f"localisation on '{args.split}', tolerance {args.tolerance_mm:g} mm, {sum(map(len, cases.values()))} positive "
-          f"cases with a mask; pointing game (mass) per method, then the baselines")
-    head = "  ".join(f"{m:>21s}" for m in args.methods)
-    print(f"{'finding':30s} {'n':>4s}  {head}  {'centre':>8s} {'random':>7s}")
-    fmt = lambda r: "  -  " if r is None else f"{r[0]:.2f} [{r[1][0]:.2f}, {r[1][1]:.2f}]"  # noqa: E731
-    rows = []
-    for n in sorted(cases, key=lambda n: (n in DIFFUSE, n)):
-        per = {f"{m}_{k}": summary[f"{m}_{k}"]["per_finding"].get(n) for m, k in cols}
-        rows.append({"finding": n, "n": len(cases[n]), **{k: (v[0] if v else None) for k, v in per.items()}})
-        print(f"{n[:30]:30s} {len(cases[n]):4d}  " + "  ".join(f"{fmt(per[f'{m}_point'])[:14]:>14s} ({per[f'{m}_mass'][0]:.2f})"
-                                                      for m in args.methods)
-              + f"  {per['centre_point'][0]:8.2f} {per['random_point'][0]:7.2f}")
-    for tag, s in (("focal findings", summary_focal), ("all findings", summary)):
-        print(f"{'mean, ' + tag:30s} {'':4s}  " + "  ".join(f"{fmt(s[f'{m}_point']['mean'])[:14]:>14s} "
-                                                             f"({s[f'{m}_mass']['mean'][0]:.2f})" for m in args.methods)
-              + f"  {s['centre_point']['mean'][0]:8.2f} {s['random_point']['mean'][0]:7.2f}")
+          f"cases with a mask; pointing game [95% interval] (mass inside the mask) per method, then the baselines")
+    print(f"{'finding':30s} {'n':>4s}  " + "  ".join(f"{m:>28s}" for m in methods) + f"  {'prior':>18s} {'centre':>6s} {'random':>6s}")
+    for n in order:
+        print(f"{n[:30]:30s} {len(cases[n]):4d}  " + "  ".join(f"{fmt(per(f'{m}_point', n)):>21s} ({per(f'{m}_mass', n)[0]:.2f})"
+                                                              for m in methods)
+              + f"  {fmt(per('prior_point', n)):>18s} {per('centre_point', n)[0]:6.2f} {per('random_point', n)[0]:6.2f}")
+    for tag, s in means:
+        print(f"{tag:30s} {'':4s}  " + "  ".join(f"{fmt(s[f'{m}_point']['mean']):>21s} ({s[f'{m}_mass']['mean'][0]:.2f})"
+                                                 for m in methods)
+              + f"  {fmt(s['prior_point']['mean']):>18s} {s['centre_point']['mean'][0]:6.2f} {s['random_point']['mean'][0]:6.2f}")
+
+    print("\neach method minus the location prior, paired over the same cases; and the prior-hard cases (the prior's peak "
+          "misses), where only a map that reads the scan can hit")
+    print(f"{'finding':30s} " + "  ".join(f"{m + ' - prior':>21s}" for m in methods) + f"  {'prior-hard':>10s}  "
+          + "  ".join(f"{m + ' on them':>21s}" for m in methods) + f"  {'random':>6s}")
+    for n in order:
+        print(f"{n[:30]:30s} " + "  ".join(f"{fmt_d(per(f'{m}_minus_prior', n)):>21s}" for m in methods)
+              + f"  {len(hard.get(n, [])):10d}  " + "  ".join(f"{fmt(per(f'{m}_prior_hard', n)):>21s}" for m in methods)
+              + f"  {fmt(per('random_prior_hard', n))[:4]:>6s}")
+    for tag, s in means:
+        print(f"{tag:30s} " + "  ".join(f"{fmt_d(s[f'{m}_minus_prior']['mean']):>21s}" for m in methods)
+              + f"  {sum(len(hard[n]) for n in hard if tag.endswith('all findings') or n not in DIFFUSE):10d}  "
+              + "  ".join(f"{fmt(s[f'{m}_prior_hard']['mean']):>21s}" for m in methods)
+              + f"  {fmt(s['random_prior_hard']['mean'])[:4]:>6s}")
     print("seconds per scan and finding: " + ", ".join(f"{m} {s:.3f}" for m, s in seconds.items()))
+
+    rows = [{"finding": n, "n": len(cases[n]), "n_prior_hard": len(hard.get(n, [])),
+             **{k: (per(k, n)[0] if per(k, n) else None) for k in keys}} for n in order]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     buf = io.StringIO()
