@@ -93,6 +93,11 @@ ABDOMEN_CT_LABELS = [  # the 30 Merlin findings
     "hepatic_steatosis", "appendicitis", "gallstones", "hydronephrosis", "bowel_obstruction",
     "free_air", "fracture"]
 LABEL_SETS = {"chest_ct": CHEST_CT_LABELS, "abdomen_ct": ABDOMEN_CT_LABELS}
+PROTOCOLS = {  # label sets of published evaluation protocols (evaluate.py --protocol), spelled like CT-RATE's CSV columns
+    "ctrate18": list(CHEST_CT_LABELS),
+    "ctrate16": [n for n in CHEST_CT_LABELS if n not in ("Medical material", "Lymphadenopathy")],
+    "radchestct15": [n for n in CHEST_CT_LABELS if n not in ("Medical material", "Lymphadenopathy", "Mosaic attenuation pattern")],
+}
 ID_COLUMNS = ("id", "VolumeName", "AccessionNo", "NoteAcc_DEID")
 # Never label columns ("report_text" is how the CT-CLIP report files spell "report").
 NOT_LABELS = set(ID_COLUMNS) | {"image", "report", "report_text", "split", "spacing", "masks",
@@ -423,6 +428,27 @@ def normalize(vol, intensity):
         return out[0] if len(out) == 1 else np.stack(out)
     vol = np.clip(vol, *np.percentile(vol, [1, 99]))
     return ((vol - vol.mean()) / max(float(vol.std()), 1e-6)).astype(np.float32)
+
+# What an intensity rule implies for the scripts that draw or score a volume (scan.py, maps.py, localise.py), so that
+# none of them holds a number of one modality: CT is in HU with air at -1000; an MRI's scale is its own.
+def fill_value(intensity):
+    """What a stored volume is padded with: air (-1024 HU) for CT, 0 for MRI."""
+    return 0.0 if intensity == "mri" else AIR_HU
+
+def body_mask(vol, intensity):
+    """The voxels of a stored volume (D, H, W) inside the body: CT above -500 HU (air and aerated lung lie below); MRI
+    above a tenth of its 99th percentile (noise and padding lie below, fat-suppressed tissue above)."""
+    return vol > (0.1 * np.percentile(vol, 99) if intensity == "mri" else -500)
+
+def display_window(vol, intensity):
+    """(lo, hi) to show a stored volume in: the first CT window; an MRI's own 1st-99th percentiles."""
+    w = windows(intensity)
+    return tuple(w[0]) if w else tuple(np.percentile(vol, [1, 99]).tolist())
+
+def empty_input(intensity):
+    """Empty space as the network input reads it, (K,) one value per channel: each CT window's value at -1000 HU (air);
+    None for MRI, whose z-scored input has no fixed value for it (a scan's own darkest value stands in)."""
+    return None if windows(intensity) is None else normalize(np.full((1, 1, 1), -1000.0), intensity).reshape(-1)
 
 def preprocess_volume(path, preset, meta=None):
     """NIfTI -> the stored (D, H, W) volume at the preset's spacing and size: int16 HU padded with

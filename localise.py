@@ -102,8 +102,8 @@ def score_case(model, ds, i, table, prompts_by_name, preset, args, spacing, prio
     "prior" is None for a finding with no training mask."""
     item, p = ds[i], D.get_preset(preset)
     x = item["image"][None]  # (1, K, D, H, W)
-    crop = D.pad_or_crop(ds.stored_volume(i), p["crop"])  # (D, H, W) HU
-    body = crop > -500 if p["intensity"] != "mri" else crop > np.percentile(crop, 50)
+    crop = D.pad_or_crop(ds.stored_volume(i), p["crop"])  # (D, H, W) as stored: HU for CT
+    body = D.body_mask(crop, p["intensity"])  # what the preset's intensity rule calls the body
     out = {}
     files = positives_with_masks(table, i)
     names = list(files)

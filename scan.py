@@ -113,9 +113,11 @@ def write_maps(args, scan, x, model, prompts, preset, findings, probs):
     """--maps: each finding's map, on the scan's own grid as NIfTI (the inverse of the preprocessing) and as a picture
     through its peak. -> the folder written."""
     m = maps.make_maps(model, x, prompts, args.map_method, preset)  # (F, D, H, W) on the crop grid
-    p, window = D.get_preset(preset), (D.windows(D.get_preset(preset)["intensity"]) or [(-1000, 200)])[0]
+    p = D.get_preset(preset)
     vol, grid = D.load_volume(scan, p["spacing"], grid=True)  # the resampled scan and where its voxels lie
-    crop = D.pad_or_crop(D.pad_or_crop(vol, p["size"]), p["crop"])  # (D, H, W) HU: what the model saw
+    fill = D.fill_value(p["intensity"])
+    crop = D.pad_or_crop(D.pad_or_crop(vol, p["size"], fill), p["crop"], fill)  # (D, H, W) as stored: what the model saw
+    window = D.display_window(crop, p["intensity"])  # the first CT window; an MRI's own range
     affine_crop = maps.crop_affine(grid, vol.shape, preset)
     in_shape, in_affine = maps.grid_of(scan)  # the map goes back onto the voxels the scan arrived as
     folder_name, uid = dicom.split_choice(scan)
