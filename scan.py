@@ -1,5 +1,5 @@
 """
-Single scans: an aligned GreenRFM's answers for one CT at a time, and what a reader needs to weigh them.
+Single scans: an aligned GreenRFM's answers for one scan at a time, and what a reader needs to weigh them.
 
   python scan.py my_ct.nii.gz                                        # every finding the checkpoint was trained on
   python scan.py export/p1/study2/series3 --findings "pneumothorax, rib fracture"   # a DICOM series; any finding
@@ -14,7 +14,8 @@ validation scores and thresholds it is compared with. Then, per finding:
   sensitivity 0.90 (a screening one), and where the probability falls among validation negatives and positives.
 And per scan, how far its image feature (the 512-d pooled encoder output) lies from the training features: the
 Mahalanobis distance to their Gaussian (trust_check). Beyond the cut-off (the 99th percentile of validation scans)
-the scan is unlike anything the model was trained on; nearer when flipped head to feet, it is probably upside down.
+the scan is unlike anything the model was trained on; nearer when flipped top to bottom (superior <-> inferior), it is
+probably upside down.
 Either way one warning line says its answers should not be trusted.
 What the model was trained on is printed once; a model that has only seen the synthetic demo says so.
 
@@ -141,20 +142,22 @@ def trust_check(scan, model, x, feat, features):
     1. The Mahalanobis distance of the feature to the training features' Gaussian, against the cut-off (a percentile of
        validation scans): beyond it, the scan is unlike anything the model learned from (another body part, wrong
        units, noise, a real scan for a demo model).
-    2. The same distance with the scan flipped head to feet (D reversed). Global average pooling keeps little of
-       where things are, so an upside-down scan can still lie within the cut-off; but flipped back it lies nearer the
-       training scans than as given, while an upright scan lies nearer as given (docs/trust.md: no exception on the
-       demo's test split either way). Either check failing is one warning line."""
+    2. The same distance with the scan flipped top to bottom (D reversed: head to feet in a trunk, thigh to foot in a
+       limb). Global average pooling keeps little of where things are, so an upside-down scan can still lie within the
+       cut-off; but flipped back it lies nearer the training scans than as given, while an upright scan lies nearer as
+       given (docs/trust.md: no exception on the demo's test split either way; docs/forking.md: the knee's). It assumes
+       only what canonical orientation gives any anatomy with an up and a down: D runs inferior -> superior.
+    Either check failing is one warning line."""
     mahal = lambda f: float(metrics.mahalanobis(f.float().cpu().numpy(), features["mean"], features["precision"])[0])  # noqa: E731
     dist, flipped, cut = mahal(feat), mahal(model.vision(torch.flip(x, dims=[2]))), float(features["cutoff"])
     print(f"  distance to the training features {dist:.1f} (cut-off {cut:.1f}: {'BEYOND' if dist > cut else 'within'}); "
-          f"flipped head to feet {flipped:.1f} ({'nearer' if flipped < dist else 'further: upright'})")
+          f"flipped top to bottom {flipped:.1f} ({'nearer' if flipped < dist else 'further: upright'})")
     why = [f"unlike the data the model was trained on (feature distance {dist:.1f} > {cut:.1f}, the "
            f"{float(features['percentile']):g}th percentile of validation scans)"] if dist > cut else []
     if flipped < dist and flipped <= cut:  # flipped, it looks like the training scans: a named cause
-        why.append(f"upside down? flipped head to feet it lies nearer the training scans ({flipped:.1f} < {dist:.1f})")
+        why.append(f"upside down? flipped top to bottom it lies nearer the training scans ({flipped:.1f} < {dist:.1f})")
     elif flipped < dist and not why:
-        why.append(f"nearer the training scans flipped head to feet ({flipped:.1f} < {dist:.1f}) than as given")
+        why.append(f"nearer the training scans flipped top to bottom ({flipped:.1f} < {dist:.1f}) than as given")
     if why:
         print(f"warning: {scan}: {'; '.join(why)}: its answers should not be trusted", file=sys.stderr, flush=True)
     return dist, flipped
