@@ -93,11 +93,6 @@ ABDOMEN_CT_LABELS = [  # the 30 Merlin findings
     "hepatic_steatosis", "appendicitis", "gallstones", "hydronephrosis", "bowel_obstruction",
     "free_air", "fracture"]
 LABEL_SETS = {"chest_ct": CHEST_CT_LABELS, "abdomen_ct": ABDOMEN_CT_LABELS}
-PROTOCOLS = {  # label sets of published evaluation protocols (evaluate.py --protocol), spelled like CT-RATE's CSV columns
-    "ctrate18": list(CHEST_CT_LABELS),
-    "ctrate16": [n for n in CHEST_CT_LABELS if n not in ("Medical material", "Lymphadenopathy")],
-    "radchestct15": [n for n in CHEST_CT_LABELS if n not in ("Medical material", "Lymphadenopathy", "Mosaic attenuation pattern")],
-}
 ID_COLUMNS = ("id", "VolumeName", "AccessionNo", "NoteAcc_DEID")
 # Never label columns ("report_text" is how the CT-CLIP report files spell "report").
 NOT_LABELS = set(ID_COLUMNS) | {"image", "report", "report_text", "split", "spacing", "masks",
@@ -176,6 +171,12 @@ def read_labels(path, names=None):
         seen[rid] = r
         values[r - 1] = [parse_label(row[c], f"{path} row {r} (id {rid}), column {c!r}") for c in columns]
     return list(seen), columns, values
+
+PROTOCOLS = {  # label sets of published evaluation protocols (evaluate.py --protocol), spelled like CT-RATE's CSV columns
+    "ctrate18": list(CHEST_CT_LABELS),
+    "ctrate16": [n for n in CHEST_CT_LABELS if n not in ("Medical material", "Lymphadenopathy")],
+    "radchestct15": [n for n in CHEST_CT_LABELS if n not in ("Medical material", "Lymphadenopathy", "Mosaic attenuation pattern")],
+}
 
 # ----------------------------------------------------------------------------- manifests
 def volume_key(name):
