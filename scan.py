@@ -8,8 +8,10 @@ Single scans: an aligned GreenRFM's answers for one CT at a time, and what a rea
 Each scan goes through the preprocessing of the preset the checkpoint was trained with (the manifest evaluation's
 own path: VolumeReportDataset, centre crop) and the model in true fp32 (no TF32 on a GPU), as in evaluate.py, whose
 validation scores and thresholds it is compared with. Then, per finding:
-- the zero-shot probability: sigmoid((image . "There is X." - image . "There is no X.") / T), and the shared
-  classifier's sigmoid(logit / T'); T and T' are the temperatures evaluate.py fitted on validation (1 without them);
+- the zero-shot probability: sigmoid(a * (image . "There is X." - image . "There is no X.") + b), and the shared
+  classifier's sigmoid(a' * logit + b'): Platt scaling per trained finding, fitted by evaluate.py on validation; a
+  finding with too few validation positives or negatives to fit two numbers, an open-vocabulary finding, and an
+  older reference without Platt use the temperature instead (a = 1 / T, b = 0; T = 1 without a reference);
 - for a trained finding, a decision at two operating points picked on validation: Youden's J (the balanced one) and
   sensitivity 0.90 (a screening one), and where the probability falls among validation negatives and positives.
 And per scan, how far its image feature (the 512-d pooled encoder output) lies from the training features: the
@@ -101,8 +103,10 @@ def say_what_it_knows(args, ckpt, preset, points, features):
     make = f"python evaluate.py --ckpt {args.ckpt} --data <its data set>"
     if points:
         t, clf = points["temperature"], points["temperature"]["classifier"]  # clf None: no shared classifier
+        fitted = sum(v["fitted"] for v in points.get("platt", {}).get("zero_shot", {}).values())
         print(f"operating points: measured on split '{points['split']}' ({points['n_volumes']} volumes); temperatures "
-              f"zero-shot {t['zero_shot']:.3g}, classifier {'none' if clf is None else f'{clf:.3g}'}")
+              f"zero-shot {t['zero_shot']:.3g}, classifier {'none' if clf is None else f'{clf:.3g}'}; Platt per label for "
+              f"{fitted} of {len(ckpt['label_names'])} trained findings (the others: the temperature)")
     else:
         print(f"no operating points beside the checkpoint: uncalibrated probabilities, no decisions (make them: {make})")
     if not features:
@@ -187,16 +191,22 @@ def main():
               f"answered through the prompt pair only (no classifier output, no validation scores, so no decision)")
     if model.classifier is None:
         print("note: this model has no shared classifier (aligned with align.py --no-shared-classifier): no classifier output")
+    # per finding and kind, the calibration map sigmoid(a * logit + b): Platt where evaluate.py fitted it, else 1 / T
     temp = points["temperature"] if points else {"zero_shot": 1.0, "classifier": 1.0}
+    platt = (points or {}).get("platt", {})
+    fit = {k: [platt.get(k, {}).get(ck_names[c]) if c is not None else None for c in cols] for k in temp}  # per finding
+    calib = {k: np.array([[e["a"] if e else 1 / temp[k] for e in fit[k]], [e["b"] if e else 0.0 for e in fit[k]]])
+             for k in temp if temp[k] is not None}  # {kind: (2, F) rows a and b}
     ref = [points["labels"].get(ck_names[c]) if points and c is not None else None for c in cols]  # per finding or None
     out = {k: [] for k in ("feature", "latent", "zero_shot", "classifier", "decision", "screening", "distance", "distance_flipped")}
     for i, scan in enumerate(args.scans):
         x = ds[i]["image"][None].to(device)  # (1, K, D, H, W)
         feat = model.vision(x)  # (1, 512): the encoder's pooled feature
         lat = model.image_latent(feat)  # (1, 768) = model.encode_image(x)
-        z = torch.sigmoid(M.zero_shot_logits(lat.float().cpu(), prompts.cpu())[0] / temp["zero_shot"]).numpy()  # (F,)
-        clf = None if model.classifier is None else torch.sigmoid(model.classifier(lat).float().cpu()[0] / temp["classifier"])  # (C,)
-        c_out = np.array([np.nan if c is None or clf is None else float(clf[c]) for c in cols])  # (F,), nan = none
+        z = metrics.platt_probabilities(M.zero_shot_logits(lat.float().cpu(), prompts.cpu())[0].numpy(), *calib["zero_shot"])  # (F,)
+        clf = None if model.classifier is None else model.classifier(lat).float().cpu()[0].numpy()  # (C,) logits
+        c_out = np.array([np.nan if c is None or clf is None else clf[c] for c in cols])  # (F,) logits, nan = none
+        c_out = c_out if clf is None else metrics.platt_probabilities(c_out, *calib["classifier"])  # probabilities
         # decisions: 1 positive, 0 negative, -1 none (no operating point for this finding)
         dec = np.array([-1 if r is None else int(zi >= r["youden"]) for zi, r in zip(z, ref)])
         scr = np.array([-1 if r is None else int(zi >= r[SCREENING]) for zi, r in zip(z, ref)])
