@@ -236,10 +236,11 @@ def validate(run, model, tokenizer, valid_ds, label_names):
     # Prompt latents depend only on the text encoder: computed once per evaluation, (C, 2, E).
     prompts = M.prompt_latents(model, tokenizer, label_names, M.PROMPT_TEMPLATES[run.args.template], run.args.max_len, run.device)
 
-    def read(b):  # -> zero-shot P(positive prompt), shared classifier read-out (if there is one); (B, C) each
+    def read(b):  # -> zero-shot logit, shared classifier logit (if there is one); (B, C) each. Logits, not their
+        # sigmoids: a float32 sigmoid is exactly 1.0 beyond about 17, and raw dot products go far beyond (evaluate.py)
         with run.autocast():
             img = model.encode_image(b["image"].to(run.device)).float()  # (B, E)
-        return M.zero_shot_scores(img, prompts), *(() if model.classifier is None else (torch.sigmoid(model.classifier(img)),))
+        return M.zero_shot_logits(img, prompts), *(() if model.classifier is None else (model.classifier(img).float(),))
     refs, (zero_shot, *classifier) = common.predict(run, valid_ds, read)
     aucs, macro = metrics.per_label_auc(refs, zero_shot)
     return {"auc": dict(zip(label_names, aucs)), "macro_auc": macro,

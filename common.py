@@ -348,13 +348,14 @@ def predict(run, dataset, read):
     return torch.cat(refs).numpy(), [torch.cat(s).numpy() for s in zip(*outs)]
 
 
-def validate(run, dataset, probabilities, label_names):
-    """Per-label AUC of probabilities(batch) -> (B, C) over the validation split, on rank 0 -> {"auc": {label: AUC or
-    None}, "macro_auc": their mean or None}. The other processes, and an empty split, get {"macro_auc": None}."""
+def validate(run, dataset, scores, label_names):
+    """Per-label AUC of scores(batch) -> (B, C) logits over the validation split, on rank 0 -> {"auc": {label: AUC or
+    None}, "macro_auc": their mean or None}. The other processes, and an empty split, get {"macro_auc": None}.
+    Logits, not probabilities: a float32 sigmoid is exactly 1.0 beyond a logit of about 17, which would tie cases."""
     if not run.master or not len(dataset):
         return {"macro_auc": None}
-    refs, (probs,) = predict(run, dataset, lambda b: (probabilities(b),))
-    aucs, macro = metrics.per_label_auc(refs, probs)
+    refs, (s,) = predict(run, dataset, lambda b: (scores(b),))
+    aucs, macro = metrics.per_label_auc(refs, s)
     return {"auc": dict(zip(label_names, aucs)), "macro_auc": macro}
 
 

@@ -9,7 +9,8 @@ Writes: --out (default out/eval): per_label.csv, summary.json (checkpoint, proto
         for scan.py (make_reference): <stem>.operating_points.json and <stem>.features.npz.
 
 Each label gets a positive and a negative prompt ("There is X." / "There is no X."); a volume's score
-is the softmax over the pair of raw dot products between its image latent and the two prompt latents.
+is the difference of the raw dot products between its image latent and the two prompt latents, the logit whose
+sigmoid (the softmax over the pair) is the probability; AUCs and thresholds use the logit, which cannot saturate.
 Protocol choices, all stated in the output (the functions are in metrics.py):
 - AUC per label with a 95% bootstrap interval (units resampled with replacement, percentile interval).
   A label with one class has no AUC: undefined (never 0.5) and left out of every macro mean.
@@ -233,7 +234,7 @@ def main():
         "data": table.source, "split": split, "threshold_split": thr_split, "preset": preset,
         "labels_csv": args.labels, "protocol": args.protocol, "labels": names, "unit": args.unit,
         "template": args.template, "n_volumes": ev["n_volumes"], "n_units": len(ev["units"]),
-        "threshold_rule": "max Youden's J (tpr - fpr) on the ROC curve, predict score >= threshold; *_self: "
+        "threshold_rule": "max Youden's J (tpr - fpr) on the ROC curve, predict score >= threshold (score: the logit); *_self: "
                           "picked on the evaluated split itself (CT-CLIP protocol, optimistic); *_split: on threshold_split",
         "f1_precision": "sklearn weighted average over each label's two classes",
         "bootstrap": {"n": args.bootstrap, "seed": args.seed, "interval": "95% percentile"},
@@ -347,13 +348,16 @@ def score_split(table, name, labels_required, model, tokenizer, prompts, names, 
     loader = torch.utils.data.DataLoader(ds, batch_size=args.batch_size, num_workers=args.workers)
     device = next(model.parameters()).device
     ids, img, txt, feat = encode_split(model, tokenizer, loader, max_len, device)
-    scores = {k: M.zero_shot_scores(img, P).numpy() for k, P in prompts.items()}  # (N, C) each
-    scores["ensemble"] = np.mean([scores[k] for k in M.PROMPT_TEMPLATES], axis=0)
+    # Every score is a logit, not its sigmoid: raw dot products reach logits of 50 and more, and a float32 sigmoid is
+    # exactly 1.0 beyond about 17, so positives and negatives up there would tie and every AUC would drop (by 0.002 on
+    # the demo's test split). The sigmoid is monotone: on logits the ranking, and so each AUC, is the model's own.
+    scores = {k: M.zero_shot_logits(img, P).numpy() for k, P in prompts.items()}  # (N, C) each
+    scores["ensemble"] = np.mean([scores[k] for k in M.PROMPT_TEMPLATES], axis=0)  # the templates' mean logit
     clf_logits = None  # (none without a shared classifier: align.py --no-shared-classifier)
     if model.classifier is not None:
-        with torch.no_grad():  # the shared classifier read directly: sigmoid(W img + b), (N, C)
+        with torch.no_grad():  # the shared classifier read directly: W img + b, (N, C)
             clf_logits = model.classifier(img.to(device)).cpu()[:, ck_cols].numpy()
-        scores["classifier"] = 1 / (1 + np.exp(-clf_logits))
+        scores["classifier"] = clf_logits
     units, inv = np.unique(unit_keys(ids, args.unit), return_inverse=True)
     return {"n_volumes": len(ids), "units": list(units), "y": metrics.unit_max(inv, y),
             "scores": {k: metrics.unit_mean(inv, s) for k, s in scores.items()},

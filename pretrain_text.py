@@ -86,10 +86,10 @@ def main():
                             lr=args.lr, weight_decay=args.weight_decay, fused=True)
     train_model = common.start(run, model, opt, train_ds, model_config, table.label_names)
 
-    def probabilities(b):  # (B, C): the head's read-out of validation reports, for the AUC at each epoch's end
+    def head_logits(b):  # (B, C): the head's logits for validation reports, for the AUC at each epoch's end
         ids, att = common.tokenize(tokenizer, b["report"], args.max_len, run.device)
         with run.autocast():
-            return torch.sigmoid(model(ids, att).float())
+            return model(ids, att).float()  # logits: a float32 sigmoid saturates, and AUC needs only the order
 
     # -----------------------------------------------------------------------------
     # training loop
@@ -103,7 +103,7 @@ def main():
             common.backward(run, loss, b)
             if last_micro:
                 common.optimizer_step(run, loss)
-        common.end_of_epoch(run, common.validate(run, valid_ds, probabilities, table.label_names))
+        common.end_of_epoch(run, common.validate(run, valid_ds, head_logits, table.label_names))
 
     # -----------------------------------------------------------------------------
     # summary

@@ -74,9 +74,9 @@ def main():
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, fused=True)
     train_model = common.start(run, model, opt, train_ds, model_config, table.label_names, extra={"preset": preset})
 
-    def probabilities(b):  # (B, C): the head's read-out of validation volumes, for the AUC at each epoch's end
+    def head_logits(b):  # (B, C): the head's logits for validation volumes, for the AUC at each epoch's end
         with run.autocast():
-            return torch.sigmoid(model(b["image"].to(run.device)).float())
+            return model(b["image"].to(run.device)).float()  # logits: a float32 sigmoid saturates, and AUC needs only the order
 
     # -----------------------------------------------------------------------------
     # training loop
@@ -89,7 +89,7 @@ def main():
             common.backward(run, loss, b)  # a non-finite loss stops the run naming the batch (or is skipped)
             if last_micro:
                 common.optimizer_step(run, loss)  # learning rate, clipping, step, log
-        common.end_of_epoch(run, common.validate(run, valid_ds, probabilities, table.label_names))
+        common.end_of_epoch(run, common.validate(run, valid_ds, head_logits, table.label_names))
 
     # -----------------------------------------------------------------------------
     # summary

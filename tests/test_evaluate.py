@@ -192,6 +192,18 @@ def test_evaluate_script_end_to_end(tmp_path):
     assert set(summary["retrieval"]) >= {"recall@1", "recall@100"} and summary["retrieval"]["recall@100"] is None
     assert (tmp_path / "eval" / "per_label.csv").read_text().count("\n") == 16 + 2  # header, 16 labels, macro
     assert "matplotlib" in r.stdout or (tmp_path / "eval" / "roc.png").exists()
+    # The same model with its latents 1000x longer: every logit 1000x larger, no ranking changed, so no AUC may change.
+    # Scored on float32 sigmoids, logits beyond about 17 all become 1.0 and tie, and the AUCs would fall towards 0.5.
+    with torch.no_grad():
+        net.img_proj.weight.mul_(1000)
+    checkpoints.save_checkpoint(tmp_path / "long.pt", stage="align", model=net, model_config=cfg, args={"preset": "demo"},
+                                label_names=table.label_names)
+    r = run("--ckpt", str(tmp_path / "long.pt"), "--protocol", "ctrate16", "--out", tmp_path / "long")
+    assert r.returncode == 0, r.stderr[-2000:]
+    long = json.loads((tmp_path / "long" / "summary.json").read_text())
+    assert long["macro"]["auc"] is not None and abs(long["macro"]["auc"] - summary["macro"]["auc"]) < 1e-9
+    for k in ("ensemble", "classifier"):
+        assert abs(long["macro_auc_by_score"][k] - summary["macro_auc_by_score"][k]) < 1e-9, k
     checkpoints.save_checkpoint(tmp_path / "vision.pt", stage="vision", model=net, model_config=cfg, args={},
                       label_names=table.label_names)
     r = run("--ckpt", str(tmp_path / "vision.pt"))  # wrong stage: one line, no traceback, exit 2
