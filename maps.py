@@ -26,7 +26,7 @@ import torch.nn.functional as F
 import data as D
 import dicom
 
-METHODS = ("exact", "gradcam", "occlusion")
+METHODS = ("exact", "gradcam", "occlusion", "coarse_to_fine", "layercam", "grad_input")
 
 
 def directions(model, prompts):
@@ -63,10 +63,38 @@ def gradcam(model, x, u, stage=3):
     return torch.stack(maps)
 
 
+def layercam(model, x, u, stage=1):
+    """(C, d, h, w) on stage `stage`: ReLU(sum_c ReLU(g_c(v)) A_c(v)), the gradient kept per cell instead of averaged
+    (LayerCAM, Jiang et al. 2021), so an early, fine stage still gives a sharp map. One backward pass per finding."""
+    with torch.enable_grad():
+        outs = stage_outputs(model.vision, x)
+        acts = outs[stage]
+        logits = outs[-1].mean(dim=(2, 3, 4)) @ u.T.float()  # (1, C)
+        maps = []
+        for k in range(u.shape[0]):
+            (g,) = torch.autograd.grad(logits[0, k], acts, retain_graph=k < u.shape[0] - 1)
+            maps.append(F.relu((F.relu(g) * acts).sum(1))[0].detach())
+    return torch.stack(maps)
+
+
+def grad_input(model, x, u):
+    """(C, D, H, W) at input resolution: gradient times input, summed over the input's channels (windows): the
+    first-order share of each voxel in the logit. One backward pass per finding."""
+    with torch.enable_grad():
+        xg = x.detach().clone().requires_grad_(True)
+        logits = model.vision(xg).float() @ u.T.float()  # (1, C)
+        maps = []
+        for k in range(u.shape[0]):
+            (g,) = torch.autograd.grad(logits[0, k], xg, retain_graph=k < u.shape[0] - 1)
+            maps.append((g * xg).sum(1)[0].detach())
+    return torch.stack(maps)
+
+
 @torch.no_grad()
-def occlusion(model, x, u, air, blocks=4, batch=16):
+def occlusion(model, x, u, air, blocks=4, batch=16, region=None):
     """(C, D, H, W) at input resolution: the mean drop of each finding's logit over the blocks covering a voxel, each
-    block (1/blocks of every axis) replaced by `air` (K,) in turn, sliding by half a block."""
+    block (1/blocks of every axis) replaced by `air` (K,) in turn, sliding by half a block. region (D, H, W) bool:
+    only the blocks that overlap it, so every voxel inside it gets exactly the value the full pass would give."""
     size = np.array(x.shape[2:])
     blk = np.maximum(1, size // blocks)
     starts = [range(0, max(n - b, 0) + 1, max(1, b // 2)) for n, b in zip(size, blk)]
@@ -74,6 +102,8 @@ def occlusion(model, x, u, air, blocks=4, batch=16):
     base = score(x)[0]
     drop, count = torch.zeros((u.shape[0], *size)), torch.zeros(tuple(size))
     jobs = [(a, b, c) for a in starts[0] for b in starts[1] for c in starts[2]]
+    if region is not None:
+        jobs = [j for j in jobs if region[tuple(slice(s, s + n) for s, n in zip(j, blk))].any()]
     from tqdm import tqdm  # a chest-preset scan takes a minute or more on a CPU: show it
     for i in tqdm(range(0, len(jobs), batch), desc="occlusion", unit="batch", leave=False, disable=None):
         xs = x.repeat(len(jobs[i:i + batch]), 1, 1, 1, 1)
@@ -86,6 +116,25 @@ def occlusion(model, x, u, air, blocks=4, batch=16):
     return drop / count.clamp(min=1)
 
 
+def coarse_to_fine(model, x, u, air, blocks=4):
+    """(C, D, H, W): occlusion with `blocks` per axis, then with twice as many, but only over the fine blocks that
+    overlap the coarse peak of some finding (the cells where its coarse map is maximal; their union R). Inside R the
+    map is the fine occlusion map exactly; outside it the coarse map, clipped to below R's weakest fine value, so the
+    peak falls where the fine pass looked (hierarchical perturbation: the fine pass costs about what the coarse one
+    does, not the 15x of a full fine pass)."""
+    coarse = occlusion(model, x, u, air, blocks)  # (C, D, H, W)
+    region = peak_cells(coarse).any(0)  # (D, H, W) R
+    fine = occlusion(model, x, u, air, 2 * blocks, region=region.numpy())
+    floor = fine[:, region].min(1).values  # (C,)
+    return torch.where(region, fine, torch.minimum(coarse, floor[:, None, None, None]))
+
+
+def peak_cells(m):
+    """(C, D, H, W) -> bool (C, D, H, W): each map's maximal voxels (a coarse map is flat over each cell)."""
+    top = m.flatten(1).max(1).values[:, None, None, None]
+    return m >= top - 1e-6 * top.abs().clamp(min=1e-12)
+
+
 def make_maps(model, x, prompts, method, preset, blocks=4):
     """The maps of every finding for one scan x (1, K, D, H, W) -> (C, D, H, W) float32 on the input grid (the crop)."""
     u = directions(model, prompts.to(x.device))
@@ -93,11 +142,15 @@ def make_maps(model, x, prompts, method, preset, blocks=4):
         m = exact_map(model, x, u)
     elif method == "gradcam":
         m = gradcam(model, x, u)
-    elif method == "occlusion":
+    elif method in ("occlusion", "coarse_to_fine"):
         window = D.get_preset(preset)["intensity"]
         air = torch.zeros(x.shape[1]) if window == "mri" else torch.tensor(D.normalize(np.full((1, 1, 1), -1000.0), window)
                                                                            ).reshape(-1).float()
-        m = occlusion(model, x, u, air.to(x.device), blocks)
+        m = (occlusion if method == "occlusion" else coarse_to_fine)(model, x, u, air.to(x.device), blocks)
+    elif method == "layercam":
+        m = layercam(model, x, u)
+    elif method == "grad_input":
+        m = grad_input(model, x, u)
     else:
         raise D.UsageError(f"map method {method!r}: one of {', '.join(METHODS)}")
     if m.shape[1:] != x.shape[2:]:  # cells -> voxels: each cell's value spread over the voxels it pools
