@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 import data as D
 import dicom
+import volumes as V
 
 METHODS = ("exact", "gradcam", "occlusion")
 
@@ -94,8 +95,8 @@ def make_maps(model, x, prompts, method, preset, blocks=4):
     elif method == "gradcam":
         m = gradcam(model, x, u)
     elif method == "occlusion":
-        window = D.get_preset(preset)["intensity"]
-        air = torch.zeros(x.shape[1]) if window == "mri" else torch.tensor(D.normalize(np.full((1, 1, 1), -1000.0), window)
+        window = V.get_preset(preset)["intensity"]
+        air = torch.zeros(x.shape[1]) if window == "mri" else torch.tensor(V.normalize(np.full((1, 1, 1), -1000.0), window)
                                                                            ).reshape(-1).float()
         m = occlusion(model, x, u, air.to(x.device), blocks)
     else:
@@ -114,9 +115,9 @@ def peak(m):
 
 def crop_affine(grid_affine, resampled_shape, preset):
     """The affine of the model's input grid: grid_affine maps the resampled volume's (x, y, z) = (W, H, D) voxel index
-    to RAS mm (data.load_volume(grid=True)); the stored volume is its centre pad-or-crop to the preset's size, the input
+    to RAS mm (volumes.load_volume(grid=True)); the stored volume is its centre pad-or-crop to the preset's size, the input
     its centre crop. -> (4, 4) affine of the crop's (W, H, D) index."""
-    p = D.get_preset(preset)
+    p = V.get_preset(preset)
     offset = np.zeros(3)  # (D, H, W): index in the resampled volume of the crop's voxel 0 (negative where padded)
     for shape, size in ((resampled_shape, p["size"]), (p["size"], p["crop"])):
         offset += [(max(n, s) - s) // 2 - max(s - n, 0) // 2 for n, s in zip(shape, size)]

@@ -39,6 +39,7 @@ import dicom
 import maps
 import metrics
 import model as M
+import volumes as V
 
 SCREENING = "sensitivity_0.9"  # the second operating point's key in evaluate.py's operating_points.json
 
@@ -69,16 +70,16 @@ def get_args():
 def load(args):
     """The checkpoint, its preset (checked against --preset), and evaluate.py's reference if there is one."""
     for scan in args.scans:  # found before any work
-        D.require(D.image_exists(scan), f"{scan}: file not found")
+        D.require(V.image_exists(scan), f"{scan}: file not found")
     model, ckpt = checkpoints.model_from_checkpoint(args.ckpt, stage="align")
     preset = (ckpt.get("extra") or {}).get("preset") or ckpt["args"].get("preset")  # align.py saves it in "extra"
     asked = D.resolve_preset(args.preset, ".") if args.preset else None  # a name, or a .json preset file
-    if asked and preset and D.get_preset(asked) != D.get_preset(preset):
-        raise D.UsageError(f"--preset {args.preset}: {args.ckpt} was trained on preset {D.preset_name(preset)}, and a scan "
+    if asked and preset and V.get_preset(asked) != V.get_preset(preset):
+        raise D.UsageError(f"--preset {args.preset}: {args.ckpt} was trained on preset {V.preset_name(preset)}, and a scan "
                            f"must go through the same preprocessing (leave --preset out)")
     preset = preset or asked
     D.require(preset, f"{args.ckpt}: the checkpoint does not record its preset; pass the one it was trained with (--preset)")
-    D.require_channels(ckpt["model_config"]["vision"], preset, args.ckpt)
+    V.require_channels(ckpt["model_config"]["vision"], preset, args.ckpt)
     points, features = checkpoints.load_reference(args.ckpt)
     if points and points.get("template") != args.template:
         raise D.UsageError(f"--template {args.template}: {args.ckpt}'s operating points were measured with "
@@ -88,8 +89,8 @@ def load(args):
 
 def say_what_it_knows(args, ckpt, preset, points, features):
     """Printed once: the checkpoint, the data it learned from, and what is known of its answers."""
-    p, data = D.get_preset(preset), (ckpt.get("extra") or {}).get("data")
-    print(f"checkpoint {args.ckpt}: {len(ckpt['label_names'])} trained labels; preset {D.preset_name(preset)} "
+    p, data = V.get_preset(preset), (ckpt.get("extra") or {}).get("data")
+    print(f"checkpoint {args.ckpt}: {len(ckpt['label_names'])} trained labels; preset {V.preset_name(preset)} "
           f"({'x'.join(f'{s:g}' for s in p['spacing'])} mm, center crop {'x'.join(map(str, p['crop']))}); template {args.template}")
     if data:
         print(f"trained on: {data['name']} ({data['source']}, {data['train_volumes']} training volumes"
@@ -113,9 +114,9 @@ def write_maps(args, scan, x, model, prompts, preset, findings, probs):
     """--maps: each finding's map, on the scan's own grid as NIfTI (the inverse of the preprocessing) and as a picture
     through its peak. -> the folder written."""
     m = maps.make_maps(model, x, prompts, args.map_method, preset)  # (F, D, H, W) on the crop grid
-    p, window = D.get_preset(preset), (D.windows(D.get_preset(preset)["intensity"]) or [(-1000, 200)])[0]
-    vol, grid = D.load_volume(scan, p["spacing"], grid=True)  # the resampled scan and where its voxels lie
-    crop = D.pad_or_crop(D.pad_or_crop(vol, p["size"]), p["crop"])  # (D, H, W) HU: what the model saw
+    p, window = V.get_preset(preset), (V.windows(V.get_preset(preset)["intensity"]) or [(-1000, 200)])[0]
+    vol, grid = V.load_volume(scan, p["spacing"], grid=True)  # the resampled scan and where its voxels lie
+    crop = V.pad_or_crop(V.pad_or_crop(vol, p["size"]), p["crop"])  # (D, H, W) HU: what the model saw
     affine_crop = maps.crop_affine(grid, vol.shape, preset)
     in_shape, in_affine = maps.grid_of(scan)  # the map goes back onto the voxels the scan arrived as
     folder_name, uid = dicom.split_choice(scan)

@@ -19,6 +19,7 @@ import data as D
 import evaluate as E
 import scan as S
 import model as M
+import volumes as V
 from conftest import ROOT, SAMPLE, run_script
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
@@ -36,7 +37,7 @@ def ck(tmp_path_factory):
     for preset in ("demo", "chest"):
         torch.manual_seed(0)
         cfg = {"kind": "align", "num_labels": len(table.label_names), "embed_dim": 768, "text": text_cfg,
-               "vision": {"in_channels": D.input_channels(preset), "stem": 4, "widths": [8, 16, 16, 16]}}
+               "vision": {"in_channels": V.input_channels(preset), "stem": 4, "widths": [8, 16, 16, 16]}}
         checkpoints.save_checkpoint(d / f"{preset}.pt", stage="align", model=M.build_model(cfg), model_config=cfg, args={},
                           label_names=table.label_names, extra={"preset": preset})  # where align.py records it
     return d, table
