@@ -67,11 +67,11 @@ def get_args():
 
 def mask_on_crop(path, image, preset):
     """A mask file -> bool (D, H, W) on the model's input grid, after checking it lies on its scan's grid."""
-    (shape, affine), (m_shape, m_affine) = maps.grid_of(image), maps.grid_of(path)
-    D.require(tuple(m_shape) == tuple(shape) and np.allclose(m_affine, affine, atol=1e-3), f"{path}: a mask on another "
-              f"grid than its scan {image} (shape {tuple(m_shape)} vs {tuple(shape)}, or another affine): resample it first")
+    scan, mask = V.Scan(image), V.Scan(path)  # each grid from its read (a NIfTI file's: the header; its voxels not yet)
+    D.require(mask.shape == scan.shape and np.allclose(mask.affine, scan.affine, atol=1e-3), f"{path}: a mask on another "
+              f"grid than its scan {image} (shape {mask.shape} vs {scan.shape}, or another affine): resample it first")
     p = V.get_preset(preset)
-    m = V.load_volume(path, p["spacing"]) > 0.5  # the scan's own resampling, read as a fraction of mask per voxel
+    m = V.load_volume(mask, p["spacing"]) > 0.5  # the scan's own resampling, read as a fraction of mask per voxel
     return V.pad_or_crop(V.pad_or_crop(m, p["size"], False), p["crop"], False)
 
 

@@ -18,13 +18,11 @@ to_input takes one back to the scan's own voxels (the inverse of the preprocessi
 """
 import io
 
-import nibabel as nib
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 import data as D
-import dicom
 import volumes as V
 
 METHODS = ("exact", "gradcam", "occlusion")
@@ -115,8 +113,8 @@ def peak(m):
 
 def crop_affine(grid_affine, resampled_shape, preset):
     """The affine of the model's input grid: grid_affine maps the resampled volume's (x, y, z) = (W, H, D) voxel index
-    to RAS mm (volumes.load_volume(grid=True)); the stored volume is its centre pad-or-crop to the preset's size, the input
-    its centre crop. -> (4, 4) affine of the crop's (W, H, D) index."""
+    to RAS mm (volumes.preprocess_volume(grid=True) gives both); the stored volume is its centre pad-or-crop to the
+    preset's size, the input its centre crop. -> (4, 4) affine of the crop's (W, H, D) index."""
     p = V.get_preset(preset)
     offset = np.zeros(3)  # (D, H, W): index in the resampled volume of the crop's voxel 0 (negative where padded)
     for shape, size in ((resampled_shape, p["size"]), (p["size"], p["crop"])):
@@ -124,18 +122,6 @@ def crop_affine(grid_affine, resampled_shape, preset):
     shift = np.eye(4)
     shift[:3, 3] = offset[::-1]
     return grid_affine @ shift
-
-
-def grid_of(path):
-    """A scan's own grid -> (shape (X, Y, Z), affine to RAS mm): a NIfTI file's header, or a DICOM series' hand-off."""
-    if dicom.is_series(path):
-        vol, affine = dicom.read_series(path)
-        return vol.shape, affine
-    try:
-        img = nib.load(path)
-    except Exception as e:
-        raise D.DataError(f"{path}: cannot read NIfTI ({type(e).__name__})") from None
-    return img.shape[:3], img.affine
 
 
 def to_input(m, affine_crop, in_shape, in_affine):
