@@ -42,6 +42,7 @@ import data as D
 import devices
 import metrics
 import model as M
+import volumes as V
 
 STAGE = "align"
 CXR_BERT = "microsoft/BiomedVLP-CXR-BERT-specialized"
@@ -106,7 +107,7 @@ def main():
     # model: the two pre-trained encoders, a projection each into the shared space, one shared classifier
     vck = read_pretrained(args.vision_ckpt, "vision", table.label_names, run, preset)  # None when absent or switched off (said)
     tck = read_pretrained(args.text_ckpt, "text", table.label_names, run)
-    vision_cfg = {"in_channels": D.input_channels(preset), "stem": 4 if args.lite else 2, "widths": [64, 128, 256, 512]}
+    vision_cfg = {"in_channels": V.input_channels(preset), "stem": 4 if args.lite else 2, "widths": [64, 128, 256, 512]}
     text_encoder = tokenizer = None
     if tck is None:  # start from a hub model (CXR-BERT) or a scratch BERT, as pretrain_text.py would
         source = args.text_model or D.dataset_defaults(args.data).get("text_model", CXR_BERT)
@@ -222,7 +223,7 @@ def read_pretrained(path, stage, label_names, run, preset=None):
         if stem != want:
             raise D.UsageError(f"{path}: a stem-{stem} encoder, but {'--lite' if args.lite else 'the standard model'} "
                                f"needs stem {want}; pass the matching --vision-ckpt")
-        D.require_channels(ck["model_config"]["vision"], preset, path)
+        V.require_channels(ck["model_config"]["vision"], preset, path)
     run.log(f"loaded {stage} encoder: {path} (pre-trained step {ck['step']}, valid macro AUC {ck['best_metric']})")
     if ck["model_config"].get("image_pooling", "gap") != "gap":  # pretrain_vision.py --image-pooling (Fig. 4d)
         run.log(f"note: it was pre-trained with {ck['model_config']['image_pooling']} pooling; alignment reads the encoder "

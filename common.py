@@ -33,6 +33,7 @@ import data as D
 import devices
 import metrics
 import model as M
+import volumes as V
 from demo import DEMO_TRAIN, ensure_demo
 
 SCRIPTS = {"vision": "pretrain_vision.py", "text": "pretrain_text.py", "align": "align.py"}
@@ -54,7 +55,7 @@ def parser(doc, images=True, **paper_defaults):
                    "Fig. 3a): the same rows for every stage given --seed, and a smaller share's rows among a larger one's")
     g.add_argument("--workers", type=int, default=2, help="data loader worker processes")
     if images:
-        g.add_argument("--preset", default=None, help=f"preprocessing preset: one of {list(D.PRESETS)} or a .json preset "
+        g.add_argument("--preset", default=None, help=f"preprocessing preset: one of {list(V.PRESETS)} or a .json preset "
                                                       "file; default: the data set's dataset.json, else chest")
         g.add_argument("--cache", default=None, help="preprocessed cache folder (default: <data>/cache-<preset>, used when it exists)")
         g.add_argument("--random-crop", action=argparse.BooleanOptionalAction, default=True,
@@ -140,12 +141,12 @@ def load_data(run, images=True, reports=True):
         log(f"skipping {len(empty)} rows with an empty report: {', '.join(empty[:5])}{' ...' if len(empty) > 5 else ''}")
         table = table.take([i for i, r in enumerate(table.reports) if r.strip()])
     preset = D.resolve_preset(args.preset, args.data) if images else None
-    cache = (args.cache or Path(table.source).parent / f"cache-{D.preset_name(preset)}") if images else None
+    cache = (args.cache or Path(table.source).parent / f"cache-{V.preset_name(preset)}") if images else None
     n_train, n_valid = table.splits.count("train"), table.splits.count("valid")
     unit = "pairs" if images and reports else "volumes" if images else "reports"
     if n_train < args.batch_size:
         raise D.DataError(f"{table.source}: {n_train} training {unit}, fewer than one batch of {args.batch_size}")
-    where = f", preset {D.preset_name(preset)}, cache {cache if Path(cache).exists() else 'none (reading NIfTI)'}" if images else ""
+    where = f", preset {V.preset_name(preset)}, cache {cache if Path(cache).exists() else 'none (reading NIfTI)'}" if images else ""
     log(f"data: {table.source} ({n_train} train / {n_valid} valid {unit}){where}")
     log(f"labels: {labels_used} ({len(table.label_names)} labels)")
     return table, preset, cache

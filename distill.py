@@ -33,10 +33,11 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from data import ID_COLUMNS, DataError, HelpFormatter, UsageError, load_table, require, resolve_label_set, run_main, volume_key, write_atomic
+from data import ID_COLUMNS, DataError, HelpFormatter, UsageError, load_table, require, resolve_label_set, run_main, write_atomic
 from demo import ensure_demo
 from llm import Failed, Gate, check_server, on_site, post, redact, request_headers
 from rules import agreement, compile_patterns, explanation, phrase_regex, read_reference, rules_label, split_definitions  # noqa: F401
+from volumes import volume_key
 
 # -----------------------------------------------------------------------------
 # config

@@ -55,6 +55,7 @@ import data as D
 from demo import ensure_demo
 import metrics
 import model as M
+import volumes as V
 
 # -----------------------------------------------------------------------------
 # protocols and unit names (the metrics, and the pooling per unit, are in metrics.py)
@@ -125,7 +126,7 @@ def get_args():
     g.add_argument("--split", default=None, help="split to evaluate (default: 'test' if present, else 'valid')")
     g.add_argument("--threshold-split", default="valid", help="split on which the second threshold set is picked ('none' to skip)")
     g.add_argument("--labels", default=None, help="reference label CSV replacing the manifest's labels, matched on id")
-    g.add_argument("--preset", default=None, help=f"preprocessing preset: one of {list(D.PRESETS)} or a .json preset file (default: dataset.json's, else chest)")
+    g.add_argument("--preset", default=None, help=f"preprocessing preset: one of {list(V.PRESETS)} or a .json preset file (default: dataset.json's, else chest)")
     g.add_argument("--cache", default=None, help="preprocessed cache folder (default <manifest folder>/cache-<preset>)")
     g = p.add_argument_group("protocol")
     g.add_argument("--protocol", default="all", choices=["all", *PROTOCOLS], help="label set: all labels of the checkpoint or a published one")
@@ -164,20 +165,20 @@ def main():
         ensure_demo(args.data)
     table = D.load_table(args.data)
     preset = D.resolve_preset(args.preset, args.data)  # --preset, else dataset.json's, else chest
-    cache = Path(args.cache or Path(table.source).parent / f"cache-{D.preset_name(preset)}")  # used where it exists
+    cache = Path(args.cache or Path(table.source).parent / f"cache-{V.preset_name(preset)}")  # used where it exists
     split = args.split or ("test" if "test" in table.splits else "valid")
     thr_split = None if args.threshold_split in ("none", "", split) else args.threshold_split
     if thr_split not in table.splits:
         print(f"note: no second threshold split (--threshold-split {args.threshold_split}: "
               f"{'the evaluated split itself' if args.threshold_split == split else 'absent or none'})")
         thr_split = None
-    print(f"data {table.source}: split {split}, preset {D.preset_name(preset)}, unit {args.unit}, "
+    print(f"data {table.source}: split {split}, preset {V.preset_name(preset)}, unit {args.unit}, "
           f"cache {cache if cache.is_dir() else 'none (volumes preprocessed on the fly)'}")
 
     # -----------------------------------------------------------------------------
     # model: strict load of an aligned checkpoint (anything else is one clear error line), prompts
     model, ckpt = checkpoints.model_from_checkpoint(args.ckpt, stage="align")
-    D.require_channels(ckpt["model_config"]["vision"], preset, args.ckpt)
+    V.require_channels(ckpt["model_config"]["vision"], preset, args.ckpt)
     model.to(device).eval()
     tokenizer = M.tokenizer_from_cfg(ckpt["model_config"]["text"])
     max_len = args.max_len or ckpt["model_config"]["text"]["max_len"]

@@ -40,6 +40,7 @@ import data as D
 import maps
 import metrics
 import model as M
+import volumes as V
 from demo import ensure_demo
 
 DIFFUSE = ("Cardiomegaly", "Emphysema")  # masks that are whole organs: reported apart from the focal findings
@@ -66,12 +67,12 @@ def get_args():
 
 def mask_on_crop(path, image, preset):
     """A mask file -> bool (D, H, W) on the model's input grid, after checking it lies on its scan's grid."""
-    (shape, affine), (m_shape, m_affine) = maps.grid_of(image), maps.grid_of(path)
-    D.require(tuple(m_shape) == tuple(shape) and np.allclose(m_affine, affine, atol=1e-3), f"{path}: a mask on another "
-              f"grid than its scan {image} (shape {tuple(m_shape)} vs {tuple(shape)}, or another affine): resample it first")
-    p = D.get_preset(preset)
-    m = D.load_volume(path, p["spacing"]) > 0.5  # the scan's own resampling, read as a fraction of mask per voxel
-    return D.pad_or_crop(D.pad_or_crop(m, p["size"], False), p["crop"], False)
+    scan, mask = V.Scan(image), V.Scan(path)  # each grid from its read (a NIfTI file's: the header; its voxels not yet)
+    D.require(mask.shape == scan.shape and np.allclose(mask.affine, scan.affine, atol=1e-3), f"{path}: a mask on another "
+              f"grid than its scan {image} (shape {mask.shape} vs {scan.shape}, or another affine): resample it first")
+    p = V.get_preset(preset)
+    m = V.load_volume(mask, p["spacing"]) > 0.5  # the scan's own resampling, read as a fraction of mask per voxel
+    return V.pad_or_crop(V.pad_or_crop(m, p["size"], False), p["crop"], False)
 
 
 def positives_with_masks(table, i):
@@ -100,9 +101,9 @@ def location_prior(table, preset):
 def score_case(model, ds, i, table, prompts_by_name, preset, args, spacing, prior_points):
     """One volume: {finding: {method: (hit, mass), "prior", "centre": hit, "random": expected hit, "seconds": {method: s}}};
     "prior" is None for a finding with no training mask."""
-    item, p = ds[i], D.get_preset(preset)
+    item, p = ds[i], V.get_preset(preset)
     x = item["image"][None]  # (1, K, D, H, W)
-    crop = D.pad_or_crop(ds.stored_volume(i), p["crop"])  # (D, H, W) HU
+    crop = V.pad_or_crop(ds.stored_volume(i), p["crop"])  # (D, H, W) HU
     body = crop > -500 if p["intensity"] != "mri" else crop > np.percentile(crop, 50)
     out = {}
     files = positives_with_masks(table, i)
@@ -147,12 +148,12 @@ def main():
     t = with_masks(args.split, args.max_cases)
     prior = location_prior(with_masks("train", args.prior_cases), preset)  # {finding: (D, H, W) mean training mask}
     prior_points = {n: maps.peak(m) for n, m in prior.items()}
-    cache = Path(table.source).parent / f"cache-{D.preset_name(preset)}"
+    cache = Path(table.source).parent / f"cache-{V.preset_name(preset)}"
     ds = D.VolumeReportDataset(t, preset, train=False, cache_dir=cache)
     tok = M.tokenizer_from_cfg(ckpt["model_config"]["text"])
     prompts = M.prompt_latents(model, tok, t.label_names, args.template, ckpt["model_config"]["text"]["max_len"], "cpu")
     by_name = dict(zip(t.label_names, prompts))
-    spacing = tuple(D.get_preset(preset)["spacing"][::-1])  # (D, H, W) mm of the input grid
+    spacing = tuple(V.get_preset(preset)["spacing"][::-1])  # (D, H, W) mm of the input grid
     cases = {}  # finding -> list of per-case dicts
     with torch.no_grad():
         for i in range(len(t)):

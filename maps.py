@@ -18,13 +18,12 @@ to_input takes one back to the scan's own voxels (the inverse of the preprocessi
 """
 import io
 
-import nibabel as nib
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 import data as D
-import dicom
+import volumes as V
 
 METHODS = ("exact", "gradcam", "occlusion", "coarse_to_fine", "layercam", "grad_input")
 
@@ -143,8 +142,8 @@ def make_maps(model, x, prompts, method, preset, blocks=4):
     elif method == "gradcam":
         m = gradcam(model, x, u)
     elif method in ("occlusion", "coarse_to_fine"):
-        window = D.get_preset(preset)["intensity"]
-        air = torch.zeros(x.shape[1]) if window == "mri" else torch.tensor(D.normalize(np.full((1, 1, 1), -1000.0), window)
+        window = V.get_preset(preset)["intensity"]
+        air = torch.zeros(x.shape[1]) if window == "mri" else torch.tensor(V.normalize(np.full((1, 1, 1), -1000.0), window)
                                                                            ).reshape(-1).float()
         m = (occlusion if method == "occlusion" else coarse_to_fine)(model, x, u, air.to(x.device), blocks)
     elif method == "layercam":
@@ -167,27 +166,15 @@ def peak(m):
 
 def crop_affine(grid_affine, resampled_shape, preset):
     """The affine of the model's input grid: grid_affine maps the resampled volume's (x, y, z) = (W, H, D) voxel index
-    to RAS mm (data.load_volume(grid=True)); the stored volume is its centre pad-or-crop to the preset's size, the input
-    its centre crop. -> (4, 4) affine of the crop's (W, H, D) index."""
-    p = D.get_preset(preset)
+    to RAS mm (volumes.preprocess_volume(grid=True) gives both); the stored volume is its centre pad-or-crop to the
+    preset's size, the input its centre crop. -> (4, 4) affine of the crop's (W, H, D) index."""
+    p = V.get_preset(preset)
     offset = np.zeros(3)  # (D, H, W): index in the resampled volume of the crop's voxel 0 (negative where padded)
     for shape, size in ((resampled_shape, p["size"]), (p["size"], p["crop"])):
         offset += [(max(n, s) - s) // 2 - max(s - n, 0) // 2 for n, s in zip(shape, size)]
     shift = np.eye(4)
     shift[:3, 3] = offset[::-1]
     return grid_affine @ shift
-
-
-def grid_of(path):
-    """A scan's own grid -> (shape (X, Y, Z), affine to RAS mm): a NIfTI file's header, or a DICOM series' hand-off."""
-    if dicom.is_series(path):
-        vol, affine = dicom.read_series(path)
-        return vol.shape, affine
-    try:
-        img = nib.load(path)
-    except Exception as e:
-        raise D.DataError(f"{path}: cannot read NIfTI ({type(e).__name__})") from None
-    return img.shape[:3], img.affine
 
 
 def to_input(m, affine_crop, in_shape, in_affine):

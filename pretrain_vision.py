@@ -23,6 +23,7 @@ import common
 import data as D
 import devices
 import model as M
+import volumes as V
 
 STAGE = "vision"
 
@@ -53,14 +54,14 @@ def main():
     # -----------------------------------------------------------------------------
     # model: 3D ResNet-18 encoder + a linear head to the C labels
     model_config = {"kind": STAGE, "num_labels": len(table.label_names),
-                    "vision": {"in_channels": D.input_channels(preset),  # one per intensity window of the preset
+                    "vision": {"in_channels": V.input_channels(preset),  # one per intensity window of the preset
                                "stem": 4 if args.lite else 2, "widths": [64, 128, 256, 512]},
                     "image_pooling": args.image_pooling}
     model = M.build_model(model_config)
     # --image-pooling (Fig. 4d). Alignment (align.py) needs one embedding per volume and takes it by GAP. We read the
     # paper's "architectural consistency" as: stage 1 should pool as stage 3 will, which only GAP, the recipe, does.
     if args.image_pooling == "noisy_or":  # P_c starts at 1/2 over this crop's cells, not saturated at 1
-        torch.nn.init.constant_(model.head.bias, M.noisy_or_bias(model.encoder.cells(D.get_preset(preset)["crop"])))
+        torch.nn.init.constant_(model.head.bias, M.noisy_or_bias(model.encoder.cells(V.get_preset(preset)["crop"])))
     if args.init:
         load_init(model, args.init, run.log)
     model.encoder.grad_ckpt = args.grad_ckpt

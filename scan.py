@@ -5,9 +5,9 @@ Single scans: an aligned GreenRFM's answers for one CT at a time, and what a rea
   python scan.py export/p1/study2/series3 --findings "pneumothorax, rib fracture"   # a DICOM series; any finding
   python scan.py a.nii.gz b.nii.gz --save-latents out/scans.npz      # + each scan's latent, feature and answers
 
-Each scan goes through the preprocessing of the preset the checkpoint was trained with (the manifest evaluation's
-own path: VolumeReportDataset, centre crop) and the model in true fp32 (no TF32 on a GPU), as in evaluate.py, whose
-validation scores and thresholds it is compared with. Then, per finding:
+Each scan's file(s) are read once (volumes.Scan), and go through the preprocessing of the preset the checkpoint was
+trained with (the manifest evaluation's own: volumes.preprocess_volume, then model_input's centre crop) and the model
+in true fp32 (no TF32 on a GPU), as in evaluate.py, whose validation scores and thresholds it is compared with. Then, per finding:
 - the zero-shot probability: sigmoid(a * (image . "There is X." - image . "There is no X.") + b), and the shared
   classifier's sigmoid(a' * logit + b'): Platt scaling per trained finding, fitted by evaluate.py on validation; a
   finding with too few validation positives or negatives to fit two numbers, an open-vocabulary finding, and an
@@ -41,6 +41,7 @@ import dicom
 import maps
 import metrics
 import model as M
+import volumes as V
 
 SCREENING = "sensitivity_0.9"  # the second operating point's key in evaluate.py's operating_points.json
 
@@ -71,16 +72,16 @@ def get_args():
 def load(args):
     """The checkpoint, its preset (checked against --preset), and evaluate.py's reference if there is one."""
     for scan in args.scans:  # found before any work
-        D.require(D.image_exists(scan), f"{scan}: file not found")
+        D.require(V.image_exists(scan), f"{scan}: file not found")
     model, ckpt = checkpoints.model_from_checkpoint(args.ckpt, stage="align")
     preset = (ckpt.get("extra") or {}).get("preset") or ckpt["args"].get("preset")  # align.py saves it in "extra"
     asked = D.resolve_preset(args.preset, ".") if args.preset else None  # a name, or a .json preset file
-    if asked and preset and D.get_preset(asked) != D.get_preset(preset):
-        raise D.UsageError(f"--preset {args.preset}: {args.ckpt} was trained on preset {D.preset_name(preset)}, and a scan "
+    if asked and preset and V.get_preset(asked) != V.get_preset(preset):
+        raise D.UsageError(f"--preset {args.preset}: {args.ckpt} was trained on preset {V.preset_name(preset)}, and a scan "
                            f"must go through the same preprocessing (leave --preset out)")
     preset = preset or asked
     D.require(preset, f"{args.ckpt}: the checkpoint does not record its preset; pass the one it was trained with (--preset)")
-    D.require_channels(ckpt["model_config"]["vision"], preset, args.ckpt)
+    V.require_channels(ckpt["model_config"]["vision"], preset, args.ckpt)
     points, features = checkpoints.load_reference(args.ckpt)
     if points and points.get("template") != args.template:
         raise D.UsageError(f"--template {args.template}: {args.ckpt}'s operating points were measured with "
@@ -90,8 +91,8 @@ def load(args):
 
 def say_what_it_knows(args, ckpt, preset, points, features):
     """Printed once: the checkpoint, the data it learned from, and what is known of its answers."""
-    p, data = D.get_preset(preset), (ckpt.get("extra") or {}).get("data")
-    print(f"checkpoint {args.ckpt}: {len(ckpt['label_names'])} trained labels; preset {D.preset_name(preset)} "
+    p, data = V.get_preset(preset), (ckpt.get("extra") or {}).get("data")
+    print(f"checkpoint {args.ckpt}: {len(ckpt['label_names'])} trained labels; preset {V.preset_name(preset)} "
           f"({'x'.join(f'{s:g}' for s in p['spacing'])} mm, center crop {'x'.join(map(str, p['crop']))}); template {args.template}")
     if data:
         print(f"trained on: {data['name']} ({data['source']}, {data['train_volumes']} training volumes"
@@ -113,16 +114,15 @@ def say_what_it_knows(args, ckpt, preset, points, features):
         print(f"no feature reference beside the checkpoint: no out-of-distribution check (make it: {make})")
 
 
-def write_maps(args, scan, x, model, prompts, preset, findings, probs):
+def write_maps(args, scan, x, stored, affine_crop, model, prompts, preset, findings, probs):
     """--maps: each finding's map, on the scan's own grid as NIfTI (the inverse of the preprocessing) and as a picture
-    through its peak. -> the folder written."""
+    through its peak. scan: the Scan read; stored: its stored volume (D, H, W); affine_crop: where x's voxels lie.
+    -> the folder written."""
     m = maps.make_maps(model, x, prompts, args.map_method, preset)  # (F, D, H, W) on the crop grid
-    p, window = D.get_preset(preset), (D.windows(D.get_preset(preset)["intensity"]) or [(-1000, 200)])[0]
-    vol, grid = D.load_volume(scan, p["spacing"], grid=True)  # the resampled scan and where its voxels lie
-    crop = D.pad_or_crop(D.pad_or_crop(vol, p["size"]), p["crop"])  # (D, H, W) HU: what the model saw
-    affine_crop = maps.crop_affine(grid, vol.shape, preset)
-    in_shape, in_affine = maps.grid_of(scan)  # the map goes back onto the voxels the scan arrived as
-    folder_name, uid = dicom.split_choice(scan)
+    p, window = V.get_preset(preset), (V.windows(V.get_preset(preset)["intensity"]) or [(-1000, 200)])[0]
+    crop = V.pad_or_crop(stored, p["crop"])  # (D, H, W) HU: what the model saw
+    in_shape, in_affine = scan.shape, scan.affine  # the map goes back onto the voxels the scan arrived as
+    folder_name, uid = dicom.split_choice(scan.path)
     folder = Path(args.maps) / (Path(folder_name).name.removesuffix(".gz").removesuffix(".nii") + (f"_{uid[-12:]}" if uid else ""))
     folder.mkdir(parents=True, exist_ok=True)
     for f, mm, prob in zip(findings, m, probs):
@@ -181,10 +181,6 @@ def main():
     col = {key(n): c for c, n in enumerate(ck_names)}
     cols = [col.get(key(f)) for f in findings]  # classifier output of each finding, None = not a trained label
     prompts = M.prompt_latents(model, tokenizer, findings, args.template, args.max_len or text_cfg["max_len"], device)
-    n = len(args.scans)  # the scans as a label-free table: the dataset reads, resamples and crops them as for a manifest
-    table = D.Table(ids=[str(s) for s in args.scans], images=[str(s) for s in args.scans], reports=[""] * n,
-                    splits=["scan"] * n, label_names=[], labels=np.zeros((n, 0), np.float32), meta=[{}] * n, source="scans")
-    ds = D.VolumeReportDataset(table, preset, train=False)  # no cache: each file is read and preprocessed afresh
     say_what_it_knows(args, ckpt, preset, points, features)
     if None in cols:
         print(f"note: {cols.count(None)} of {len(findings)} findings are not among the checkpoint's trained labels: they are "
@@ -199,8 +195,10 @@ def main():
              for k in temp if temp[k] is not None}  # {kind: (2, F) rows a and b}
     ref = [points["labels"].get(ck_names[c]) if points and c is not None else None for c in cols]  # per finding or None
     out = {k: [] for k in ("feature", "latent", "zero_shot", "classifier", "decision", "screening", "distance", "distance_flipped")}
-    for i, scan in enumerate(args.scans):
-        x = ds[i]["image"][None].to(device)  # (1, K, D, H, W)
+    for path in args.scans:
+        scan = V.Scan(path, V.modality(preset))  # its file(s) read once: the voxels, and the grid they lie on
+        stored, grid, shape = V.preprocess_volume(scan, preset, grid=True)  # (D, H, W) as a cache holds it; the grid
+        x = torch.from_numpy(V.model_input(stored, preset))[None].to(device)  # (1, K, D, H, W): the evaluation's crop
         feat = model.vision(x)  # (1, 512): the encoder's pooled feature
         lat = model.image_latent(feat)  # (1, 768) = model.encode_image(x)
         z = metrics.platt_probabilities(M.zero_shot_logits(lat.float().cpu(), prompts.cpu())[0].numpy(), *calib["zero_shot"])  # (F,)
@@ -211,9 +209,9 @@ def main():
         dec = np.array([-1 if r is None else int(zi >= r["youden"]) for zi, r in zip(z, ref)])
         scr = np.array([-1 if r is None else int(zi >= r[SCREENING]) for zi, r in zip(z, ref)])
         dist = flipped = float(np.nan)
-        print(f"\nscan {scan}")
+        print(f"\nscan {path}")
         if features:  # how far this scan lies from the scans the model was trained on, as it is and upside down
-            dist, flipped = trust_check(scan, model, x, feat, features)
+            dist, flipped = trust_check(path, model, x, feat, features)
         print(f"  {'finding':34s} {'zero-shot':>9s}  {'classifier':>10s}  {'Youden':8s} {'sens 0.90':9s}  among validation neg / pos")
         for f, c, zi, ci, r, a, b in zip(findings, cols, z, c_out, ref, dec, scr):
             word = {1: "positive", 0: "negative", -1: "-"}
@@ -221,8 +219,9 @@ def main():
                      "no decision: not a trained label" if c is None else "no decision: no operating points" if not points
                      else f"no decision: '{points['split']}' lacks positives or negatives of it")
             print(f"  {f[:34]:34s} {zi:9.4f}  {'n/a' if np.isnan(ci) else f'{ci:.4f}':>10s}  {word[a]:8s} {word[b]:9s}  {where}")
-        if args.maps:
-            print(f"  maps ({args.map_method}): {write_maps(args, scan, x, model, prompts, preset, findings, z)}/")
+        if args.maps:  # back onto the scan's own grid, from the same read
+            affine_crop = maps.crop_affine(grid, shape, preset)  # (4, 4): x's (W, H, D) voxel index -> RAS mm
+            print(f"  maps ({args.map_method}): {write_maps(args, scan, x, stored, affine_crop, model, prompts, preset, findings, z)}/")
         for k, v in zip(out, (feat.float().cpu()[0].numpy(), lat.float().cpu()[0].numpy(), z, c_out, dec, scr, dist, flipped)):
             out[k].append(v)
     if args.save_latents:  # plain arrays, rows in scan order; classifier nan and decisions -1 where there is none

@@ -484,11 +484,12 @@ def sentence_alignment(ckpt, data, out):
     import data as D
     import model as M
     import rules
+    import volumes as V
     model, ck = checkpoints.model_from_checkpoint(ckpt, stage="align")
     model.eval()
     test = D.load_table(data).subset("test")
     preset = D.resolve_preset(None, data)
-    ds = D.VolumeReportDataset(test, preset, train=False, cache_dir=Path(test.source).parent / f"cache-{D.preset_name(preset)}")
+    ds = D.VolumeReportDataset(test, preset, train=False, cache_dir=Path(test.source).parent / f"cache-{V.preset_name(preset)}")
     with torch.no_grad():
         img = torch.cat([model.encode_image(b["image"]) for b in torch.utils.data.DataLoader(ds, batch_size=8)])  # (N, E)
     patterns = rules.compile_patterns(ck["label_names"])

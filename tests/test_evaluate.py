@@ -171,12 +171,13 @@ def test_recall_at_k():
 
 def test_evaluate_script_end_to_end(tmp_path):
     import data
+    import volumes
     from demo import make_demo
     make_demo(tmp_path / "demo", n_train=4, n_valid=6, n_test=8, seed=0)
     table = data.load_table(tmp_path / "demo")
     text, _, text_cfg = M.build_text("scratch", table.reports, max_len=64)
     cfg = {"kind": "align", "num_labels": len(table.label_names), "embed_dim": 768, "text": text_cfg,
-           "vision": {"in_channels": data.input_channels("demo"), "stem": 4, "widths": [8, 16, 16, 16]}}
+           "vision": {"in_channels": volumes.input_channels("demo"), "stem": 4, "widths": [8, 16, 16, 16]}}
     net = M.build_model(cfg)
     ckpt = tmp_path / "align.pt"
     checkpoints.save_checkpoint(ckpt, stage="align", model=net, model_config=cfg, args={"preset": "demo"},

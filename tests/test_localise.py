@@ -14,6 +14,7 @@ import checkpoints
 import data as D
 import localise
 import model as M
+import volumes as V
 from conftest import run_script
 
 
@@ -86,7 +87,7 @@ def test_localise_end_to_end_prints_the_prior(tmp_path):
     _, _, text_cfg = M.build_text("scratch", table.reports, max_len=64)
     torch.manual_seed(0)
     cfg = {"kind": "align", "num_labels": len(table.label_names), "embed_dim": 32, "text": text_cfg,
-           "vision": {"in_channels": D.input_channels("demo"), "stem": 4, "widths": [8, 16, 16, 16]}}
+           "vision": {"in_channels": V.input_channels("demo"), "stem": 4, "widths": [8, 16, 16, 16]}}
     checkpoints.save_checkpoint(tmp_path / "a.pt", stage="align", model=M.build_model(cfg), model_config=cfg, args={},
                                 label_names=table.label_names, extra={"preset": "demo"})
     code, out, err = run_script("localise.py", "--ckpt", tmp_path / "a.pt", "--data", tmp_path / "demo", "--methods", "exact",

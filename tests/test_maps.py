@@ -14,6 +14,7 @@ import checkpoints
 import data as D
 import maps
 import model as M
+import volumes as V
 from conftest import run_script
 
 
@@ -83,9 +84,9 @@ def test_a_map_goes_back_onto_the_scan_grid(tmp_path, kind):
     a[:3, 3] = rng.uniform(-50, 50, 3)
     nib.save(nib.Nifti1Image(vol, a), str(tmp_path / "v.nii.gz"))
     preset = {"spacing": [3.0, 3.0, 5.0], "size": [24, 36, 36], "crop": [20, 30, 30], "intensity": [[-1000, 200]]}
-    p = D.get_preset(preset)
-    res, grid = D.load_volume(str(tmp_path / "v.nii.gz"), p["spacing"], grid=True)
-    crop = D.pad_or_crop(D.pad_or_crop(res, p["size"]), p["crop"]).astype(np.float32)
+    p = V.get_preset(preset)
+    res, grid = V.load_volume(str(tmp_path / "v.nii.gz"), p["spacing"], grid=True)
+    crop = V.pad_or_crop(V.pad_or_crop(res, p["size"]), p["crop"]).astype(np.float32)
     back = maps.to_input(crop, maps.crop_affine(grid, res.shape, preset), vol.shape, a)  # (X, Y, Z)
     inside = back != 0
     inside[[0, -1]] = inside[:, [0, -1]] = inside[:, :, [0, -1]] = False  # the crop's edge voxels blend with outside
