@@ -62,7 +62,8 @@ def get_args():
     g.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing in both encoders (less memory, more compute)")
     g.add_argument("--init-shared", default="random", choices=["random", "heads"],
                    help="how the projections and the shared classifier start: random (the paper's), or heads: from the "
-                        "two pre-trained heads, so the classifier starts reading both latents as pre-training did (needs both checkpoints)")
+                        "two pre-trained heads, so the classifier reads each latent with its head's weights and the mean of the "
+                        "two heads' biases (needs both checkpoints)")
     g.add_argument("--head-lr", type=float, default=None,
                    help="peak learning rate of the layers this stage adds (the two projections and "
                         "the shared classifier); default: --lr, one rate for everything as in the paper")

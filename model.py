@@ -396,11 +396,15 @@ def greenrfm_from_pretrained(num_labels, embed_dim, vision_ckpt=None, text_ckpt=
 @torch.no_grad()
 def init_shared_from_heads(model, vision_head, text_head, scale=0.1, seed=0):
     """--init-shared heads: start the projections and the shared classifier from the two pre-trained heads, given as
-    (weight, bias) pairs: H_img (C, 512) and H_txt (C, H). With A (E, C) orthonormal columns and a = scale:
-        img_proj = a A H_img,  txt_proj = a A H_txt,  classifier = A^T / a,  bias = mean of the two heads' biases
-    so classifier(img_proj(f)) = H_img f, the pre-trained read-out exactly, and an image-text dot product starts as
-    a^2 (image logits) . (text logits): zero-shot begins from what both heads know. A small a keeps those products
-    moderate for the temperature-1 CLIP loss; its gradient then widens the rank-C space. Needs E >= C."""
+    (weight, bias) pairs: (H_img (C, 512), b_img (C,)) and (H_txt (C, H), b_txt (C,)). With A (E, C) orthonormal
+    columns and a = scale:
+        img_proj = a A H_img,  txt_proj = a A H_txt,  classifier = A^T / a,  bias = (b_img + b_txt) / 2
+    The weights give back each head's (A^T A = I), but one bias cannot be both heads' biases, so
+        classifier(img_proj(f)) = H_img f + b_img + (b_txt - b_img) / 2    (the text side: swap img and txt)
+    each head's logits shifted by half the difference of the two biases: a constant per label, so every label ranks
+    the volumes as the vision head did (tests/test_model.py checks the shift). An image-text dot product starts as
+    a^2 (H_img f) . (H_txt h): zero-shot begins from what both heads know. A small a keeps those products moderate
+    for the temperature-1 CLIP loss; its gradient then widens the rank-C space. Needs E >= C."""
     (h_img, b_img), (h_txt, b_txt) = vision_head, text_head
     E, C = model.img_proj.out_features, h_img.shape[0]
     if C > E:

@@ -157,6 +157,34 @@ def test_align_loss_is_clip_plus_mean_bce():
     torch.testing.assert_close(parts["bce_img"], bi)
 
 
+class Features(torch.nn.Identity):
+    """A stand-in encoder: its input is already the pooled feature (B, out_dim)."""
+
+    def __init__(self, out_dim):
+        super().__init__()
+        self.out_dim = out_dim
+
+
+def test_init_shared_heads_shifts_each_heads_logits_by_half_the_bias_difference():
+    """--init-shared heads: the weights reproduce each pre-trained head, the one shared bias is the mean of the two, so
+    the shared classifier's logits are each head's plus half the other bias minus its own, exactly that and no more
+    (the README and the docstring say so; an 'exactly the vision head's logits' claim would be false)."""
+    torch.manual_seed(0)
+    C, F_img, F_txt, E = 5, 12, 10, 16
+    model = M.GreenRFM(Features(F_img), Features(F_txt), C, E).double()
+    h_img, h_txt = torch.randn(C, F_img, dtype=torch.float64), torch.randn(C, F_txt, dtype=torch.float64)
+    b_img, b_txt = torch.randn(C, dtype=torch.float64), torch.randn(C, dtype=torch.float64)
+    M.init_shared_from_heads(model, (h_img, b_img), (h_txt, b_txt), scale=0.1)
+    f, h = torch.randn(7, F_img, dtype=torch.float64), torch.randn(7, F_txt, dtype=torch.float64)
+    with torch.no_grad():
+        shared_img = model.classifier(model.img_proj(f)) - (f @ h_img.T + b_img)  # (7, C) against the vision head
+        shared_txt = model.classifier(model.txt_proj(h)) - (h @ h_txt.T + b_txt)  # against the text head
+    # The shifts are computed in float32 inside init_shared_from_heads (it casts the heads to float), hence 1e-5.
+    torch.testing.assert_close(shared_img, ((b_txt - b_img) / 2).expand(7, C), atol=1e-5, rtol=0)
+    torch.testing.assert_close(shared_txt, ((b_img - b_txt) / 2).expand(7, C), atol=1e-5, rtol=0)
+    assert (b_txt - b_img).abs().min() > 1e-3  # the shift is not zero here: the vision head's logits are not reproduced
+
+
 # ---------------------------------------------------------------------------- text encoder
 
 def test_scratch_text_encoder(scratch_text):
