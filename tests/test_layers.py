@@ -5,7 +5,7 @@ import re
 
 from conftest import ROOT
 
-LAYERS = [("dicom",), ("data",), ("model", "demo", "rules", "metrics", "llm"), ("checkpoints", "devices"), ("common",),
+LAYERS = [("dicom",), ("data",), ("encoders",), ("model", "demo", "rules", "metrics", "llm"), ("checkpoints", "devices"), ("common",),
           ("maps",), ("distill", "pretrain_vision", "pretrain_text", "align", "evaluate", "ctrate", "pacs", "scan", "localise", "bench")]
 LAYER = {name: i for i, names in enumerate(LAYERS) for name in names}
 

@@ -1,4 +1,4 @@
-"""model.py: encoder shapes, losses against hand-computed values, text encoders, checkpoints."""
+"""model.py and encoders.py: encoder shapes, losses against hand-computed values, text encoders, checkpoints."""
 import argparse
 import json
 import math
@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import checkpoints
+import encoders
 import model as M
 from benchmarks import memcount
 from data import DataError
@@ -81,7 +82,7 @@ def test_conv3x3x3_matches_conv3d(shape, stride, monkeypatch):
     """The matrix-product path (tiny maps on the CPU) gives nn.Conv3d's output and gradients, odd sizes included;
     the last shape (48 output voxels) takes the ordinary path."""
     torch.manual_seed(0)
-    conv = M.Conv3x3x3(5, 7, stride)
+    conv = encoders.Conv3x3x3(5, 7, stride)
     x = torch.randn(*shape, requires_grad=True)
     ordinary = []
     monkeypatch.setattr(torch.nn.Conv3d, "_conv_forward", lambda self, x, w, b: ordinary.append(1) or
@@ -351,7 +352,7 @@ def test_text_gradient_checkpointing_same_output_and_grads(scratch_text, pooling
 
 def test_build_text_from_local_pretrained_dir(tmp_path):
     from transformers import AutoTokenizer, BertConfig, BertModel, BertTokenizer
-    words = M.SPECIAL_TOKENS + ["there", "is", "no", "pleural", "effusion", "emphysema", ".", "##s", "a"]
+    words = encoders.SPECIAL_TOKENS + ["there", "is", "no", "pleural", "effusion", "emphysema", ".", "##s", "a"]
     (tmp_path / "vocab.txt").write_text("\n".join(words) + "\n")
     BertTokenizer(str(tmp_path / "vocab.txt")).save_pretrained(tmp_path)  # vocab path positional (transformers 5)
     torch.manual_seed(0)
