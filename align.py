@@ -170,8 +170,8 @@ def main():
             common.backward(run, loss, b)  # a non-finite loss stops the run naming the batch (or is skipped)
             if last_micro:
                 common.optimizer_step(run, loss, parts)
-        metrics = validate(run, model, tokenizer, valid_ds, table.label_names) if run.master and len(valid_ds) else {"macro_auc": None}
-        common.end_of_epoch(run, metrics, "valid zero-shot macro AUC")
+        result = validate_zero_shot(run, model, tokenizer, valid_ds, table.label_names) if run.master and len(valid_ds) else {"macro_auc": None}
+        common.end_of_epoch(run, result, "valid zero-shot macro AUC")
 
     # -----------------------------------------------------------------------------
     # summary: the zero-shot AUC table of the validation split (last epoch)
@@ -232,8 +232,9 @@ def read_pretrained(path, stage, label_names, run, preset=None):
 
 
 @torch.no_grad()
-def validate(run, model, tokenizer, valid_ds, label_names):
-    """Zero-shot and shared-classifier AUC on the validation split (rank 0)."""
+def validate_zero_shot(run, model, tokenizer, valid_ds, label_names):
+    """Zero-shot and shared-classifier AUC on the validation split (rank 0): align.py's own validation, where the
+    pre-training stages call common.validate with their head's probabilities."""
     # Prompt latents depend only on the text encoder: computed once per evaluation, (C, 2, E).
     prompts = M.prompt_latents(model, tokenizer, label_names, M.PROMPT_TEMPLATES[run.args.template], run.args.max_len, run.device)
 

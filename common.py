@@ -3,7 +3,8 @@ stage does lives in its script, in plain sight (flags, data, model, loss, traini
 alike lives here, in the order a script calls it:
 
     parser, parse     the flags all training stages share; the data set's recommended defaults under the command line
-    (devices.setup    processes (torchrun), device, precision, seed -> `run`, a plain namespace of the run's state)
+    (devices.setup    processes (torchrun), device, precision, seed -> `run`, a plain namespace of the run's state;
+                      its docstring lists every field of `run`, and which function sets it)
     load_data         manifest, labels, splits, preset and cache (the demo set is built when missing)
     start             sampler and step counts, --resume from <out>/last.pt, DDP / torch.compile wrapping
     epochs            the epochs and (micro-)batches still to run; a resumed run continues mid-epoch exactly
@@ -362,17 +363,17 @@ def fmt(x, nd=4):
     return "undefined" if x is None else f"{x:.{nd}f}"
 
 
-def end_of_epoch(run, metrics, what="valid macro AUC"):
-    """After each epoch (or an early stop), on rank 0: log the validation metric, keep best.pt (the best macro AUC so
-    far) and last.pt, rewrite metrics.jsonl. The other processes wait here."""
+def end_of_epoch(run, result, what="valid macro AUC"):
+    """After each epoch (or an early stop), on rank 0: log the validation result ({"macro_auc", "auc", ...}), keep
+    best.pt (the best macro AUC so far) and last.pt, rewrite metrics.jsonl. The other processes wait here."""
     if run.master:
-        run.metrics = metrics
-        extra = f" | classifier {fmt(metrics['classifier_macro_auc'])}" if "classifier_macro_auc" in metrics else ""
-        run.log(f"epoch {run.epoch + 1} | {what} {fmt(metrics['macro_auc'])}{extra}")
-        run.history.append({"step": run.step, "epoch": run.epoch + 1, **metrics})
-        improved = metrics["macro_auc"] is not None and metrics["macro_auc"] > run.best
+        run.metrics = result
+        extra = f" | classifier {fmt(result['classifier_macro_auc'])}" if "classifier_macro_auc" in result else ""
+        run.log(f"epoch {run.epoch + 1} | {what} {fmt(result['macro_auc'])}{extra}")
+        run.history.append({"step": run.step, "epoch": run.epoch + 1, **result})
+        improved = result["macro_auc"] is not None and result["macro_auc"] > run.best
         if improved:
-            run.best = metrics["macro_auc"]
+            run.best = result["macro_auc"]
         # best.pt first: killed in between, the run resumes from the old last.pt and evaluates again, so last.pt
         # never remembers a best.pt that is not on disk (nor one left by an earlier run in --out)
         if improved or run.best == -math.inf:
