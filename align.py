@@ -16,13 +16,19 @@ The paper's ablations are switches of this script, each off in the recipe (--hel
 vision or text pre-training or the shared classifier (Fig. 4a: --no-vision-pretraining, --no-text-pretraining,
 --no-shared-classifier; all three: CLIP alone), L2-normalise the latents (Fig. 4e: --l2-norm), train in one stage
 (Fig. 3e/f: --joint), or start both encoders from a CLIP-only run of this script, stage 1 on the reports instead of
-the labels (Fig. 4c: --encoders-from). --train-fraction (Fig. 3a) is every stage's.
+the labels (Fig. 4c: --encoders-from). --train-fraction (Fig. 3a) is every training stage's (2a, 2b, 3).
 
 Reads:  a data set (default data/demo, built on first use); the pre-trained checkpoints
         out/vision[-lite]/best.pt and out/text/best.pt (a missing one is a warning: that encoder
-        starts from its initialisation); labels as in stages 2a and 2b.
+        starts from its initialisation; on the default demo set it is trained first);
+        labels from --labels, else out/distill/labels.csv when present (`python distill.py` writes it), else the
+        manifest's own. The first command (`python align.py --lite`) never distils: it trains on the demo
+        manifest's labels and says so; `python distill.py --backend rules` first makes every stage read distilled ones.
 Writes: <out>/last.pt, <out>/best.pt, <out>/metrics.jsonl (out/align, or out/align-lite with --lite);
         prints the zero-shot AUC table of the validation split at the end.
+Flags: the paper's defaults, under those the data set recommends (its dataset.json "train" entry for align or
+        align-lite; the demo's are demo.DEMO_TRAIN: --head-lr 5e-4, --init-shared heads, 2 epochs, ...), under the
+        command line; the first line printed names them.
 
 Examples:
   python align.py --lite                                          # demo set on a laptop CPU, minutes

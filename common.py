@@ -96,12 +96,14 @@ def parse(p, stage):
     command line still win. -> args, with args.out filled in."""
     pre = p.parse_known_args()[0]
     key = stage + ("-lite" if getattr(pre, "lite", False) else "")
-    tuned = DEMO_TRAIN.get(key, {}) if pre.data == D.DEMO_DIR else training_defaults(pre.data, key)
+    demo = pre.data == D.DEMO_DIR
+    tuned = DEMO_TRAIN.get(key, {}) if demo else training_defaults(pre.data, key)
     p.set_defaults(**tuned)
     args = p.parse_args()
     args.out = Path(args.out or f"out/{key}")
-    if tuned and os.environ.get("RANK", "0") == "0":
-        print(f"defaults recommended by the data set (dataset.json): {tuned}")
+    if tuned and os.environ.get("RANK", "0") == "0":  # the first line a stage prints: where its non-paper defaults come from
+        where = f"demo.DEMO_TRAIN[{key!r}]" if demo else f'{D.manifest_path(pre.data).parent / "dataset.json"} "train" -> {key!r}'
+        print(f"defaults recommended by the data set ({where}): {tuned}; a flag on the command line wins")
     return args
 
 
@@ -148,7 +150,12 @@ def load_data(run, images=True, reports=True):
         raise D.DataError(f"{table.source}: {n_train} training {unit}, fewer than one batch of {args.batch_size}")
     where = f", preset {D.preset_name(preset)}, cache {cache if Path(cache).exists() else 'none (reading NIfTI)'}" if images else ""
     log(f"data: {table.source} ({n_train} train / {n_valid} valid {unit}){where}")
-    log(f"labels: {labels_used} ({len(table.label_names)} labels)")
+    if labels_used == "the manifest label columns":  # no distilled labels yet: say how to train on them
+        labels_used += f" ({len(table.label_names)} labels); for distilled ones run python distill.py --backend rules " \
+                       f"(or an LLM) first: every stage then reads {DISTILL_LABELS}"
+    else:
+        labels_used += f" ({len(table.label_names)} labels)"
+    log(f"labels: {labels_used}")
     return table, preset, cache
 
 

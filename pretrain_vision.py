@@ -7,9 +7,12 @@ encoder a clinically meaningful feature space before it is aligned with text in 
 
 Reads:  a data set: manifest.csv (+ dataset.json) in --data (default data/demo, built on first use);
         volumes from the preprocessed cache (`python data.py preprocess`) when it exists;
-        labels from --labels, else out/distill/labels.csv when present, else the manifest's own.
+        labels from --labels, else out/distill/labels.csv when present (`python distill.py` writes it), else the
+        manifest's own (the demo's: so the first command trains on them; it prints which it used).
 Writes: <out>/last.pt and <out>/best.pt (self-describing checkpoints), <out>/metrics.jsonl
         (out/vision, or out/vision-lite with --lite).
+Flags: the paper's defaults, under those the data set recommends (its dataset.json "train" entry for vision or
+        vision-lite; the demo's are demo.DEMO_TRAIN), under the command line; the first line printed names them.
 
 Examples:
   python pretrain_vision.py --lite                               # demo set on a laptop CPU, minutes
