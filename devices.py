@@ -65,9 +65,10 @@ def setup(args, stage):
     if amp_dtype == torch.float16 and device.type != "cuda":
         log("note: --amp fp16 needs CUDA; running in fp32")
         amp_dtype = None
-    # bf16 Conv3d on a CPU has no fast kernel (about 25x slower than fp32) and, in torch 2.13 (oneDNN 3.12), gives wrong
-    # weight gradients for maps two voxels deep (found by benchmarks/gpu_check.py; docs/benchmarks.md). So the stages
-    # with 3D convolutions train in fp32 on a CPU; the text stage (BERT alone) keeps bf16.
+    # bf16 Conv3d on a CPU has no fast kernel (about 25x slower than fp32) and, in torch 2.13 (oneDNN 3.12) on AVX-512
+    # CPUs, gives wrong weight gradients for maps two voxels deep (found by benchmarks/gpu_check.py; docs/benchmarks.md
+    # says which kernels). So the stages with 3D convolutions train in fp32 on a CPU; the text stage (BERT alone) keeps
+    # bf16.
     if amp_dtype == torch.bfloat16 and device.type != "cuda" and stage != "text":
         log("note: --amp bf16 on a CPU: its 3D convolutions are slow and their weight gradients unreliable; running in fp32")
         amp_dtype = None
