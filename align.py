@@ -15,8 +15,8 @@ and classifier faster than the pretrained encoders, and --init-shared heads star
 The paper's ablations are switches of this script, each off in the recipe (--help names the figure): leave out the
 vision or text pre-training or the shared classifier (Fig. 4a: --no-vision-pretraining, --no-text-pretraining,
 --no-shared-classifier; all three: CLIP alone), L2-normalise the latents (Fig. 4e: --l2-norm), train in one stage
-(Fig. 3e/f: --joint), or start both encoders from a CLIP-only run of this script, stage 1 on the reports instead of
-the labels (Fig. 4c: --encoders-from). --train-fraction (Fig. 3a) is every training stage's (2a, 2b, 3).
+(Fig. 3e/f: --joint), or start both encoders from a CLIP-only run of this script: pre-training on the reports instead
+of the labels (Fig. 4c: --encoders-from). --train-fraction (Fig. 3a) is every training stage's (2a, 2b, 3).
 
 Reads:  a data set (default data/demo, built on first use); the pre-trained checkpoints
         out/vision[-lite]/best.pt and out/text/best.pt (a missing one is a warning: that encoder
@@ -76,7 +76,7 @@ def get_args():
     g.add_argument("--template", default="there_is", choices=sorted(M.PROMPT_TEMPLATES), help="prompt pair for the zero-shot validation AUC")
     on_off = argparse.BooleanOptionalAction
     g.add_argument("--vision-pretraining", action=on_off, default=True, help="the image encoder starts from stage 2a (--vision-ckpt); "
-                   "--no-vision-pretraining: from random weights (supervision scope, Fig. 4a; with --no-text-pretraining: no stage-1 signal, Fig. 4c)")
+                   "--no-vision-pretraining: from random weights (supervision scope, Fig. 4a; with --no-text-pretraining: no pre-training signal, Fig. 4c)")
     g.add_argument("--text-pretraining", action=on_off, default=True, help="the text encoder starts from stage 2b (--text-ckpt); "
                    "--no-text-pretraining: from --text-model's own weights (Fig. 4a)")
     g.add_argument("--shared-classifier", action=on_off, default=True, help="the shared classifier and its two BCE terms; "
@@ -86,7 +86,7 @@ def get_args():
     g.add_argument("--joint", action="store_true", help="one stage, not two: both encoders from their initialisation (no "
                    "checkpoint read), each with its own head to the labels, whose BCE joins the loss (Fig. 3e/f)")
     g.add_argument("--encoders-from", default=None, help="both encoders from this aligned checkpoint instead of stages 2a and 2b: "
-                   "given a run with Fig. 4a's three switches off, stage 1 supervised by the reports, not labels (Fig. 4c)")
+                   "given a run with Fig. 4a's three switches off, pre-training supervised by the reports, not labels (Fig. 4c)")
     args = common.parse(p, STAGE)
     if args.joint:  # the encoders are trained here from the start: no pre-trained checkpoint is read
         if args.encoders_from:
@@ -215,7 +215,7 @@ def read_pretrained(path, stage, label_names, run, preset=None):
         run.log(f"{stage} encoder: not pre-trained ({'--joint' if args.joint else f'--no-{stage}-pretraining'}), it starts from "
                 f"{'random initialisation' if stage == 'vision' else 'its initialisation (--text-model)'}")
         return None
-    if args.encoders_from:  # Fig. 4c: the encoders of an aligned (CLIP-only) run, stage 1 on the reports alone
+    if args.encoders_from:  # Fig. 4c: the encoders of an aligned (CLIP-only) run, pre-trained on the reports alone
         path = Path(args.encoders_from)
     elif not path.exists():
         script = "pretrain_vision.py" + (" --lite" if args.lite else "") if stage == "vision" else "pretrain_text.py"

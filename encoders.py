@@ -31,10 +31,10 @@ SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 class Conv3x3x3(nn.Conv3d):
     """A 3x3x3 conv (padding 1), computed as one matrix product over unfolded patches when it runs on the CPU and its
-    output map is tiny (<= 8 voxels a sample: the lite model's last stage, 1x2x2 on the demo crop).
+    output map is tiny (<= 8 voxels a sample: the lite model's last ResNet stage, 1x2x2 on the demo crop).
 
     Same weights, outputs and gradients as nn.Conv3d (tests/test_model.py). Why: on such maps the CPU's conv kernel
-    (oneDNN) takes 10-15x longer for the backward pass than for the forward, and the last stage's convs cost a third
+    (oneDNN) takes 10-15x longer for the backward pass than for the forward, and the last ResNet stage's convs cost a third
     of a lite training step; as a matrix product they cost about 40 % of that (docs/speed-demo.md). GPUs and larger
     maps take the ordinary path.
     """
@@ -90,7 +90,7 @@ class ResNet3D(nn.Module):
         # Patchify stem: non-overlapping stem^3 patches, (B, in, D, H, W) -> (B, 64, D/stem, H/stem, W/stem).
         self.stem = nn.Sequential(nn.Conv3d(in_channels, widths[0], stem, stride=stem, bias=False),
                                   nn.BatchNorm3d(widths[0]), nn.ReLU(inplace=True))
-        # Four stages of two blocks; stages 2-4 halve every axis: the standard model on a 96x192x192
+        # Four ResNet stages of two blocks; ResNet stages 2-4 halve every axis: the standard model on a 96x192x192
         # crop goes 48x96x96 -> 24x48x48 -> 12x24x24 -> 6x12x12.
         stages, c_in = [], widths[0]
         for i, c_out in enumerate(widths):
@@ -104,7 +104,7 @@ class ResNet3D(nn.Module):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
     def features(self, x):
-        """The last stage's map before pooling: (B, in_channels, D, H, W) -> (B, 512, d, h, w)."""
+        """The last ResNet stage's map before pooling: (B, in_channels, D, H, W) -> (B, 512, d, h, w)."""
         # grad_ckpt keeps only the input of the stem and of each block (not of each stage: a full-resolution stage
         # holds 8 maps the size of the stem's output), and recomputes one block at a time in the backward pass.
         ckpt = self.grad_ckpt and self.training and torch.is_grad_enabled()
@@ -117,7 +117,7 @@ class ResNet3D(nn.Module):
 
     def cells(self, size):
         """d * h * w of the map features() gives for an input of size (D, H, W): the stem divides each axis by its
-        stride, stages 2-4 halve it (3x3x3 convs of stride 2 and padding 1 round up: ceil thrice = ceil(n / 8))."""
+        stride, ResNet stages 2-4 halve it (3x3x3 convs of stride 2 and padding 1 round up: ceil thrice = ceil(n / 8))."""
         s = self.stem[0].stride[0]
         return math.prod(-(-(n // s) // 8) for n in size)
 

@@ -41,8 +41,8 @@ IMAGE_POOLINGS = ("gap", "max", "noisy_or")  # how stage 2a's head reads the fea
 class GreenRFM(nn.Module):
     """Both encoders projected to a shared space, one classifier for both latents; no L2 normalisation (raw dot products).
     align.py's ablations (ALIGN_SWITCHES): shared_classifier=False leaves it out (None; Fig. 4a); l2_norm=True makes
-    the latents unit length, with CLIP's learnable temperature (Fig. 4e); joint_heads=True adds each encoder's stage-1
-    head to the labels, trained in the same step as the alignment (Fig. 3e/f)."""
+    the latents unit length, with CLIP's learnable temperature (Fig. 4e); joint_heads=True adds each encoder's
+    pre-training head (2a, 2b) to the labels, trained in the same step as the alignment (Fig. 3e/f)."""
 
     def __init__(self, vision, text, num_labels, embed_dim=768, shared_classifier=True, l2_norm=False, joint_heads=False):
         super().__init__()
@@ -113,7 +113,7 @@ def align_loss(img, txt, img_logits, txt_logits, targets, mask, scale=None, head
     """Stage-3 loss: clip + (masked BCE of the image logits + of the text logits) / 2. align.py's switches:
     img_logits = txt_logits = None without the shared classifier (Fig. 4a): the CLIP loss alone; scale: see clip_loss
     (Fig. 4e); heads = (vision head logits, text head logits) of --joint (Fig. 3e/f): + (BCE + BCE) / 2, each encoder's
-    stage-1 loss in the same step. -> (total, {"clip", "bce_img", "bce_txt", ...}); the parts detached, for logging."""
+    pre-training loss in the same step. -> (total, {"clip", "bce_img", "bce_txt", ...}); the parts detached, for logging."""
     parts = {"clip": clip_loss(img, txt, scale)}
     total = parts["clip"]
     if img_logits is not None:

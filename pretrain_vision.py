@@ -61,7 +61,7 @@ def main():
                     "image_pooling": args.image_pooling}
     model = M.build_model(model_config)
     # --image-pooling (Fig. 4d). Alignment (align.py) needs one embedding per volume and takes it by GAP. We read the
-    # paper's "architectural consistency" as: stage 1 should pool as stage 3 will, which only GAP, the recipe, does.
+    # paper's "architectural consistency" as: pre-training (2a) should pool as alignment (3) will: only GAP, the recipe, does.
     if args.image_pooling == "noisy_or":  # P_c starts at 1/2 over this crop's cells, not saturated at 1
         torch.nn.init.constant_(model.head.bias, M.noisy_or_bias(model.encoder.cells(D.get_preset(preset)["crop"])))
     if args.init:

@@ -448,7 +448,7 @@ def test_checkpoint_roundtrip(stage, scratch_text, tmp_path):
     opt2.load_state_dict(ckpt2["optimizer"])
 
 
-def test_load_encoders_from_stage1(scratch_text, tmp_path):
+def test_load_encoders_from_pretraining(scratch_text, tmp_path):
     _, tok, cfg = scratch_text
     configs = _configs(cfg)
     paths = {}
