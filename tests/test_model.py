@@ -169,7 +169,7 @@ class Features(torch.nn.Identity):
 def test_init_shared_heads_shifts_each_heads_logits_by_half_the_bias_difference():
     """--init-shared heads: the weights reproduce each pre-trained head, the one shared bias is the mean of the two, so
     the shared classifier's logits are each head's plus half the other bias minus its own, exactly that and no more
-    (the README and the docstring say so; an 'exactly the vision head's logits' claim would be false)."""
+    (the README and the docstring say so; model.py's docstring once said the vision head's read-out came out exactly)."""
     torch.manual_seed(0)
     C, F_img, F_txt, E = 5, 12, 10, 16
     model = M.GreenRFM(Features(F_img), Features(F_txt), C, E).double()
