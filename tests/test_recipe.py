@@ -118,7 +118,7 @@ def test_align_on_the_demo_trains_the_missing_pretrained_checkpoints_first(tmp_p
     assert code == 0 and "running:" not in out and "loaded vision encoder: out/vision-lite/best.pt" in out  # reused
 
 
-def test_align_without_stage1_warns_and_trains(tmp_path):
+def test_align_without_pretraining_warns_and_trains(tmp_path):
     """Anywhere but the default demo folder a missing checkpoint is a warning, never an automatic training run."""
     run_script("demo.py", "--out", "elsewhere", "--n-train", "10", "--n-valid", "5", "--n-test", "5", cwd=tmp_path)
     code, out, err = run_script("align.py", "--lite", "--data", "elsewhere", *TOY, cwd=tmp_path)
