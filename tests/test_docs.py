@@ -387,3 +387,27 @@ STALE = {
 def test_the_checks_catch_issue_32s_stale_items(item):
     check, text = STALE[item]
     assert check(text), f"the check passed the stale text of {item!r}"
+
+
+def test_every_field_of_run_is_in_its_docstring():
+    """`run` is made in devices.setup and grows in common.py: setup's docstring lists every field, so a reader finds
+    what any run.x is in one place. A field set anywhere but not listed there (or listed but never set) fails."""
+    import devices
+    listed = set()
+    for line in devices.setup.__doc__.splitlines():
+        m = re.match(r"      ([a-z_0-9]+(?:, [a-z_0-9]+)*)\s{2,}\S", line)  # "      names   what they are"
+        if m:
+            listed |= set(m.group(1).split(", "))
+    set_in_code = set()
+    for path in sorted(ROOT.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AugAssign) else []
+            for t in targets:
+                for a in ast.walk(t):
+                    if isinstance(a, ast.Attribute) and isinstance(a.value, ast.Name) and a.value.id == "run":
+                        set_in_code.add(a.attr)
+            if isinstance(node, ast.Call) and ast.unparse(node.func) == "SimpleNamespace" and path.name == "devices.py":
+                set_in_code |= {k.arg for k in node.keywords}
+    assert len(set_in_code) >= 25
+    assert set_in_code - listed == set(), "fields of run not in devices.setup's docstring"
+    assert listed - set_in_code == set(), "devices.setup's docstring lists fields that nothing sets"
