@@ -306,8 +306,8 @@ def section_preprocess(args, consumers):
 # -----------------------------------------------------------------------------
 # the paper's schedule on a 24 GB-class GPU, from FLOPs
 
-def stage1(flops, stem, ckpt):
-    """FLOPs per sample of each stage with these flags: pretrain_vision.py (the align step's vision share),
+def stage_flops(flops, stem, ckpt):
+    """FLOPs per sample of each training stage (2a, 2b, 3) with these flags: pretrain_vision.py (the align step's vision share),
     pretrain_text.py (the text share without the checkpointing align.py --lite adds) and align.py."""
     return {"vision": flops[(stem, ckpt)]["vision"], "text": flops[(2, ckpt)]["text"],
             "align": flops[(stem, ckpt)]["align"]}
@@ -328,7 +328,7 @@ def section_schedule(args, flops):
     for name, stem, amp, ckpt, _ in CONFIGS:
         if not amp:  # fp32 runs at the TF32 rate, not this bf16 peak: the schedule is given for --amp
             continue
-        hours = {k: n * epochs / r / 3600 for k, r in gpu_rates(stage1(flops, stem, ckpt), args).items()}
+        hours = {k: n * epochs / r / 3600 for k, r in gpu_rates(stage_flops(flops, stem, ckpt), args).items()}
         paper = "24 (standard, one 24 GB GPU)" if stem == 2 else "about 4 (lite, 6 GB)"
         print(f"| {name} | {flag(amp, ckpt)} | {hours['vision']:.1f} | {hours['text']:.1f} | {hours['align']:.1f} | "
               f"**{sum(hours.values()):.1f}** | {paper} |")

@@ -3,7 +3,8 @@ stage does lives in its script, in plain sight (flags, data, model, loss, traini
 alike lives here, in the order a script calls it:
 
     parser, parse     the flags all training stages share; the data set's recommended defaults under the command line
-    (devices.setup    processes (torchrun), device, precision, seed -> `run`, a plain namespace of the run's state)
+    (devices.setup    processes (torchrun), device, precision, seed -> `run`, a plain namespace of the run's state;
+                      its docstring lists every field of `run`, and which function sets it)
     load_data         manifest, labels, splits, preset and cache (the demo set is built when missing)
     start             sampler and step counts, --resume from <out>/last.pt, DDP / torch.compile wrapping
     epochs            the epochs and (micro-)batches still to run; a resumed run continues mid-epoch exactly
@@ -96,12 +97,14 @@ def parse(p, stage):
     command line still win. -> args, with args.out filled in."""
     pre = p.parse_known_args()[0]
     key = stage + ("-lite" if getattr(pre, "lite", False) else "")
-    tuned = DEMO_TRAIN.get(key, {}) if pre.data == D.DEMO_DIR else training_defaults(pre.data, key)
+    demo = pre.data == D.DEMO_DIR
+    tuned = DEMO_TRAIN.get(key, {}) if demo else training_defaults(pre.data, key)
     p.set_defaults(**tuned)
     args = p.parse_args()
     args.out = Path(args.out or f"out/{key}")
-    if tuned and os.environ.get("RANK", "0") == "0":
-        print(f"defaults recommended by the data set (dataset.json): {tuned}")
+    if tuned and os.environ.get("RANK", "0") == "0":  # the first line a stage prints: where its non-paper defaults come from
+        where = f"demo.DEMO_TRAIN[{key!r}]" if demo else f'{D.manifest_path(pre.data).parent / "dataset.json"} "train" -> {key!r}'
+        print(f"defaults recommended by the data set ({where}): {tuned}; a flag on the command line wins")
     return args
 
 
@@ -148,7 +151,12 @@ def load_data(run, images=True, reports=True):
         raise D.DataError(f"{table.source}: {n_train} training {unit}, fewer than one batch of {args.batch_size}")
     where = f", preset {V.preset_name(preset)}, cache {cache if Path(cache).exists() else 'none (reading NIfTI)'}" if images else ""
     log(f"data: {table.source} ({n_train} train / {n_valid} valid {unit}){where}")
-    log(f"labels: {labels_used} ({len(table.label_names)} labels)")
+    if labels_used == "the manifest label columns":  # no distilled labels yet: say how to train on them
+        labels_used += f" ({len(table.label_names)} labels); for distilled ones run python distill.py --backend rules " \
+                       f"(or an LLM) first: every stage then reads {DISTILL_LABELS}"
+    else:
+        labels_used += f" ({len(table.label_names)} labels)"
+    log(f"labels: {labels_used}")
     return table, preset, cache
 
 
@@ -364,17 +372,17 @@ def fmt(x, nd=4):
     return "undefined" if x is None else f"{x:.{nd}f}"
 
 
-def end_of_epoch(run, metrics, what="valid macro AUC"):
-    """After each epoch (or an early stop), on rank 0: log the validation metric, keep best.pt (the best macro AUC so
-    far) and last.pt, rewrite metrics.jsonl. The other processes wait here."""
+def end_of_epoch(run, result, what="valid macro AUC"):
+    """After each epoch (or an early stop), on rank 0: log the validation result ({"macro_auc", "auc", ...}), keep
+    best.pt (the best macro AUC so far) and last.pt, rewrite metrics.jsonl. The other processes wait here."""
     if run.master:
-        run.metrics = metrics
-        extra = f" | classifier {fmt(metrics['classifier_macro_auc'])}" if "classifier_macro_auc" in metrics else ""
-        run.log(f"epoch {run.epoch + 1} | {what} {fmt(metrics['macro_auc'])}{extra}")
-        run.history.append({"step": run.step, "epoch": run.epoch + 1, **metrics})
-        improved = metrics["macro_auc"] is not None and metrics["macro_auc"] > run.best
+        run.metrics = result
+        extra = f" | classifier {fmt(result['classifier_macro_auc'])}" if "classifier_macro_auc" in result else ""
+        run.log(f"epoch {run.epoch + 1} | {what} {fmt(result['macro_auc'])}{extra}")
+        run.history.append({"step": run.step, "epoch": run.epoch + 1, **result})
+        improved = result["macro_auc"] is not None and result["macro_auc"] > run.best
         if improved:
-            run.best = metrics["macro_auc"]
+            run.best = result["macro_auc"]
         # best.pt first: killed in between, the run resumes from the old last.pt and evaluates again, so last.pt
         # never remembers a best.pt that is not on disk (nor one left by an earlier run in --out)
         if improved or run.best == -math.inf:

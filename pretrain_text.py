@@ -6,9 +6,12 @@ distilled labels (uncertain and not-mentioned entries are masked out of the loss
 embedding already separates the findings before alignment in align.py (stage 3). It reads no volumes.
 
 Reads:  a data set: manifest.csv (+ dataset.json) in --data (default data/demo, built on first use);
-        labels from --labels, else out/distill/labels.csv when present, else the manifest's own.
+        labels from --labels, else out/distill/labels.csv when present (`python distill.py` writes it), else the
+        manifest's own (the demo's: so the first command trains on them; it prints which it used).
 Writes: <out>/last.pt and <out>/best.pt (self-describing checkpoints, tokenizer vocabulary included),
         <out>/metrics.jsonl (default out/text).
+Flags: the paper's defaults, under those the data set recommends (its dataset.json "train" entry for text; the
+        demo's are demo.DEMO_TRAIN), under the command line; the first line printed names them.
 
 Examples:
   python pretrain_text.py                                        # demo set on a laptop CPU, a minute

@@ -7,9 +7,12 @@ encoder a clinically meaningful feature space before it is aligned with text in 
 
 Reads:  a data set: manifest.csv (+ dataset.json) in --data (default data/demo, built on first use);
         volumes from the preprocessed cache (`python data.py preprocess`) when it exists;
-        labels from --labels, else out/distill/labels.csv when present, else the manifest's own.
+        labels from --labels, else out/distill/labels.csv when present (`python distill.py` writes it), else the
+        manifest's own (the demo's: so the first command trains on them; it prints which it used).
 Writes: <out>/last.pt and <out>/best.pt (self-describing checkpoints), <out>/metrics.jsonl
         (out/vision, or out/vision-lite with --lite).
+Flags: the paper's defaults, under those the data set recommends (its dataset.json "train" entry for vision or
+        vision-lite; the demo's are demo.DEMO_TRAIN), under the command line; the first line printed names them.
 
 Examples:
   python pretrain_vision.py --lite                               # demo set on a laptop CPU, minutes
@@ -59,7 +62,7 @@ def main():
                     "image_pooling": args.image_pooling}
     model = M.build_model(model_config)
     # --image-pooling (Fig. 4d). Alignment (align.py) needs one embedding per volume and takes it by GAP. We read the
-    # paper's "architectural consistency" as: stage 1 should pool as stage 3 will, which only GAP, the recipe, does.
+    # paper's "architectural consistency" as: pre-training (2a) should pool as alignment (3) will: only GAP, the recipe, does.
     if args.image_pooling == "noisy_or":  # P_c starts at 1/2 over this crop's cells, not saturated at 1
         torch.nn.init.constant_(model.head.bias, M.noisy_or_bias(model.encoder.cells(V.get_preset(preset)["crop"])))
     if args.init:

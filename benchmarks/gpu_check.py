@@ -348,8 +348,8 @@ class OpLog(TorchDispatchMode):
 
 
 def conv_path(ctx, part):
-    """model.Conv3x3x3 computes tiny maps as a matrix product over unfolded patches on the CPU only. The lite encoder on
-    the demo crop has a 1 x 2 x 2 last stage: on the CPU it must unfold, on a GPU never."""
+    """encoders.Conv3x3x3 computes tiny maps as a matrix product over unfolded patches on the CPU only. The lite encoder on
+    the demo crop has a 1 x 2 x 2 last ResNet stage: on the CPU it must unfold, on a GPU never."""
     torch.manual_seed(0)
     enc = M.ResNet3D(1, stem=4, widths=list(TINY["widths"])).to(ctx.device)
     with OpLog() as log:

@@ -100,3 +100,42 @@ def run_script(name, *args, cwd, timeout=300):
 def script(tmp_path):
     """run_script in tmp_path: script("pretrain_vision.py", "--lite", ...) -> (exit code, stdout, stderr)."""
     return lambda name, *args: run_script(name, *args, cwd=tmp_path)
+
+
+class Parsed(BaseException):
+    """Raised by parse_only's stand-in for ArgumentParser.parse_args once the command line is parsed (a BaseException,
+    so that no script's own error handling catches it)."""
+
+
+def parse_only(name, *args, cwd):
+    """`python <name> <args>` in this process, stopped as soon as the script has parsed its command line: nothing is
+    read, built or trained. -> (exit code, the parser, the parsed namespace or None, stderr). An unknown flag or a
+    missing required argument exits 2 with argparse's message, as it would for a user; a script that never parses a
+    command line returns parser None."""
+    import argparse
+    real, seen = argparse.ArgumentParser.parse_args, {}
+
+    def parse_and_stop(self, args=None, namespace=None):
+        seen["parser"] = self
+        seen["args"] = real(self, args, namespace)
+        raise Parsed
+    argparse.ArgumentParser.parse_args = parse_and_stop
+    try:
+        code, _, err = run_script(name, *args, cwd=cwd)
+    except Parsed:
+        return 0, seen["parser"], seen["args"], ""
+    finally:
+        argparse.ArgumentParser.parse_args = real
+    return code, seen.get("parser"), None, err
+
+
+def options(parser):
+    """Every option string a parser and its subcommands accept (--no-x included for a BooleanOptionalAction)."""
+    import argparse
+    out = set()
+    for a in parser._actions:
+        out |= set(a.option_strings)
+        if isinstance(a, argparse._SubParsersAction):
+            for sub in a.choices.values():
+                out |= options(sub)
+    return out
