@@ -85,8 +85,8 @@ def positives_with_masks(table, i):
 def location_prior(table, preset):
     """The baseline that never looks at the scan: per finding, the mean over the training volumes positive for it of
     their masks on the model's input grid -> {finding: (D, H, W) float in [0, 1]}, each voxel the share of those
-    training cases whose finding covers it. Its peak (maps.peak, the centroid of its maximal voxels) points at where the
-    finding usually is, the same point for every test case."""
+    training cases whose finding covers it. Its peak (prior_point) points at where the finding usually is, the same
+    point for every test case."""
     total, count = {}, {}
     for i in range(len(table)):
         for n, path in positives_with_masks(table, i).items():
@@ -96,6 +96,14 @@ def location_prior(table, preset):
         print(f"\rlocation prior: {i + 1}/{len(table)} training volumes", end="", flush=True)
     print()
     return {n: total[n] / count[n] for n in total}
+
+
+def prior_point(prior):
+    """Where the prior points: of its maximal voxels, the one nearest their centroid. Not the centroid itself (what
+    maps.peak gives a coarse map's flat cell): a port and its catheter, each covered in every training case, make a
+    maximum in two pieces, and their centroid lies between them, on neither. -> (d, h, w)."""
+    top = np.argwhere(prior >= prior.max() - 1e-6)  # (M, 3)
+    return tuple(int(i) for i in top[np.argmin(((top - top.mean(0)) ** 2).sum(1))])
 
 
 def score_case(model, ds, i, table, prompts_by_name, preset, args, spacing, prior_points):
@@ -147,7 +155,7 @@ def main():
         return t.take(keep)
     t = with_masks(args.split, args.max_cases)
     prior = location_prior(with_masks("train", args.prior_cases), preset)  # {finding: (D, H, W) mean training mask}
-    prior_points = {n: maps.peak(m) for n, m in prior.items()}
+    prior_points = {n: prior_point(m) for n, m in prior.items()}
     cache = Path(table.source).parent / f"cache-{V.preset_name(preset)}"
     ds = D.VolumeReportDataset(t, preset, train=False, cache_dir=cache)
     tok = M.tokenizer_from_cfg(ckpt["model_config"]["text"])

@@ -8,12 +8,15 @@ and the image latent is a bias-free projection of the global average of the last
 so the logit taken apart cell by cell, f_v . u, is a map whose mean is the logit itself (exact_map). CAM, Grad-CAM at
 the last stage and patch-text similarity all coincide with it here. Its catch is resolution: the last stage has
 6 x 12 x 12 cells on the standard chest model, 3 x 6 x 6 on the lite one, 1 x 2 x 2 on the lite demo model.
-Two ways to look finer, at a cost:
+Three ways to look finer, at a cost:
 - gradcam: the logit's gradient, averaged over an earlier stage's cells, weights that stage's channels; the positive
   part of the weighted sum is the map (Selvaraju et al. 2017). At the last stage it is exact_map's positive part.
 - occlusion: the logit's drop when a block of the input is replaced by air, block by block, at input resolution;
   one forward pass per block position gives every finding's map at once.
-Which is best is measured, not assumed: docs/maps.md. Maps live on the model's input grid, the preset's centre crop;
+- coarse_to_fine (scan.py's default): occlusion, then blocks half the size only where each finding's coarse map
+  peaks; there it equals the finer occlusion map, at about 1.5x the coarse cost instead of 15x.
+Which is best is measured, not assumed: docs/maps.md (LayerCAM at an early stage and gradient x input were tried
+there and lost to the location prior by 0.4 or more; they are not kept). Maps live on the model's input grid, the preset's centre crop;
 to_input takes one back to the scan's own voxels (the inverse of the preprocessing), picture draws one.
 """
 import io
@@ -25,7 +28,7 @@ import torch.nn.functional as F
 import data as D
 import volumes as V
 
-METHODS = ("exact", "gradcam", "occlusion", "coarse_to_fine", "layercam", "grad_input")
+METHODS = ("exact", "gradcam", "occlusion", "coarse_to_fine")
 
 
 def directions(model, prompts):
@@ -59,33 +62,6 @@ def gradcam(model, x, u, stage=3):
         for k in range(u.shape[0]):
             (g,) = torch.autograd.grad(logits[0, k], acts, retain_graph=k < u.shape[0] - 1)
             maps.append(F.relu((g.mean(dim=(2, 3, 4), keepdim=True) * acts).sum(1))[0].detach())
-    return torch.stack(maps)
-
-
-def layercam(model, x, u, stage=1):
-    """(C, d, h, w) on stage `stage`: ReLU(sum_c ReLU(g_c(v)) A_c(v)), the gradient kept per cell instead of averaged
-    (LayerCAM, Jiang et al. 2021), so an early, fine stage still gives a sharp map. One backward pass per finding."""
-    with torch.enable_grad():
-        outs = stage_outputs(model.vision, x)
-        acts = outs[stage]
-        logits = outs[-1].mean(dim=(2, 3, 4)) @ u.T.float()  # (1, C)
-        maps = []
-        for k in range(u.shape[0]):
-            (g,) = torch.autograd.grad(logits[0, k], acts, retain_graph=k < u.shape[0] - 1)
-            maps.append(F.relu((F.relu(g) * acts).sum(1))[0].detach())
-    return torch.stack(maps)
-
-
-def grad_input(model, x, u):
-    """(C, D, H, W) at input resolution: gradient times input, summed over the input's channels (windows): the
-    first-order share of each voxel in the logit. One backward pass per finding."""
-    with torch.enable_grad():
-        xg = x.detach().clone().requires_grad_(True)
-        logits = model.vision(xg).float() @ u.T.float()  # (1, C)
-        maps = []
-        for k in range(u.shape[0]):
-            (g,) = torch.autograd.grad(logits[0, k], xg, retain_graph=k < u.shape[0] - 1)
-            maps.append((g * xg).sum(1)[0].detach())
     return torch.stack(maps)
 
 
@@ -146,10 +122,6 @@ def make_maps(model, x, prompts, method, preset, blocks=4):
         air = torch.zeros(x.shape[1]) if window == "mri" else torch.tensor(V.normalize(np.full((1, 1, 1), -1000.0), window)
                                                                            ).reshape(-1).float()
         m = (occlusion if method == "occlusion" else coarse_to_fine)(model, x, u, air.to(x.device), blocks)
-    elif method == "layercam":
-        m = layercam(model, x, u)
-    elif method == "grad_input":
-        m = grad_input(model, x, u)
     else:
         raise D.UsageError(f"map method {method!r}: one of {', '.join(METHODS)}")
     if m.shape[1:] != x.shape[2:]:  # cells -> voxels: each cell's value spread over the voxels it pools

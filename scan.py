@@ -62,7 +62,7 @@ def get_args():
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda, ... (default: %(default)s)")
     p.add_argument("--maps", default=None, help="folder for each scan's map of each finding: <scan>/<finding>.nii.gz on the "
                                                 "scan's own grid (its affine) and <finding>.png (default: none)")
-    p.add_argument("--map-method", default="occlusion", choices=maps.METHODS, help="how a map is made (maps.py; "
+    p.add_argument("--map-method", default="coarse_to_fine", choices=maps.METHODS, help="how a map is made (maps.py; "
                                                                                  "docs/maps.md; default: %(default)s)")
     p.add_argument("--save-latents", default=None, help=".npz of each scan's latent (768), feature (512), probabilities, "
                                                         "decisions and distance (default: none)")

@@ -212,12 +212,12 @@ def test_evaluate_keeps_the_auc_and_records_calibration(trained):
 
 
 @TRAINS
-@pytest.mark.parametrize("method", ["occlusion"])
+@pytest.mark.parametrize("method", ["coarse_to_fine", "occlusion"])
 def test_a_map_follows_a_finding_that_moves(trained, method):
     """A demo test volume with a chest port (medical material, on the patient's right) and the same volume mirrored
     left to right: the port moves to the other side, and so does the peak of its map (the trained encoder above).
-    Occlusion (scan.py's default) only: on this small model the exact map (1 x 2 x 2 cells) and Grad-CAM (2 x 3 x 3)
-    fail it (measured; docs/maps.md)."""
+    Coarse-to-fine (scan.py's default) and the occlusion it starts from: on this small model the exact map (1 x 2 x 2
+    cells) and Grad-CAM (2 x 3 x 3) fail it (measured; docs/maps.md)."""
     import maps
     d, table = trained
     test = table.subset("test")
