@@ -6,7 +6,8 @@ how models are built from plain dicts and loaded.
     masked_bce, clip_loss, align_loss   the losses: BCE without the uncertain and unmentioned labels; CLIP on raw dot
                         products at temperature 1; stage 3's sum of the two
     PROMPT_TEMPLATES, zero_shot_scores   zero-shot diagnosis: softmax over the dot products with a positive and a
-                        negative prompt (zero_shot_logits, prompt_latents, text_latents)
+                        negative prompt (zero_shot_logits, prompt_latents, text_latents); AUCs rank the logits, since a
+                        float32 sigmoid is exactly 1.0 beyond a logit of about 17
     EncoderClassifier   encoder + linear head to the labels: the model of pre-training (stages 2a and 2b); the
                         image pooling of Fig. 4d (noisy_or_logits, noisy_or_bias)
     build_model         any of the above from a plain dict (model_config), so checkpoints rebuild themselves
@@ -141,7 +142,8 @@ PROMPT_TEMPLATES = {
 
 def zero_shot_scores(img_lat, prompt_lat):
     """Positive probability per label -> (N, C): softmax over the pair of raw dot products
-    [img . pos, img . neg] (= sigmoid of their difference). Raw dot products, as in training."""
+    [img . pos, img . neg] (= sigmoid of their difference). Raw dot products, as in training. A probability to show,
+    not to rank by: in float32 it is exactly 1.0 beyond a difference of about 17, so rank by zero_shot_logits."""
     logits = torch.einsum("nd,cpd->ncp", img_lat.float(), prompt_lat.float())  # (N, C, 2)
     return logits.softmax(dim=-1)[..., 0]
 
