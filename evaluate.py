@@ -48,6 +48,7 @@ import re
 from pathlib import Path
 
 import numpy as np
+from scipy.special import expit
 import torch
 
 import checkpoints
@@ -254,7 +255,7 @@ def make_reference(ev, rv, ref_split, table, score):
     """Operating points, temperatures, Platt per label and the feature reference for scan.py, measured per volume (a scan is one):
     fitted on rv (the threshold split), checked on ev (the evaluated split); written beside the checkpoint.
     -> what summary.json records of them."""
-    args, names, sig = score["args"], score["names"], lambda z: 1 / (1 + np.exp(-z))  # noqa: E731
+    args, names, sig = score["args"], score["names"], expit  # sigmoid without overflow on large logits
     v, e = rv["volume"], ev["volume"]
     t_zs = metrics.fit_temperature(v["logits"], v["y"])
     t_clf = None if v["clf_logits"] is None else metrics.fit_temperature(v["clf_logits"], v["y"])  # None: no classifier
