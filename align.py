@@ -15,14 +15,20 @@ and classifier faster than the pretrained encoders, and --init-shared heads star
 The paper's ablations are switches of this script, each off in the recipe (--help names the figure): leave out the
 vision or text pre-training or the shared classifier (Fig. 4a: --no-vision-pretraining, --no-text-pretraining,
 --no-shared-classifier; all three: CLIP alone), L2-normalise the latents (Fig. 4e: --l2-norm), train in one stage
-(Fig. 3e/f: --joint), or start both encoders from a CLIP-only run of this script, stage 1 on the reports instead of
-the labels (Fig. 4c: --encoders-from). --train-fraction (Fig. 3a) is every stage's.
+(Fig. 3e/f: --joint), or start both encoders from a CLIP-only run of this script: pre-training on the reports instead
+of the labels (Fig. 4c: --encoders-from). --train-fraction (Fig. 3a) is every training stage's (2a, 2b, 3).
 
 Reads:  a data set (default data/demo, built on first use); the pre-trained checkpoints
         out/vision[-lite]/best.pt and out/text/best.pt (a missing one is a warning: that encoder
-        starts from its initialisation); labels as in stages 2a and 2b.
+        starts from its initialisation; on the default demo set it is trained first);
+        labels from --labels, else out/distill/labels.csv when present (`python distill.py` writes it), else the
+        manifest's own. The first command (`python align.py --lite`) never distils: it trains on the demo
+        manifest's labels and says so; `python distill.py --backend rules` first makes every stage read distilled ones.
 Writes: <out>/last.pt, <out>/best.pt, <out>/metrics.jsonl (out/align, or out/align-lite with --lite);
         prints the zero-shot AUC table of the validation split at the end.
+Flags: the paper's defaults, under those the data set recommends (its dataset.json "train" entry for align or
+        align-lite; the demo's are demo.DEMO_TRAIN: --head-lr 5e-4, --init-shared heads, 2 epochs, ...), under the
+        command line; the first line printed names them.
 
 Examples:
   python align.py --lite                                          # demo set on a laptop CPU, minutes
@@ -42,6 +48,7 @@ import data as D
 import devices
 import metrics
 import model as M
+import volumes as V
 
 STAGE = "align"
 CXR_BERT = "microsoft/BiomedVLP-CXR-BERT-specialized"
@@ -62,14 +69,15 @@ def get_args():
     g.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing in both encoders (less memory, more compute)")
     g.add_argument("--init-shared", default="random", choices=["random", "heads"],
                    help="how the projections and the shared classifier start: random (the paper's), or heads: from the "
-                        "two pre-trained heads, so the classifier starts reading both latents as pre-training did (needs both checkpoints)")
+                        "two pre-trained heads, so the classifier reads each latent with its head's weights and the mean of the "
+                        "two heads' biases (needs both checkpoints)")
     g.add_argument("--head-lr", type=float, default=None,
                    help="peak learning rate of the layers this stage adds (the two projections and "
                         "the shared classifier); default: --lr, one rate for everything as in the paper")
     g.add_argument("--template", default="there_is", choices=sorted(M.PROMPT_TEMPLATES), help="prompt pair for the zero-shot validation AUC")
     on_off = argparse.BooleanOptionalAction
     g.add_argument("--vision-pretraining", action=on_off, default=True, help="the image encoder starts from stage 2a (--vision-ckpt); "
-                   "--no-vision-pretraining: from random weights (supervision scope, Fig. 4a; with --no-text-pretraining: no stage-1 signal, Fig. 4c)")
+                   "--no-vision-pretraining: from random weights (supervision scope, Fig. 4a; with --no-text-pretraining: no pre-training signal, Fig. 4c)")
     g.add_argument("--text-pretraining", action=on_off, default=True, help="the text encoder starts from stage 2b (--text-ckpt); "
                    "--no-text-pretraining: from --text-model's own weights (Fig. 4a)")
     g.add_argument("--shared-classifier", action=on_off, default=True, help="the shared classifier and its two BCE terms; "
@@ -79,7 +87,7 @@ def get_args():
     g.add_argument("--joint", action="store_true", help="one stage, not two: both encoders from their initialisation (no "
                    "checkpoint read), each with its own head to the labels, whose BCE joins the loss (Fig. 3e/f)")
     g.add_argument("--encoders-from", default=None, help="both encoders from this aligned checkpoint instead of stages 2a and 2b: "
-                   "given a run with Fig. 4a's three switches off, stage 1 supervised by the reports, not labels (Fig. 4c)")
+                   "given a run with Fig. 4a's three switches off, pre-training supervised by the reports, not labels (Fig. 4c)")
     args = common.parse(p, STAGE)
     if args.joint:  # the encoders are trained here from the start: no pre-trained checkpoint is read
         if args.encoders_from:
@@ -106,7 +114,7 @@ def main():
     # model: the two pre-trained encoders, a projection each into the shared space, one shared classifier
     vck = read_pretrained(args.vision_ckpt, "vision", table.label_names, run, preset)  # None when absent or switched off (said)
     tck = read_pretrained(args.text_ckpt, "text", table.label_names, run)
-    vision_cfg = {"in_channels": D.input_channels(preset), "stem": 4 if args.lite else 2, "widths": [64, 128, 256, 512]}
+    vision_cfg = {"in_channels": V.input_channels(preset), "stem": 4 if args.lite else 2, "widths": [64, 128, 256, 512]}
     text_encoder = tokenizer = None
     if tck is None:  # start from a hub model (CXR-BERT) or a scratch BERT, as pretrain_text.py would
         source = args.text_model or D.dataset_defaults(args.data).get("text_model", CXR_BERT)
@@ -169,8 +177,8 @@ def main():
             common.backward(run, loss, b)  # a non-finite loss stops the run naming the batch (or is skipped)
             if last_micro:
                 common.optimizer_step(run, loss, parts)
-        metrics = validate(run, model, tokenizer, valid_ds, table.label_names) if run.master and len(valid_ds) else {"macro_auc": None}
-        common.end_of_epoch(run, metrics, "valid zero-shot macro AUC")
+        result = validate_zero_shot(run, model, tokenizer, valid_ds, table.label_names) if run.master and len(valid_ds) else {"macro_auc": None}
+        common.end_of_epoch(run, result, "valid zero-shot macro AUC")
 
     # -----------------------------------------------------------------------------
     # summary: the zero-shot AUC table of the validation split (last epoch)
@@ -208,7 +216,7 @@ def read_pretrained(path, stage, label_names, run, preset=None):
         run.log(f"{stage} encoder: not pre-trained ({'--joint' if args.joint else f'--no-{stage}-pretraining'}), it starts from "
                 f"{'random initialisation' if stage == 'vision' else 'its initialisation (--text-model)'}")
         return None
-    if args.encoders_from:  # Fig. 4c: the encoders of an aligned (CLIP-only) run, stage 1 on the reports alone
+    if args.encoders_from:  # Fig. 4c: the encoders of an aligned (CLIP-only) run, pre-trained on the reports alone
         path = Path(args.encoders_from)
     elif not path.exists():
         script = "pretrain_vision.py" + (" --lite" if args.lite else "") if stage == "vision" else "pretrain_text.py"
@@ -222,7 +230,7 @@ def read_pretrained(path, stage, label_names, run, preset=None):
         if stem != want:
             raise D.UsageError(f"{path}: a stem-{stem} encoder, but {'--lite' if args.lite else 'the standard model'} "
                                f"needs stem {want}; pass the matching --vision-ckpt")
-        D.require_channels(ck["model_config"]["vision"], preset, path)
+        V.require_channels(ck["model_config"]["vision"], preset, path)
     run.log(f"loaded {stage} encoder: {path} (pre-trained step {ck['step']}, valid macro AUC {ck['best_metric']})")
     if ck["model_config"].get("image_pooling", "gap") != "gap":  # pretrain_vision.py --image-pooling (Fig. 4d)
         run.log(f"note: it was pre-trained with {ck['model_config']['image_pooling']} pooling; alignment reads the encoder "
@@ -231,15 +239,17 @@ def read_pretrained(path, stage, label_names, run, preset=None):
 
 
 @torch.no_grad()
-def validate(run, model, tokenizer, valid_ds, label_names):
-    """Zero-shot and shared-classifier AUC on the validation split (rank 0)."""
+def validate_zero_shot(run, model, tokenizer, valid_ds, label_names):
+    """Zero-shot and shared-classifier AUC on the validation split (rank 0): align.py's own validation, where the
+    pre-training stages call common.validate with their head's probabilities."""
     # Prompt latents depend only on the text encoder: computed once per evaluation, (C, 2, E).
     prompts = M.prompt_latents(model, tokenizer, label_names, M.PROMPT_TEMPLATES[run.args.template], run.args.max_len, run.device)
 
-    def read(b):  # -> zero-shot P(positive prompt), shared classifier read-out (if there is one); (B, C) each
+    def read(b):  # -> zero-shot logit, shared classifier logit (if there is one); (B, C) each. Logits, not their
+        # sigmoids: a float32 sigmoid is exactly 1.0 beyond about 17, and raw dot products go far beyond (evaluate.py)
         with run.autocast():
             img = model.encode_image(b["image"].to(run.device)).float()  # (B, E)
-        return M.zero_shot_scores(img, prompts), *(() if model.classifier is None else (torch.sigmoid(model.classifier(img)),))
+        return M.zero_shot_logits(img, prompts), *(() if model.classifier is None else (model.classifier(img).float(),))
     refs, (zero_shot, *classifier) = common.predict(run, valid_ds, read)
     aucs, macro = metrics.per_label_auc(refs, zero_shot)
     return {"auc": dict(zip(label_names, aucs)), "macro_auc": macro,

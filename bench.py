@@ -12,7 +12,7 @@ Four sections, each printed as a table (--only picks some):
   flops       FLOPs per training sample (torch.utils.flop_counter: matmuls, convolutions, attention; forward,
               backward and the recomputation of --grad-ckpt), and measured samples/s on this machine.
   preprocess  a CT-RATE-sized volume (512 x 512 x 300 int16, 0.7 x 0.7 x 1 mm, .nii.gz, generated here) to the
-              cached tensor with data.py, against MONAI's transform chain on the same file (one core each);
+              cached tensor with volumes.py, against MONAI's transform chain on the same file (one core each);
               then random training crops read from the cache, per core.
   schedule    the paper's recipe on CT-RATE (47,149 volumes; vision, text, alignment, 5 epochs each) on a
               24 GB-class GPU, estimated from the FLOPs and a stated efficiency, next to the paper's 24 GPU-hours.
@@ -40,6 +40,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils.flop_counter import FlopCounterMode
 
 import data as D
+import volumes as V
 from benchmarks.memcount import build, count_step, forward_loss, gpu_kernels, make_batch, optimizer_step
 
 GiB = 2 ** 30
@@ -197,7 +198,7 @@ def section_flops(args):
 
 
 # -----------------------------------------------------------------------------
-# preprocessing: data.py against MONAI on one CT-RATE-sized volume, one core each; then cache reads
+# preprocessing: volumes.py against MONAI on one CT-RATE-sized volume, one core each; then cache reads
 
 def make_ct(path, shape=(512, 512, 300), spacing=(0.7, 0.7, 1.0), seed=0):
     """A chest-like int16 phantom of CT-RATE's size: air, an elliptic body (40 HU), two lungs (-850 HU), noise."""
@@ -205,7 +206,7 @@ def make_ct(path, shape=(512, 512, 300), spacing=(0.7, 0.7, 1.0), seed=0):
     rng = np.random.default_rng(seed)
     x, y = [(np.arange(n) - n / 2) * s for n, s in zip(shape[:2], spacing[:2])]  # mm from the centre
     xx, yy = np.meshgrid(x, y, indexing="ij")
-    axial = np.full(shape[:2], D.AIR_HU, np.int16)
+    axial = np.full(shape[:2], V.AIR_HU, np.int16)
     axial[(xx / 170) ** 2 + (yy / 120) ** 2 < 1] = 40
     axial[((np.abs(xx) - 70) / 55) ** 2 + (yy / 80) ** 2 < 1] = -850
     vol = np.repeat(axial[:, :, None], shape[2], axis=2)
@@ -218,10 +219,10 @@ def make_ct(path, shape=(512, 512, 300), spacing=(0.7, 0.7, 1.0), seed=0):
 
 
 def monai_chain(preset):
-    """MONAI's equivalent of data.py's chain: RAS, the preset spacing with the full-extent grid (scale_extent, as
-    data.py scales to the rounded size), the HU window, and pad (with air: -1) or crop to the stored size."""
+    """MONAI's equivalent of volumes.py's chain: RAS, the preset spacing with the full-extent grid (scale_extent, as
+    volumes.py scales to the rounded size), the HU window, and pad (with air: -1) or crop to the stored size."""
     from monai.transforms import Compose, LoadImage, Orientation, ResizeWithPadOrCrop, ScaleIntensityRange, Spacing
-    p = D.get_preset(preset)
+    p = V.get_preset(preset)
     return Compose([LoadImage(image_only=True, ensure_channel_first=True), Orientation(axcodes="RAS"),
                     Spacing(pixdim=p["spacing"], mode="bilinear", scale_extent=True),
                     ScaleIntensityRange(a_min=-1000, a_max=200, b_min=-1, b_max=1, clip=True),
@@ -251,7 +252,7 @@ def section_preprocess(args, consumers):
         ours, theirs = [], []
         for _ in range(args.repeats):  # interleaved, so that load from other processes hits both alike
             t0 = time.perf_counter()
-            stored = D.preprocess_volume(str(path), "chest")  # the cached int16 (D, H, W); windowed when read
+            stored = V.preprocess_volume(str(path), "chest")  # the cached int16 (D, H, W); windowed when read
             ours.append(time.perf_counter() - t0)
             if chain is not None:
                 t0 = time.perf_counter()
@@ -260,19 +261,19 @@ def section_preprocess(args, consumers):
         a = statistics.median(ours)
         print("| pipeline | seconds per volume per core (median of %d) | speed-up |" % args.repeats)
         print("| --- | --- | --- |")
-        print(f"| data.py preprocess_volume (nibabel + torch trilinear) | {a:.2f} | |")
+        print(f"| volumes.py preprocess_volume (nibabel + torch trilinear) | {a:.2f} | |")
         if chain is not None:
             m = statistics.median(theirs)
             print(f"| MONAI {monai.__version__}: LoadImage, Orientation, Spacing, ScaleIntensityRange, "
                   "ResizeWithPadOrCrop "
                   f"| {m:.2f} | ours {m / a:.1f}x faster ({'holds' if m / a >= 2 else 'MISSED'}: target >= 2x) |")
             # Same window on both: ours (D, H, W) int16 HU -> [-1, 1]; MONAI's is (1, x, y, z).
-            diff = np.abs(D.normalize(stored, "chest") - np.asarray(out)[0].transpose(2, 1, 0)) * 600  # in HU
+            diff = np.abs(V.normalize(stored, "chest") - np.asarray(out)[0].transpose(2, 1, 0)) * 600  # in HU
             tol_mean, tol_p99 = 2.0, 10.0
             ok = diff.mean() <= tol_mean and np.percentile(diff, 99) <= tol_p99
             print(f"Outputs compared voxel by voxel in HU (both windowed to [-1000, 200]): mean |diff| "
                   f"{diff.mean():.2f}, 99th percentile {np.percentile(diff, 99):.1f}, max {diff.max():.0f} (at edges: "
-                  f"data.py spans the input extent with the rounded size, MONAI keeps exactly 1.5 mm, a shift of up to "
+                  f"volumes.py spans the input extent with the rounded size, MONAI keeps exactly 1.5 mm, a shift of up to "
                   f"0.1 voxel), "
                   f"{(diff <= 10).mean():.2%} within 10 HU; tolerance mean <= {tol_mean}, p99 <= {tol_p99}: "
                   f"{'equal within it' if ok else 'NOT EQUAL'}")
@@ -305,8 +306,8 @@ def section_preprocess(args, consumers):
 # -----------------------------------------------------------------------------
 # the paper's schedule on a 24 GB-class GPU, from FLOPs
 
-def stage1(flops, stem, ckpt):
-    """FLOPs per sample of each stage with these flags: pretrain_vision.py (the align step's vision share),
+def stage_flops(flops, stem, ckpt):
+    """FLOPs per sample of each training stage (2a, 2b, 3) with these flags: pretrain_vision.py (the align step's vision share),
     pretrain_text.py (the text share without the checkpointing align.py --lite adds) and align.py."""
     return {"vision": flops[(stem, ckpt)]["vision"], "text": flops[(2, ckpt)]["text"],
             "align": flops[(stem, ckpt)]["align"]}
@@ -327,7 +328,7 @@ def section_schedule(args, flops):
     for name, stem, amp, ckpt, _ in CONFIGS:
         if not amp:  # fp32 runs at the TF32 rate, not this bf16 peak: the schedule is given for --amp
             continue
-        hours = {k: n * epochs / r / 3600 for k, r in gpu_rates(stage1(flops, stem, ckpt), args).items()}
+        hours = {k: n * epochs / r / 3600 for k, r in gpu_rates(stage_flops(flops, stem, ckpt), args).items()}
         paper = "24 (standard, one 24 GB GPU)" if stem == 2 else "about 4 (lite, 6 GB)"
         print(f"| {name} | {flag(amp, ckpt)} | {hours['vision']:.1f} | {hours['text']:.1f} | {hours['align']:.1f} | "
               f"**{sum(hours.values()):.1f}** | {paper} |")

@@ -3,7 +3,8 @@ stage does lives in its script, in plain sight (flags, data, model, loss, traini
 alike lives here, in the order a script calls it:
 
     parser, parse     the flags all training stages share; the data set's recommended defaults under the command line
-    (devices.setup    processes (torchrun), device, precision, seed -> `run`, a plain namespace of the run's state)
+    (devices.setup    processes (torchrun), device, precision, seed -> `run`, a plain namespace of the run's state;
+                      its docstring lists every field of `run`, and which function sets it)
     load_data         manifest, labels, splits, preset and cache (the demo set is built when missing)
     start             sampler and step counts, --resume from <out>/last.pt, DDP / torch.compile wrapping
     epochs            the epochs and (micro-)batches still to run; a resumed run continues mid-epoch exactly
@@ -33,6 +34,7 @@ import data as D
 import devices
 import metrics
 import model as M
+import volumes as V
 from demo import DEMO_TRAIN, ensure_demo
 
 SCRIPTS = {"vision": "pretrain_vision.py", "text": "pretrain_text.py", "align": "align.py"}
@@ -54,7 +56,7 @@ def parser(doc, images=True, **paper_defaults):
                    "Fig. 3a): the same rows for every stage given --seed, and a smaller share's rows among a larger one's")
     g.add_argument("--workers", type=int, default=2, help="data loader worker processes")
     if images:
-        g.add_argument("--preset", default=None, help=f"preprocessing preset: one of {list(D.PRESETS)} or a .json preset "
+        g.add_argument("--preset", default=None, help=f"preprocessing preset: one of {list(V.PRESETS)} or a .json preset "
                                                       "file; default: the data set's dataset.json, else chest")
         g.add_argument("--cache", default=None, help="preprocessed cache folder (default: <data>/cache-<preset>, used when it exists)")
         g.add_argument("--random-crop", action=argparse.BooleanOptionalAction, default=True,
@@ -95,12 +97,14 @@ def parse(p, stage):
     command line still win. -> args, with args.out filled in."""
     pre = p.parse_known_args()[0]
     key = stage + ("-lite" if getattr(pre, "lite", False) else "")
-    tuned = DEMO_TRAIN.get(key, {}) if pre.data == D.DEMO_DIR else training_defaults(pre.data, key)
+    demo = pre.data == D.DEMO_DIR
+    tuned = DEMO_TRAIN.get(key, {}) if demo else training_defaults(pre.data, key)
     p.set_defaults(**tuned)
     args = p.parse_args()
     args.out = Path(args.out or f"out/{key}")
-    if tuned and os.environ.get("RANK", "0") == "0":
-        print(f"defaults recommended by the data set (dataset.json): {tuned}")
+    if tuned and os.environ.get("RANK", "0") == "0":  # the first line a stage prints: where its non-paper defaults come from
+        where = f"demo.DEMO_TRAIN[{key!r}]" if demo else f'{D.manifest_path(pre.data).parent / "dataset.json"} "train" -> {key!r}'
+        print(f"defaults recommended by the data set ({where}): {tuned}; a flag on the command line wins")
     return args
 
 
@@ -140,14 +144,19 @@ def load_data(run, images=True, reports=True):
         log(f"skipping {len(empty)} rows with an empty report: {', '.join(empty[:5])}{' ...' if len(empty) > 5 else ''}")
         table = table.take([i for i, r in enumerate(table.reports) if r.strip()])
     preset = D.resolve_preset(args.preset, args.data) if images else None
-    cache = (args.cache or Path(table.source).parent / f"cache-{D.preset_name(preset)}") if images else None
+    cache = (args.cache or Path(table.source).parent / f"cache-{V.preset_name(preset)}") if images else None
     n_train, n_valid = table.splits.count("train"), table.splits.count("valid")
     unit = "pairs" if images and reports else "volumes" if images else "reports"
     if n_train < args.batch_size:
         raise D.DataError(f"{table.source}: {n_train} training {unit}, fewer than one batch of {args.batch_size}")
-    where = f", preset {D.preset_name(preset)}, cache {cache if Path(cache).exists() else 'none (reading NIfTI)'}" if images else ""
+    where = f", preset {V.preset_name(preset)}, cache {cache if Path(cache).exists() else 'none (reading NIfTI)'}" if images else ""
     log(f"data: {table.source} ({n_train} train / {n_valid} valid {unit}){where}")
-    log(f"labels: {labels_used} ({len(table.label_names)} labels)")
+    if labels_used == "the manifest label columns":  # no distilled labels yet: say how to train on them
+        labels_used += f" ({len(table.label_names)} labels); for distilled ones run python distill.py --backend rules " \
+                       f"(or an LLM) first: every stage then reads {DISTILL_LABELS}"
+    else:
+        labels_used += f" ({len(table.label_names)} labels)"
+    log(f"labels: {labels_used}")
     return table, preset, cache
 
 
@@ -348,13 +357,14 @@ def predict(run, dataset, read):
     return torch.cat(refs).numpy(), [torch.cat(s).numpy() for s in zip(*outs)]
 
 
-def validate(run, dataset, probabilities, label_names):
-    """Per-label AUC of probabilities(batch) -> (B, C) over the validation split, on rank 0 -> {"auc": {label: AUC or
-    None}, "macro_auc": their mean or None}. The other processes, and an empty split, get {"macro_auc": None}."""
+def validate(run, dataset, scores, label_names):
+    """Per-label AUC of scores(batch) -> (B, C) logits over the validation split, on rank 0 -> {"auc": {label: AUC or
+    None}, "macro_auc": their mean or None}. The other processes, and an empty split, get {"macro_auc": None}.
+    Logits, not probabilities: a float32 sigmoid is exactly 1.0 beyond a logit of about 17, which would tie cases."""
     if not run.master or not len(dataset):
         return {"macro_auc": None}
-    refs, (probs,) = predict(run, dataset, lambda b: (probabilities(b),))
-    aucs, macro = metrics.per_label_auc(refs, probs)
+    refs, (s,) = predict(run, dataset, lambda b: (scores(b),))
+    aucs, macro = metrics.per_label_auc(refs, s)
     return {"auc": dict(zip(label_names, aucs)), "macro_auc": macro}
 
 
@@ -362,17 +372,17 @@ def fmt(x, nd=4):
     return "undefined" if x is None else f"{x:.{nd}f}"
 
 
-def end_of_epoch(run, metrics, what="valid macro AUC"):
-    """After each epoch (or an early stop), on rank 0: log the validation metric, keep best.pt (the best macro AUC so
-    far) and last.pt, rewrite metrics.jsonl. The other processes wait here."""
+def end_of_epoch(run, result, what="valid macro AUC"):
+    """After each epoch (or an early stop), on rank 0: log the validation result ({"macro_auc", "auc", ...}), keep
+    best.pt (the best macro AUC so far) and last.pt, rewrite metrics.jsonl. The other processes wait here."""
     if run.master:
-        run.metrics = metrics
-        extra = f" | classifier {fmt(metrics['classifier_macro_auc'])}" if "classifier_macro_auc" in metrics else ""
-        run.log(f"epoch {run.epoch + 1} | {what} {fmt(metrics['macro_auc'])}{extra}")
-        run.history.append({"step": run.step, "epoch": run.epoch + 1, **metrics})
-        improved = metrics["macro_auc"] is not None and metrics["macro_auc"] > run.best
+        run.metrics = result
+        extra = f" | classifier {fmt(result['classifier_macro_auc'])}" if "classifier_macro_auc" in result else ""
+        run.log(f"epoch {run.epoch + 1} | {what} {fmt(result['macro_auc'])}{extra}")
+        run.history.append({"step": run.step, "epoch": run.epoch + 1, **result})
+        improved = result["macro_auc"] is not None and result["macro_auc"] > run.best
         if improved:
-            run.best = metrics["macro_auc"]
+            run.best = result["macro_auc"]
         # best.pt first: killed in between, the run resumes from the old last.pt and evaluates again, so last.pt
         # never remembers a best.pt that is not on disk (nor one left by an earlier run in --out)
         if improved or run.best == -math.inf:

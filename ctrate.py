@@ -15,7 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from data import HelpFormatter, is_fixed, parse_floats, read_csv, read_labels, require, run_main, volume_key, write_atomic
+from data import HelpFormatter, parse_floats, read_csv, read_labels, require, run_main, write_atomic
+from volumes import is_fixed, volume_key
 
 
 def ctrate_manifest(reports_csv, labels_csv, volumes_dir, out_csv, metadata_csv=None):

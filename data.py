@@ -1,50 +1,39 @@
-"""Shared data code for GreenRFM: labels, manifests, CT/MRI loading, the cache and the dataset.
+"""Shared data code for GreenRFM: labels, manifests, the cache and the dataset (one scan's preprocessing: volumes.py).
 
   manifest.csv: id, image, report, split, [spacing, rescale_slope, rescale_intercept], label columns
-    -> load_table()         Table: ids, image paths, reports, splits, labels (N, C), nan = not mentioned
-    -> preprocess_volume()  image (a NIfTI file, or a DICOM series: a folder or folder::SeriesInstanceUID, read by
-                            dicom.py) -> canonical (D, H, W) HU at the preset spacing, air-padded or
-                            center-cropped to the preset's stored size; cached as <cache>/<id>.npy
-    -> VolumeReportDataset  random (train) or center (eval) crop + intensity windows -> {"image"
-                            (K windows, D, H, W), "report", "targets" (C,), "mask" (C,), "id", "index"}
-Orientation: nibabel's closest canonical orientation, RAS+ (array axis x points to the patient's
-Right, y Anterior, z Superior), then (x, y, z) -> (z, y, x): D runs inferior -> superior (the body's
-long axis), H posterior -> anterior, W left -> right, whatever affine the scanner wrote; a rotated or sheared
-grid (oblique, gantry tilt) is resampled exactly instead. Spacing is the header's (after reorientation)
-unless the manifest's `spacing` column ("x,y,z" mm) overrides it.
+    -> load_table()           Table: ids, image paths, reports, splits, labels (N, C), nan = not mentioned
+    -> preprocess_dataset()   each image (a NIfTI file, or a DICOM series: a folder or folder::SeriesInstanceUID) through
+                              volumes.preprocess_volume: canonical (D, H, W) HU at the preset spacing, air-padded or
+                              center-cropped to the preset's stored size; cached as <cache>/<id>.npy
+    -> VolumeReportDataset    random (train) or center (eval) crop + intensity windows (volumes.model_input) -> {"image"
+                              (K windows, D, H, W), "report", "targets" (C,), "mask" (C,), "id", "index"}
 Labels: 1 present, 0 absent, -1 uncertain, empty = not mentioned (uncertain/empty masked by default).
 
-Presets (spacing, stored size, crop, intensity rule) are named (PRESETS) or written as JSON: a data set's
-dataset.json {"preset": {...}} or `--preset my_preset.json`, so a new modality needs no code edit.
+The seam with volumes.py: there, one file becomes an array (reading, orientation, resampling, crop, windows, and the
+presets that describe them); here, the rows of a data set (labels, manifests, dataset.json, the cache, the Dataset). A
+data set chooses its preset (resolve_preset): a name in volumes.PRESETS, or one written as JSON, its dataset.json's
+{"preset": {...}} or `--preset my_preset.json`, so a new modality needs no code edit.
 
 CLI (bad input stops with one line naming the file and row, never a traceback):
   python data.py preprocess --data data/demo --workers 2               # fill the cache
 The data-set builders are scripts of their own: `python demo.py` (the synthetic demo set), `python ctrate.py`
-(a CT-RATE manifest), `python pacs.py` (a hospital's DICOM export). Of the project, this module imports dicom.py only.
+(a CT-RATE manifest), `python pacs.py` (a hospital's DICOM export). Of the project, this module imports volumes.py only;
+its DataError (bad input, one line) and require are volumes.py's, where bad input enters, raised here too.
 """
-import argparse, csv, hashlib, json, os, re, sys  # noqa: E401
+import argparse, csv, json, os, re, sys  # noqa: E401
 from dataclasses import dataclass, replace
 from multiprocessing import Pool
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
-from dicom import SeriesError, is_series, read_series, resample_exact
-
-class DataError(Exception):
-    """Bad input data; the message is one line naming the file and the row, ID or problem."""
+from volumes import (PRESETS, DataError, get_preset, image_exists, model_input, preprocess_volume, preset_name, require,
+                     volume_key)
 
 class UsageError(Exception):
     """A bad command-line flag or flag combination; the message is one line naming the flag."""
-
-def require(ok, message):
-    """Raise DataError(message) unless ok: every check of user input reads as one line."""
-    if not ok:
-        raise DataError(message)
 
 def run_main(fn):
     """Run a script's main(): DataError or UsageError -> one line on stderr, exit 2 (no traceback); Ctrl-C -> 130."""
@@ -179,10 +168,6 @@ PROTOCOLS = {  # label sets of published evaluation protocols (evaluate.py --pro
 }
 
 # ----------------------------------------------------------------------------- manifests
-def volume_key(name):
-    """'train_1_a_1.nii.gz' -> 'train_1_a_1': ids match with or without a file extension."""
-    return re.sub(r"\.(nii\.gz|nii|npy)$", "", str(name).strip())
-
 def parse_floats(text, n, where, positive=False):
     """"1.5,1.5,3" or "[0.68, 0.68]" -> a tuple of n finite (positive) floats."""
     try:
@@ -269,56 +254,7 @@ def load_table(path):
         t.meta.append(meta)
     return t
 
-# ----------------------------------------------------------------------------- volumes
-# spacing is (x, y, z) mm like the NIfTI header; size (as stored) and crop are (D, H, W) voxels.
-PRESETS = {
-    "chest": dict(spacing=(1.5, 1.5, 3.0), size=(120, 240, 240), crop=(96, 192, 192), intensity="chest"),
-    "abdomen": dict(spacing=(1.5, 1.5, 3.0), size=(180, 280, 280), crop=(144, 224, 224), intensity="abdomen"),
-    "mri": dict(spacing=(1.5, 1.5, 3.0), size=(120, 240, 240), crop=(96, 192, 192), intensity="mri"),
-    "demo": dict(spacing=(4.0, 4.0, 8.0), size=(28, 64, 64), crop=(24, 48, 48), intensity="chest-multi"),
-}
-AIR_HU = -1024
-# CT intensity rules: HU windows (lo, hi), each clipped and mapped linearly onto [-1, 1], one input channel per
-# window. "chest" is the paper's single window, in which lymph nodes (60 HU) in fat (-90), calcium on contrast
-# blood (140) and emphysema (-950) in lung (-850) differ by an eighth of the range at most. "chest-multi" adds the
-# windows a radiologist pages through: mediastinal, lung and calcium/bone (the demo's: see the README).
-WINDOWS = {"chest": ((-1000, 200),), "abdomen": ((-1000, 1000),),
-           "chest-multi": ((-1000, 200), (-160, 240), (-1000, -700), (200, 1200))}
-
-def get_preset(preset, where="preset"):
-    """A preset name, or a dict like PRESETS' values (e.g. read from JSON) -> that dict, checked. Its "intensity" is
-    "mri", a WINDOWS name, or a list of HU windows [[lo, hi], ...]: one network input channel per window."""
-    if not isinstance(preset, dict):
-        require(preset in PRESETS, f"{where}: unknown preset {preset!r} (one of {list(PRESETS)}, or a JSON preset)")
-        return PRESETS[preset]
-    p = {k: preset.get(k) for k in ("spacing", "size", "crop", "intensity")}
-    for key, kind in (("spacing", float), ("size", int), ("crop", int)):
-        ok = isinstance(p[key], (list, tuple)) and len(p[key]) == 3 and all(
-            isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 and (kind is float or v == int(v)) for v in p[key])
-        require(ok, f"{where}: {key!r} must be 3 positive {'numbers (x, y, z mm)' if kind is float else 'integers (D, H, W)'}, got {p[key]!r}")
-        p[key] = tuple(kind(v) for v in p[key])
-    w = p["intensity"]
-    if isinstance(w, list):  # windows from JSON: [[lo, hi], ...]
-        require(w and all(isinstance(x, list) and len(x) == 2 and x[0] < x[1] for x in w),
-                f"{where}: 'intensity' windows must be [[lo, hi], ...] with lo < hi (HU), got {w!r}")
-        p["intensity"] = [[float(lo), float(hi)] for lo, hi in w]
-    else:
-        require(w == "mri" or w in WINDOWS, f"{where}: 'intensity' must be 'mri', one of {list(WINDOWS)} or a list of HU windows")
-    return p
-
-def windows(intensity):
-    """An intensity rule -> its HU windows [(lo, hi), ...], or None for MRI (z-score, one channel)."""
-    if intensity == "mri":
-        return None
-    require(not isinstance(intensity, str) or intensity in WINDOWS, f"unknown intensity rule {intensity!r} ({', '.join(WINDOWS)}, mri)")
-    return WINDOWS[intensity] if isinstance(intensity, str) else intensity
-
-def preset_name(preset):
-    """For messages and the default cache folder: the name, or "custom-<hash of the parameters>"."""
-    if isinstance(preset, str):
-        return preset
-    return "custom-" + hashlib.sha1(json.dumps(get_preset(preset), sort_keys=True).encode()).hexdigest()[:8]
-
+# ----------------------------------------------------------------------------- presets
 def resolve_preset(spec, data):
     """The preset a stage uses: --preset (a name, or a .json file holding one preset dict), else the data set's
     dataset.json "preset" (a name or a dict), else chest. Checked here, before any work -> a name or a dict."""
@@ -335,136 +271,6 @@ def resolve_preset(spec, data):
         where = f"--preset {spec}"
     get_preset(spec, where)
     return spec
-
-def is_fixed(path):
-    """CT-RATE v2 volumes are named *_fixed(.nii.gz) and already hold HU."""
-    return volume_key(Path(path).name).endswith("_fixed")
-
-def oblique_degrees(affine):
-    """Largest angle (degrees) between a voxel axis (a column of the affine's 3x3 part) and its nearest world axis:
-    0 for any flip or permutation of the axes, > 0 for a rotated grid or a sheared one (CT gantry tilt)."""
-    axes = np.asarray(affine, dtype=np.float64)[:3, :3]
-    cosines = np.abs(axes).max(0) / np.linalg.norm(axes, axis=0)  # (3,) per voxel axis
-    return float(np.degrees(np.arccos(np.clip(cosines, 0, 1))).max())
-
-def image_exists(path):  # a NIfTI file or a DICOM folder (a folder's series are checked when it is read)
-    return os.path.isfile(path) or is_series(path)
-
-def load_volume(path, spacing_out=(1.5, 1.5, 3.0), spacing_in=None, rescale=None, modality=None, grid=False):
-    """NIfTI file or DICOM series -> float32 (D, H, W) in canonical orientation at spacing_out (x, y, z mm), HU for CT;
-    grid=True: (it, its affine from the (x, y, z) = (W, H, D) index to RAS mm), how maps.py puts a map back. modality:
-    the preset's (another is warned). spacing_in (x, y, z) overrides the header; rescale (slope, intercept) turns raw
-    CT-RATE v1 values into HU, never for v2 *_fixed files (rescaling twice is a known peer bug) or a DICOM series."""
-    series = is_series(path)  # a folder, or folder::SeriesInstanceUID: dicom.py reads it, into the same hand-off
-    require(series or os.path.isfile(path), f"{path}: file not found")
-    require(not (series and (spacing_in or rescale)), f"{path}: a DICOM series's own headers give its spacing and "
-            "rescale; leave the manifest's spacing and rescale cells empty for it")
-    try:
-        img = nib.Nifti1Image(*read_series(path, modality)) if series else nib.load(path)  # voxels + affine to RAS mm
-        shape = img.shape  # (x, y, z), or (x, y, z, 1): one channel
-        require(len(shape) >= 3 and min(shape[:3]) > 1 and all(s == 1 for s in shape[3:]),
-                f"{path}: expected a 3D volume with one channel, got shape {shape}")
-        affine = img.affine.astype(np.float64)
-        if spacing_in:  # each voxel axis gets the spacing of the patient axis it runs nearest to
-            axes = np.abs(affine[:3, :3]).argmax(0)  # (3,) x, y or z for voxel axes i, j, k
-            affine[:3, :3] *= np.asarray(spacing_in, float)[axes] / np.linalg.norm(affine[:3, :3], axis=0)  # per column
-        exact = oblique_degrees(affine) > 0.01  # a rotated or sheared grid: resampled exactly, not just flipped
-        if exact and oblique_degrees(affine) > 1 and not series:  # dicom.py has named its gantry tilt
-            print(f"warning: {path}: oblique or sheared affine (a voxel axis {oblique_degrees(affine):.1f} degrees off the "
-                  "nearest canonical axis); resampled exactly onto the patient's axes", file=sys.stderr, flush=True)
-        if not exact:
-            img = nib.as_closest_canonical(nib.Nifti1Image(img.dataobj, affine, img.header))  # RAS+ by flips, transposes
-        vol = np.asanyarray(img.dataobj).reshape(img.shape[:3])  # (x, y, z), as stored (int16 for most CT)
-    except DataError:
-        raise
-    except SeriesError as e:
-        raise DataError(str(e)) from None
-    except Exception as e:  # truncated gzip, not a NIfTI, ...: nibabel raises many kinds
-        raise DataError(f"{path}: cannot read NIfTI ({type(e).__name__}: {str(e)[:200]!r})") from None
-    require(vol.dtype.kind != "f" or np.isfinite(vol).all(), f"{path}: volume contains NaN or infinite voxels")
-    # Trilinear resampling in torch, in (z, y, x) = (D, H, W) order: NIfTI stores x fastest, so vol.T needs no copy.
-    t = torch.from_numpy(np.ascontiguousarray(vol.T)).to(torch.float32, copy=True)
-    if rescale is not None and not is_fixed(path):
-        t = t * float(rescale[0]) + float(rescale[1])
-    if exact:
-        t, out_affine = resample_exact(t, affine, np.asarray(spacing_out, float), float(t.min()))
-        return (t.numpy(), out_affine) if grid else t.numpy()
-    zooms = np.linalg.norm(img.affine[:3, :3], axis=0)  # (x, y, z) mm after reorientation
-    require(min(zooms) > 0, f"{path}: voxel spacing {tuple(zooms)} is not positive")
-    size = [max(1, round(n * a / b)) for n, a, b in zip(vol.shape, zooms, spacing_out)][::-1]  # (D, H, W)
-    if list(t.shape) != size:
-        t = F.interpolate(t[None, None], size=size, mode="trilinear", align_corners=False)[0, 0]
-    scale = np.array(vol.shape) / size[::-1]  # (x, y, z) input voxels per output voxel; output voxel i sits at input
-    out_affine = img.affine @ np.vstack([np.c_[np.diag(scale), (scale - 1) / 2], [0, 0, 0, 1]])  # (i + 0.5) s - 0.5
-    return (t.numpy(), out_affine) if grid else t.numpy()
-
-def pad_or_crop(vol, size, fill=AIR_HU, start=None):
-    """vol (D, H, W) -> exactly `size`: center-pad short axes with `fill`, then crop at `start`
-    (offsets into the padded volume; default: the center)."""
-    pad = [(max(s - n, 0) // 2, max(s - n, 0) - max(s - n, 0) // 2) for n, s in zip(vol.shape, size)]
-    vol = np.pad(vol, pad, constant_values=fill) if any(sum(p) for p in pad) else vol
-    start = start or [(n - s) // 2 for n, s in zip(vol.shape, size)]
-    return vol[tuple(slice(a, a + s) for a, s in zip(start, size))]
-
-def input_channels(preset):
-    """Channels of the network input under a preset: one per CT window; MRI 1."""
-    return len(windows(get_preset(preset)["intensity"]) or [None])
-
-def require_channels(vision_cfg, preset, where):
-    """An encoder built for another number of input channels than the preset's windows: one clear line."""
-    k, have = input_channels(preset), vision_cfg.get("in_channels", 1)
-    require(have == k, f"{where}: a vision encoder for {have} input channel(s), but preset "
-                       f"{preset_name(preset)} gives {k} ({get_preset(preset)['intensity']}); "
-                       f"pass the preset it was trained with (--preset)")
-
-def normalize(vol, intensity):
-    """Intensity rule -> float32 (D, H, W), or (K, D, H, W) for K windows. A CT window (lo, hi) clips HU
-    to it and maps it linearly onto [-1, 1] (chest: (x + 400) / 600; abdomen: x / 1000); mri: clip to the
-    volume's 1st-99th percentiles, then z-score."""
-    if windows(intensity):
-        out = []
-        for lo, hi in windows(intensity):
-            w = np.clip(vol, lo, hi).astype(np.float32)  # a new array, then shifted and scaled in place
-            out.append(np.divide(np.subtract(w, (lo + hi) / 2, out=w), (hi - lo) / 2, out=w))
-        return out[0] if len(out) == 1 else np.stack(out)
-    vol = np.clip(vol, *np.percentile(vol, [1, 99]))
-    return ((vol - vol.mean()) / max(float(vol.std()), 1e-6)).astype(np.float32)
-
-# What an intensity rule implies for the scripts that draw or score a volume (scan.py, maps.py, localise.py), so that
-# none of them holds a number of one modality: CT is in HU with air at -1000; an MRI's scale is its own.
-def fill_value(intensity):
-    """What a stored volume is padded with: air (-1024 HU) for CT, 0 for MRI."""
-    return 0.0 if intensity == "mri" else AIR_HU
-
-def body_mask(vol, intensity):
-    """The voxels of a stored volume (D, H, W) inside the body: CT above -500 HU (air and aerated lung lie below); MRI
-    above a tenth of its 99th percentile (noise and padding lie below, fat-suppressed tissue above)."""
-    return vol > (0.1 * np.percentile(vol, 99) if intensity == "mri" else -500)
-
-def display_window(vol, intensity):
-    """(lo, hi) to show a stored volume in: the first CT window; an MRI's own 1st-99th percentiles."""
-    w = windows(intensity)
-    return tuple(w[0]) if w else tuple(np.percentile(vol, [1, 99]).tolist())
-
-def empty_input(intensity):
-    """Empty space as the network input reads it, (K,) one value per channel: each CT window's value at -1000 HU (air);
-    None for MRI, whose z-scored input has no fixed value for it (a scan's own darkest value stands in)."""
-    return None if windows(intensity) is None else normalize(np.full((1, 1, 1), -1000.0), intensity).reshape(-1)
-
-def preprocess_volume(path, preset, meta=None):
-    """NIfTI -> the stored (D, H, W) volume at the preset's spacing and size: int16 HU padded with
-    air (-1024) for CT; float32 padded with 0 for MRI (its intensities have no fixed scale)."""
-    p, meta = get_preset(preset), meta or {}
-    vol = load_volume(path, p["spacing"], meta.get("spacing"), meta.get("rescale"), None if p["intensity"] == "mri" else "CT")
-    require(vol.max() > vol.min(), f"{path}: every voxel is {vol.flat[0]:g}: an empty or failed export, not an image")
-    # A chest or abdomen CT holds air (outside the body, lungs, bowel gas: -1000 HU); one without a voxel below -500 is
-    # not HU (a 0-255 export, raw 0..4095 never rescaled, a normalised volume): warned, processed as HU. MRI: exempt.
-    if p["intensity"] != "mri" and vol.min() > -500:
-        print(f"warning: {path}: values {vol.min():.0f}..{vol.max():.0f}, none below -500: not CT Hounsfield units "
-              "(a 0-255 image export? rescale slope/intercept not applied?); processed as HU anyway", file=sys.stderr, flush=True)
-    if p["intensity"] == "mri":
-        return pad_or_crop(vol, p["size"], 0).astype(np.float32)
-    return np.clip(np.rint(pad_or_crop(vol, p["size"], AIR_HU)), -32768, 32767).astype(np.int16)
 
 # ----------------------------------------------------------------------------- cache
 def cache_file(cache_dir, rid):
@@ -558,15 +364,11 @@ class VolumeReportDataset(torch.utils.data.Dataset):
         item = {"report": self.table.reports[i], "targets": torch.tensor(self.targets[i]),
                 "mask": torch.tensor(self.mask[i]), "id": self.table.ids[i], "index": i}
         if self.images:
-            window, crop, start = self.preset["intensity"], self.preset["crop"], None  # start None = center crop (eval)
-            vol = normalize(self.stored_volume(i), window) if window == "mri" else self.stored_volume(i)  # (D, H, W)
+            vol, start = self.stored_volume(i), None  # (D, H, W); start None = center crop (eval)
             if self.train:  # seeded by (seed, epoch, index): the same with any number of loader workers
                 rng = np.random.default_rng([self.seed, self.epoch, i])
-                start = [int(rng.integers(0, max(n, s) - s + 1)) for n, s in zip(vol.shape, crop)]
-            # Exactly the crop size (air-padded) so batches stack; CT is windowed after cropping (fewer voxels).
-            vol = pad_or_crop(vol, crop, 0.0 if window == "mri" else AIR_HU, start)
-            x = np.ascontiguousarray(vol) if window == "mri" else normalize(vol, window)  # (D, H, W) or (K, D, H, W)
-            item["image"] = torch.from_numpy(x if x.ndim == 4 else x[None])  # (K, D, H, W)
+                start = [int(rng.integers(0, max(n, s) - s + 1)) for n, s in zip(vol.shape, self.preset["crop"])]
+            item["image"] = torch.from_numpy(model_input(vol, self.preset, start))  # (K, D, H, W)
         return item
 
 # ----------------------------------------------------------------------------- CLI

@@ -21,9 +21,28 @@ import data as D
 
 
 def setup(args, stage):
-    """-> run, a plain namespace that common.py's functions read and update: args, stage, out; ddp, rank, world,
-    master, device; log (prints on rank 0 only); autocast() (a context manager), scaler; micro (samples per forward
-    pass on one process). start() adds the training state: step, best, history, ..."""
+    """Processes, device, precision and seed of a training run -> `run`, the one plain namespace (a SimpleNamespace)
+    that a stage script and common.py's functions share. Every field it ever holds, and where each is set:
+
+    here, once:
+      args, stage, out      the parsed flags, "vision" / "text" / "align", the output folder (args.out)
+      ddp, rank, world      launched by torchrun?, this process's rank, the number of processes
+      master, device        rank 0 (it validates, saves and prints), the torch.device this process computes on
+      log                   print on rank 0, silent on the others
+      autocast, scaler      autocast() -> a context manager (--amp, or nullcontext); the GradScaler (fp16 only)
+      micro                 samples per forward pass on one process: --batch-size / (world x --accum)
+    common.start (between building the model and its first step):
+      model, opt            the plain module (unwrapped) and its optimizer
+      model_config, label_names, extra   what every checkpoint records (extra: the stage's own keys)
+      train_model           the module the loop calls: model, wrapped by DDP and/or torch.compile
+      sampler, steps_per_epoch, total_steps   the training split's shuffle (a shard per process) and step counts
+      step, epoch           optimizer steps done, the current epoch (common.epochs advances it)
+      best, history, metrics   best validation metric (-inf before any), log and epoch records (metrics.jsonl),
+                            the last validation's result (common.end_of_epoch sets it; common.finish prints it)
+      seen, skipped, dropped, saved   training samples so far, non-finite batches skipped, whether this step's
+                            batch was one of them, the buffers kept to undo it (common.forward_context, backward)
+      t0                    the training loop's start time
+    common.resume (--resume) sets step, best and history again from <out>/last.pt; nothing else adds a field."""
     # Launched by torchrun (it sets both), even with one process: `--nproc_per_node 1` then runs the DDP path, so one
     # GPU can exercise it. One process per GPU (or per CPU slot with gloo). Rank 0 validates alone while the others
     # wait at a barrier: NCCL's default 10-minute timeout would end a long CT-RATE validation, so 2 hours.
@@ -46,9 +65,10 @@ def setup(args, stage):
     if amp_dtype == torch.float16 and device.type != "cuda":
         log("note: --amp fp16 needs CUDA; running in fp32")
         amp_dtype = None
-    # bf16 Conv3d on a CPU has no fast kernel (about 25x slower than fp32) and, in torch 2.13 (oneDNN 3.12), gives wrong
-    # weight gradients for maps two voxels deep (found by benchmarks/gpu_check.py; docs/benchmarks.md). So the stages
-    # with 3D convolutions train in fp32 on a CPU; the text stage (BERT alone) keeps bf16.
+    # bf16 Conv3d on a CPU has no fast kernel (about 25x slower than fp32) and, in torch 2.13 (oneDNN 3.12) on AVX-512
+    # CPUs, gives wrong weight gradients for maps two voxels deep (found by benchmarks/gpu_check.py; docs/benchmarks.md
+    # says which kernels). So the stages with 3D convolutions train in fp32 on a CPU; the text stage (BERT alone) keeps
+    # bf16.
     if amp_dtype == torch.bfloat16 and device.type != "cuda" and stage != "text":
         log("note: --amp bf16 on a CPU: its 3D convolutions are slow and their weight gradients unreliable; running in fp32")
         amp_dtype = None

@@ -1,8 +1,8 @@
-"""DICOM in: a CT series -> (voxels, affine), the hand-off nibabel gives data.py for a NIfTI file.
+"""DICOM in: a CT series -> (voxels, affine), the hand-off nibabel gives volumes.py for a NIfTI file.
 
   read_series("export/p1/study/series3")      a folder holding one image series (files anywhere below it)
   read_series("export/p1/study::1.2.840.9")   a folder holding several, one chosen by its SeriesInstanceUID
-    -> voxels (X, Y, Z) float32 (HU for CT), affine (4, 4) voxel index -> RAS mm. data.load_volume takes it from
+    -> voxels (X, Y, Z) float32 (HU for CT), affine (4, 4) voxel index -> RAS mm. volumes.Scan takes it from
        there exactly as it takes a NIfTI file: reorientation, resampling and every check after them are shared.
 An index of a whole PACS export (one row per series) is pacs.py's: a data-set builder, like ctrate.py.
 

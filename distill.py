@@ -11,6 +11,7 @@ column (auto-detected, or --id-column / --text-column). Writes, under --out (def
 
 Backends: "llm" asks any OpenAI-compatible chat-completions server for JSON (vLLM, Ollama, OpenAI, llama.cpp) after
 checking once that it answers and lists --model; the key comes from OPENAI_API_KEY only and is redacted everywhere.
+Its prompt is system_prompt's (below), one request per report (label_one); --dry-run prints the request as sent.
 Reports are patient data: an --api-base off this site's network is refused unless --allow-remote-api says otherwise.
 "rules" (rules.py): label names and synonyms, each mention judged by the cues of its clause; offline, the yardstick.
 
@@ -30,13 +31,15 @@ import argparse, contextlib, csv, hashlib, io, json, os, re, sys, threading, tim
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
+from types import SimpleNamespace
 
 from tqdm import tqdm
 
-from data import ID_COLUMNS, DataError, HelpFormatter, UsageError, load_table, require, resolve_label_set, run_main, volume_key, write_atomic
+from data import ID_COLUMNS, DataError, HelpFormatter, UsageError, load_table, require, resolve_label_set, run_main, write_atomic
 from demo import ensure_demo
 from llm import Failed, Gate, check_server, on_site, post, redact, request_headers
 from rules import agreement, compile_patterns, explanation, phrase_regex, read_reference, rules_label, split_definitions  # noqa: F401
+from volumes import volume_key
 
 # -----------------------------------------------------------------------------
 # config
@@ -77,7 +80,41 @@ def get_args(argv=None):
     return p.parse_args(argv)
 
 # -----------------------------------------------------------------------------
-# the answer format: one of four strings per label, mapped to the stored coding
+# data: reports (+ reference labels from a manifest) in, CSVs out
+
+def write_csv(path, header, rows):
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator="\n").writerows([header] + rows)
+    write_atomic(path, buf.getvalue())
+
+def read_reports(args):
+    """(ids, texts, manifest Table or None). Manifests go through data.load_table; other CSVs are read here."""
+    path = ensure_demo(Path(args.reports)) if args.reports == "data/demo" else Path(args.reports)  # built if missing
+    require(path.exists(), f"{path}: no such file or folder")
+    raw = "" if path.is_dir() else path.read_bytes().decode("utf-8-sig", errors="replace")
+    header, *rows = list(csv.reader(io.StringIO(raw, newline=""))) or [[]]
+    if path.is_dir() or ("report" in header and not (args.text_column or args.id_column)):
+        table = load_table(path)  # a generic manifest (or its folder): its labels are the default reference
+        return list(table.ids), list(table.reports), table
+    bad = [i for i, r in enumerate(rows, 1) if "\ufffd" in "".join(r)]  # row 1 = first row after the header, as in data.py
+    if bad:
+        print(f"warning: {path}: bytes that are not UTF-8 replaced by U+FFFD in rows {bad[:10]}{' ...' if len(bad) > 10 else ''}")
+    idc = args.id_column or next((c for c in ID_COLUMNS if c in header), None)
+    ctrate = not args.text_column and {"Findings_EN", "Impressions_EN"} <= set(header)
+    txc = args.text_column or next((c for c in ("report_text", "text", "Findings_EN") if c in header), None)
+    if not set(filter(None, [idc, txc])) <= set(header) or txc is None:
+        raise DataError(f"{path}: no id/text column found in {header[:6]} (use --id-column / --text-column)")
+    col = lambda c: [r[header.index(c)] if header.index(c) < len(r) else "" for r in rows]
+    ids = [i.strip() for i in col(idc)] if idc else [str(i) for i in range(1, len(rows) + 1)]
+    # CT-RATE reports: the text a radiologist reads is findings + impression
+    texts = [f"{f}\n{i}" for f, i in zip(col("Findings_EN"), col("Impressions_EN"))] if ctrate else col(txc)
+    dup = next((i for i, k in Counter(ids).items() if k > 1 or not i), None)
+    require(dup is None, f"{path}: duplicate or empty id {dup!r}")
+    return ids, texts, None
+
+# -----------------------------------------------------------------------------
+# the llm backend, 1: the prompt, and the answer it asks for (one of four strings per label, mapped to the stored
+# coding); --dry-run prints both as a server would receive them
 
 VALUES = {"present": 1, "absent": 0, "uncertain": -1, "not mentioned": None}
 CODE = {1: "1", 0: "0", -1: "-1", None: ""}
@@ -131,130 +168,119 @@ def parse_answer(text, names):
     return {n: VALUES[obj[n].strip().lower()] for n in names}
 
 # -----------------------------------------------------------------------------
-# data: reports (+ reference labels from a manifest) in, CSVs out
+# the llm backend, 2: one chat request per report, sent by llm.py (retried on overload), re-asked on an invalid answer;
+# every answer cached the moment it arrives. The threads share one plain namespace, `llm` (made in label_llm).
 
-def write_csv(path, header, rows):
-    buf = io.StringIO()
-    csv.writer(buf, lineterminator="\n").writerows([header] + rows)
-    write_atomic(path, buf.getvalue())
+def request_body(args, names, messages, fmt):
+    """The chat-completions request: the messages, the sampling flags, and the JSON form asked for (fmt, FORMATS)."""
+    return {"model": args.model, "messages": messages, "temperature": args.temperature, "max_tokens": args.max_tokens} | (
+        {"response_format": response_schema(names, fmt)} if fmt != "none" else {})
 
-def read_reports(args):
-    """(ids, texts, manifest Table or None). Manifests go through data.load_table; other CSVs are read here."""
-    path = ensure_demo(Path(args.reports)) if args.reports == "data/demo" else Path(args.reports)  # built if missing
-    require(path.exists(), f"{path}: no such file or folder")
-    raw = "" if path.is_dir() else path.read_bytes().decode("utf-8-sig", errors="replace")
-    header, *rows = list(csv.reader(io.StringIO(raw, newline=""))) or [[]]
-    if path.is_dir() or ("report" in header and not (args.text_column or args.id_column)):
-        table = load_table(path)  # a generic manifest (or its folder): its labels are the default reference
-        return list(table.ids), list(table.reports), table
-    bad = [i for i, r in enumerate(rows, 1) if "\ufffd" in "".join(r)]  # row 1 = first row after the header, as in data.py
-    if bad:
-        print(f"warning: {path}: bytes that are not UTF-8 replaced by U+FFFD in rows {bad[:10]}{' ...' if len(bad) > 10 else ''}")
-    idc = args.id_column or next((c for c in ID_COLUMNS if c in header), None)
-    ctrate = not args.text_column and {"Findings_EN", "Impressions_EN"} <= set(header)
-    txc = args.text_column or next((c for c in ("report_text", "text", "Findings_EN") if c in header), None)
-    if not set(filter(None, [idc, txc])) <= set(header) or txc is None:
-        raise DataError(f"{path}: no id/text column found in {header[:6]} (use --id-column / --text-column)")
-    col = lambda c: [r[header.index(c)] if header.index(c) < len(r) else "" for r in rows]
-    ids = [i.strip() for i in col(idc)] if idc else [str(i) for i in range(1, len(rows) + 1)]
-    # CT-RATE reports: the text a radiologist reads is findings + impression
-    texts = [f"{f}\n{i}" for f, i in zip(col("Findings_EN"), col("Impressions_EN"))] if ctrate else col(txc)
-    dup = next((i for i, k in Counter(ids).items() if k > 1 or not i), None)
-    require(dup is None, f"{path}: duplicate or empty id {dup!r}")
-    return ids, texts, None
+def ask(llm, messages):
+    """POST one request in the current response format -> the server's JSON answer. A server that refuses the form
+    (llama.cpp refuses json_schema) moves every thread to the next one in FORMATS, and the request is sent again."""
+    while True:
+        used = llm.fmt
+        try:
+            resp = post(llm.url, llm.headers, request_body(llm.args, llm.names, messages, used), llm.args, llm.gate)
+            llm.accepted.add(used)  # forms the server answered: the one to remember for the next run
+            return resp
+        except Failed as e:
+            if not e.format_refused or used == "none":
+                raise
+            with llm.lock:
+                if llm.fmt == used:  # another thread may have downgraded already
+                    llm.fmt = FORMATS[FORMATS.index(used) + 1]
+                    tqdm.write(f"note: the server refused response_format {used!r}; now using {llm.fmt!r}")
 
-# -----------------------------------------------------------------------------
-# the llm backend: one chat request per report, sent by llm.py (retried on overload), re-asked on an invalid answer
+def label_one(llm, rid, text):
+    """One report -> its labels. The messages: the system prompt, then the report. An answer that does not parse is
+    shown back to the model with the error and asked again, --max-fixes times; a valid one is on disk before it counts."""
+    messages = [{"role": "system", "content": llm.system}, {"role": "user", "content": text}]
+    for fix in range(llm.args.max_fixes + 1):
+        resp = ask(llm, messages)
+        with llm.lock:
+            llm.tokens += int((resp.get("usage") or {}).get("total_tokens") or 0)
+        try:
+            content = resp["choices"][0]["message"]["content"]
+        except (KeyError, IndexError, TypeError):
+            raise Failed(f"malformed response (no choices[0].message.content): {str(resp)[:200]!r}")
+        try:
+            labels = parse_answer(content, llm.names)
+        except ValueError as e:  # show the model its mistake and ask again, a bounded number of times
+            error = str(e)
+            messages += [{"role": "assistant", "content": content or ""},
+                         {"role": "user", "content": f"That answer is invalid: {error}. Answer again with only the JSON object."}]
+            continue
+        rec = {"id": rid, "sha256": llm.sha[rid], "model": llm.args.model, "prompt_version": llm.version, "labels": labels,
+               "raw": content, "usage": resp.get("usage"), "tries": fix + 1, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        with llm.lock:  # one whole line per answer, on disk before we count it as done
+            llm.cache_file.write(redact(json.dumps(rec)) + "\n")
+            llm.cache_file.flush()
+            os.fsync(llm.cache_file.fileno())
+        return labels
+    raise Failed(f"invalid answer after {llm.args.max_fixes + 1} tries: {error}")
 
-def label_llm(args, names, defs, todo, out):
-    """{id: labels} and {id: reason} for the reports in todo, through the cache and a thread pool."""
-    url = args.api_base.rstrip("/") + "/chat/completions"
-    headers = request_headers()
-    system = system_prompt(names, defs)
-    version = f"{PROMPT_VERSION}-{hashlib.sha256(system.encode()).hexdigest()[:8]}"
-    body = lambda messages: {"model": args.model, "messages": messages, "temperature": args.temperature,
-                             "max_tokens": args.max_tokens} | (
-        {"response_format": response_schema(names, fmt[0])} if fmt[0] != "none" else {})
-    # The response format: --response-format, else the one that worked last time with this server and model (a server
-    # that refuses json_schema refuses it every run), else json_schema. Shared by the threads; downgraded if refused.
-    memory_path, server = out / "response_format.json", args.api_base.rstrip("/")
-    remembered = read_memory(memory_path).get(server, {}).get(args.model)
-    remembered = remembered if remembered in FORMATS else None
-    fmt, accepted = [args.response_format or remembered or FORMATS[0]], set()  # accepted: forms the server answered
-    why = "--response-format" if args.response_format else f"worked last time, remembered in {memory_path}" if remembered else "default"
-    print(f"response_format: {fmt[0]} ({why})")
-    # The cache: one JSON line per answer. A rerun reuses answers for the same text, model and prompt version.
-    cache_path, sha = out / "cache.jsonl", {rid: hashlib.sha256(text.encode()).hexdigest() for rid, text in todo}
-    cached, torn, lines = {}, 0, cache_path.read_text(encoding="utf-8", errors="replace") if cache_path.exists() else ""
+def read_cache(path):
+    """cache.jsonl -> ({(id, text sha256, model, prompt version): labels}, unreadable lines, the file's text). A rerun
+    reuses an answer only for the same text, model and prompt version."""
+    cached, torn, lines = {}, 0, path.read_text(encoding="utf-8", errors="replace") if path.exists() else ""
     for line in lines.splitlines():
         try:
             rec = json.loads(line)
             cached[(rec["id"], rec["sha256"], rec["model"], rec["prompt_version"])] = rec["labels"]
         except (json.JSONDecodeError, KeyError, TypeError):
             torn += 1  # a line cut short when a run was killed mid-write: that report is simply asked again
-    results = {rid: cached[key] for rid, _ in todo if (key := (rid, sha[rid], args.model, version)) in cached}
-    if args.dry_run:  # the request for the first report, in short, and where the run would start
-        require(todo, "no non-empty report to show a request for")
-        shown = {k: ("Bearer [REDACTED]" if k == "Authorization" else v) for k, v in headers.items()}
-        brief = body([]) | {"messages": "[system prompt, report] as below"} | ({"response_format": (  # not 150 lines of enums
-            f"{fmt[0]}: an object with one key per label ({len(names)}), each one of {' | '.join(VALUES)}")} if fmt[0] != "none" else {})
-        print(f"POST {url}\nheaders: {json.dumps(shown)}\nbody: {json.dumps(brief)}\n--- system prompt (prompt {version}) ---\n"
-              f"{system}\n--- report {todo[0][0]} ---\n{redact(todo[0][1])}\n---\ncache: {len(results)} of {len(todo)} reports "
-              f"already answered ({cache_path})")
-        print(check_server(args, headers))  # no server, key refused, model not listed: exit 2, as a real run would stop
+    return cached, torn, lines
+
+def show_request(llm, todo, answered, cache_path):
+    """--dry-run: the request for the first report, in short, and where a run would start."""
+    require(todo, "no non-empty report to show a request for")
+    shown = {k: ("Bearer [REDACTED]" if k == "Authorization" else v) for k, v in llm.headers.items()}
+    brief = request_body(llm.args, llm.names, [], llm.fmt) | {"messages": "[system prompt, report] as below"} | (
+        {"response_format": f"{llm.fmt}: an object with one key per label ({len(llm.names)}), each one of "  # not 150 lines of enums
+                            f"{' | '.join(VALUES)}"} if llm.fmt != "none" else {})
+    print(f"POST {llm.url}\nheaders: {json.dumps(shown)}\nbody: {json.dumps(brief)}\n--- system prompt (prompt {llm.version}) ---\n"
+          f"{llm.system}\n--- report {todo[0][0]} ---\n{redact(todo[0][1])}\n---\ncache: {len(answered)} of {len(todo)} reports "
+          f"already answered ({cache_path})")
+
+def label_llm(args, names, defs, todo, out):
+    """{id: labels} and {id: reason} for the reports in todo (None after --dry-run): the answers cached before, and the
+    rest asked in --concurrency threads (label_one)."""
+    system = system_prompt(names, defs)
+    llm = SimpleNamespace(  # what the threads share; fmt, tokens, accepted and the cache file change under llm.lock
+        args=args, names=names, system=system, url=args.api_base.rstrip("/") + "/chat/completions", headers=request_headers(),
+        version=f"{PROMPT_VERSION}-{hashlib.sha256(system.encode()).hexdigest()[:8]}",
+        sha={rid: hashlib.sha256(text.encode()).hexdigest() for rid, text in todo}, gate=Gate(args.concurrency, args.timeout),
+        fmt=None, accepted=set(), tokens=0, lock=threading.Lock(), cache_file=None)
+    # The response format: --response-format, else the one that worked last time with this server and model (a server
+    # that refuses json_schema refuses it every run), else json_schema. Downgraded for every thread if refused (ask).
+    memory_path, server = out / "response_format.json", args.api_base.rstrip("/")
+    remembered = read_memory(memory_path).get(server, {}).get(args.model)
+    remembered = remembered if remembered in FORMATS else None
+    llm.fmt = args.response_format or remembered or FORMATS[0]
+    why = "--response-format" if args.response_format else f"worked last time, remembered in {memory_path}" if remembered else "default"
+    print(f"response_format: {llm.fmt} ({why})")
+    cache_path = out / "cache.jsonl"
+    cached, torn, lines = read_cache(cache_path)
+    results = {rid: cached[key] for rid, _ in todo if (key := (rid, llm.sha[rid], args.model, llm.version)) in cached}
+    if args.dry_run:
+        show_request(llm, todo, results, cache_path)
+        print(check_server(args, llm.headers))  # no server, key refused, model not listed: exit 2, as a real run would stop
         return None
-    print(check_server(args, headers))  # before anything is written: a wrong URL or model costs one line, not a run
+    print(check_server(args, llm.headers))  # before anything is written: a wrong URL or model costs one line, not a run
     todo = [(rid, text) for rid, text in todo if rid not in results]
     print(f"cache: {len(results)} answered before ({cache_path}{f', {torn} unreadable lines skipped' if torn else ''}); "
-          f"{len(todo)} to ask {args.model} at {args.api_base} (prompt {version})")
+          f"{len(todo)} to ask {args.model} at {args.api_base} (prompt {llm.version})")
     out.mkdir(parents=True, exist_ok=True)
-    lock, tokens, failures, gate = threading.Lock(), [0], {}, Gate(args.concurrency, args.timeout)
-    cache_file = open(cache_path, "a", encoding="utf-8")
-    cache_file.write("\n" if lines and not lines.endswith("\n") else "")  # after a torn last line, never glued onto it
-
-    def label_one(rid, text):
-        messages = [{"role": "system", "content": system}, {"role": "user", "content": text}]
-        for fix in range(args.max_fixes + 1):
-            while True:
-                used = fmt[0]
-                try:
-                    resp = post(url, headers, body(messages), args, gate)
-                    accepted.add(used)
-                    break
-                except Failed as e:  # the server refuses this response_format: everyone moves to the next form
-                    if not e.format_refused or used == "none":
-                        raise
-                    with lock:
-                        if fmt[0] == used:  # another thread may have downgraded already
-                            fmt[0] = FORMATS[FORMATS.index(used) + 1]
-                            tqdm.write(f"note: the server refused response_format {used!r}; now using {fmt[0]!r}")
-            with lock:
-                tokens[0] += int((resp.get("usage") or {}).get("total_tokens") or 0)
-            try:
-                content = resp["choices"][0]["message"]["content"]
-            except (KeyError, IndexError, TypeError):
-                raise Failed(f"malformed response (no choices[0].message.content): {str(resp)[:200]!r}")
-            try:
-                labels = parse_answer(content, names)
-            except ValueError as e:  # show the model its mistake and ask again, a bounded number of times
-                error = str(e)
-                messages += [{"role": "assistant", "content": content or ""},
-                             {"role": "user", "content": f"That answer is invalid: {error}. Answer again with only the JSON object."}]
-                continue
-            rec = {"id": rid, "sha256": sha[rid], "model": args.model, "prompt_version": version, "labels": labels,
-                   "raw": content, "usage": resp.get("usage"), "tries": fix + 1, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
-            with lock:  # one whole line per answer, on disk before we count it as done
-                cache_file.write(redact(json.dumps(rec)) + "\n")
-                cache_file.flush()
-                os.fsync(cache_file.fileno())
-            return labels
-        raise Failed(f"invalid answer after {args.max_fixes + 1} tries: {error}")
-
+    failures, llm.cache_file = {}, open(cache_path, "a", encoding="utf-8")
+    llm.cache_file.write("\n" if lines and not lines.endswith("\n") else "")  # after a torn last line, never glued onto it
     t_llm, pool = time.time(), ThreadPoolExecutor(args.concurrency)
     try:
         with tqdm(total=len(todo), desc="llm", unit="report") as bar:
-            gate.show = lambda: bar.set_postfix(failed=len(failures), tokens=tokens[0], timeouts=gate.timeouts, in_flight_max=gate.limit)
-            futures = {pool.submit(label_one, rid, text): rid for rid, text in todo}
+            llm.gate.show = lambda: bar.set_postfix(failed=len(failures), tokens=llm.tokens, timeouts=llm.gate.timeouts,
+                                                    in_flight_max=llm.gate.limit)
+            futures = {pool.submit(label_one, llm, rid, text): rid for rid, text in todo}
             for fut in as_completed(futures):
                 rid = futures[fut]
                 try:
@@ -262,17 +288,17 @@ def label_llm(args, names, defs, todo, out):
                 except Exception as e:  # Failed, or anything unexpected: recorded with its reason, never dropped
                     failures[rid] = redact(str(e) if isinstance(e, Failed) else f"{type(e).__name__}: {e}")
                 bar.update(1)
-                gate.show()
+                llm.gate.show()
     finally:
         pool.shutdown(wait=True, cancel_futures=True)  # on Ctrl-C: finish (and cache) what is in flight
-        cache_file.close()
-    if fmt[0] in accepted and fmt[0] != (remembered or FORMATS[0]):  # the next run starts with the form that worked
+        llm.cache_file.close()
+    if llm.fmt in llm.accepted and llm.fmt != (remembered or FORMATS[0]):  # the next run starts with the form that worked
         memory = read_memory(memory_path)  # read again: another model's entry may have been written meanwhile
-        write_atomic(memory_path, json.dumps(memory | {server: memory.get(server, {}) | {args.model: fmt[0]}}, indent=2))
-        print(f"response_format: {fmt[0]} remembered for {server} and {args.model} in {memory_path}")
-    print(f"llm: {len(todo)} reports in {time.time() - t_llm:.2f} s, {tokens[0]} tokens"
-          + (f"; {gate.timeouts} requests timed out, finished at --concurrency {gate.limit} --timeout {gate.timeout:g}"
-             if gate.timeouts else ""))
+        write_atomic(memory_path, json.dumps(memory | {server: memory.get(server, {}) | {args.model: llm.fmt}}, indent=2))
+        print(f"response_format: {llm.fmt} remembered for {server} and {args.model} in {memory_path}")
+    print(f"llm: {len(todo)} reports in {time.time() - t_llm:.2f} s, {llm.tokens} tokens"
+          + (f"; {llm.gate.timeouts} requests timed out, finished at --concurrency {llm.gate.limit} --timeout {llm.gate.timeout:g}"
+             if llm.gate.timeouts else ""))
     return results, failures
 
 def main():

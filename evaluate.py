@@ -9,7 +9,8 @@ Writes: --out (default out/eval): per_label.csv, summary.json (checkpoint, proto
         for scan.py (make_reference): <stem>.operating_points.json and <stem>.features.npz.
 
 Each label gets a positive and a negative prompt ("There is X." / "There is no X."); a volume's score
-is the softmax over the pair of raw dot products between its image latent and the two prompt latents.
+is the difference of the raw dot products between its image latent and the two prompt latents, the logit whose
+sigmoid (the softmax over the pair) is the probability; AUCs and thresholds use the logit, which cannot saturate.
 Protocol choices, all stated in the output (the functions are in metrics.py):
 - AUC per label with a 95% bootstrap interval (units resampled with replacement, percentile interval).
   A label with one class has no AUC: undefined (never 0.5) and left out of every macro mean.
@@ -21,11 +22,13 @@ Protocol choices, all stated in the output (the functions are in metrics.py):
 - Retrieval: report -> volume Recall@K over all units of the split (latents averaged per unit, raw dot
   products); a K larger than the number of units is undefined (null), not clipped.
 - For scan.py (make_reference), per volume on --threshold-split (else the evaluated split): one temperature for the
-  zero-shot logits and one for the classifier's (temperature scaling: every AUC unchanged), Youden's J and
+  zero-shot logits and one for the classifier's, and beside them Platt scaling per label (a scale and a shift,
+  metrics.fit_platt; a label with under 10 positives or negatives keeps the temperature); both are monotone per
+  label, so every AUC is unchanged. Youden's J and
   sensitivity-0.90 thresholds of the calibrated zero-shot probability, and its values among positives and
   negatives; the training split's 512-d features as a Gaussian, with the --ood-percentile of the threshold split's
   Mahalanobis distances as the out-of-distribution cut-off. Printed and in summary.json: the evaluated split's
-  calibration error before and after, and its share of volumes beyond the cut-off.
+  calibration error raw, after the temperature and after Platt, and its share of volumes beyond the cut-off.
 
 Examples:
     # demo set on the CPU (built if missing), checkpoint from `python align.py`
@@ -45,6 +48,7 @@ import re
 from pathlib import Path
 
 import numpy as np
+from scipy.special import expit
 import torch
 
 import checkpoints
@@ -52,6 +56,7 @@ import data as D
 from demo import ensure_demo
 import metrics
 import model as M
+import volumes as V
 
 # -----------------------------------------------------------------------------
 # protocols and unit names (the metrics, and the pooling per unit, are in metrics.py)
@@ -117,7 +122,7 @@ def get_args():
     g.add_argument("--split", default=None, help="split to evaluate (default: 'test' if present, else 'valid')")
     g.add_argument("--threshold-split", default="valid", help="split on which the second threshold set is picked ('none' to skip)")
     g.add_argument("--labels", default=None, help="reference label CSV replacing the manifest's labels, matched on id")
-    g.add_argument("--preset", default=None, help=f"preprocessing preset: one of {list(D.PRESETS)} or a .json preset file (default: dataset.json's, else chest)")
+    g.add_argument("--preset", default=None, help=f"preprocessing preset: one of {list(V.PRESETS)} or a .json preset file (default: dataset.json's, else chest)")
     g.add_argument("--cache", default=None, help="preprocessed cache folder (default <manifest folder>/cache-<preset>)")
     g = p.add_argument_group("protocol")
     g.add_argument("--protocol", default="all", choices=["all", *PROTOCOLS], help="label set: all labels of the checkpoint or a published one")
@@ -156,20 +161,20 @@ def main():
         ensure_demo(args.data)
     table = D.load_table(args.data)
     preset = D.resolve_preset(args.preset, args.data)  # --preset, else dataset.json's, else chest
-    cache = Path(args.cache or Path(table.source).parent / f"cache-{D.preset_name(preset)}")  # used where it exists
+    cache = Path(args.cache or Path(table.source).parent / f"cache-{V.preset_name(preset)}")  # used where it exists
     split = args.split or ("test" if "test" in table.splits else "valid")
     thr_split = None if args.threshold_split in ("none", "", split) else args.threshold_split
     if thr_split not in table.splits:
         print(f"note: no second threshold split (--threshold-split {args.threshold_split}: "
               f"{'the evaluated split itself' if args.threshold_split == split else 'absent or none'})")
         thr_split = None
-    print(f"data {table.source}: split {split}, preset {D.preset_name(preset)}, unit {args.unit}, "
+    print(f"data {table.source}: split {split}, preset {V.preset_name(preset)}, unit {args.unit}, "
           f"cache {cache if cache.is_dir() else 'none (volumes preprocessed on the fly)'}")
 
     # -----------------------------------------------------------------------------
     # model: strict load of an aligned checkpoint (anything else is one clear error line), prompts
     model, ckpt = checkpoints.model_from_checkpoint(args.ckpt, stage="align")
-    D.require_channels(ckpt["model_config"]["vision"], preset, args.ckpt)
+    V.require_channels(ckpt["model_config"]["vision"], preset, args.ckpt)
     model.to(device).eval()
     tokenizer = M.tokenizer_from_cfg(ckpt["model_config"]["text"])
     max_len = args.max_len or ckpt["model_config"]["text"]["max_len"]
@@ -226,7 +231,7 @@ def main():
         "data": table.source, "split": split, "threshold_split": thr_split, "preset": preset,
         "labels_csv": args.labels, "protocol": args.protocol, "labels": names, "unit": args.unit,
         "template": args.template, "n_volumes": ev["n_volumes"], "n_units": len(ev["units"]),
-        "threshold_rule": "max Youden's J (tpr - fpr) on the ROC curve, predict score >= threshold; *_self: "
+        "threshold_rule": "max Youden's J (tpr - fpr) on the ROC curve, predict score >= threshold (score: the logit); *_self: "
                           "picked on the evaluated split itself (CT-CLIP protocol, optimistic); *_split: on threshold_split",
         "f1_precision": "sklearn weighted average over each label's two classes",
         "bootstrap": {"n": args.bootstrap, "seed": args.seed, "interval": "95% percentile"},
@@ -242,23 +247,28 @@ def main():
 
 
 def make_reference(ev, rv, ref_split, table, score):
-    """Operating points, temperatures and the feature reference for scan.py, measured per volume (a scan is one):
+    """Operating points, temperatures, Platt per label and the feature reference for scan.py, measured per volume (a scan is one):
     fitted on rv (the threshold split), checked on ev (the evaluated split); written beside the checkpoint.
     -> what summary.json records of them."""
-    args, names, sig = score["args"], score["names"], lambda z: 1 / (1 + np.exp(-z))  # noqa: E731
+    args, names, sig = score["args"], score["names"], expit  # sigmoid without overflow on large logits
     v, e = rv["volume"], ev["volume"]
     t_zs = metrics.fit_temperature(v["logits"], v["y"])
     t_clf = None if v["clf_logits"] is None else metrics.fit_temperature(v["clf_logits"], v["y"])  # None: no classifier
-    p = sig(v["logits"] / t_zs)  # (N, C) calibrated zero-shot probabilities of the threshold split
+    # per label, a scale and a shift (Platt) where the split has enough of both classes, else the temperature
+    platt = {k: metrics.fit_platt(v[z], v["y"], t) for k, z, t in (("zero_shot", "logits", t_zs), ("classifier", "clf_logits", t_clf))
+             if t is not None}  # {kind: (a (C,), b (C,), fitted (C,))}
+    p = metrics.platt_probabilities(v["logits"], *platt["zero_shot"][:2])  # (N, C) calibrated zero-shot probabilities
     youden, screen = metrics.youden_thresholds(v["y"], p), metrics.sensitivity_thresholds(v["y"], p, 0.9)
     labels = {n: {"youden": youden[c], "sensitivity_0.9": screen[c],
                   **{k: sorted(round(float(x), 5) for x in p[metrics.has_ref(v["y"], c) & (v["y"][:, c] == want), c])
                      for k, want in (("positives", 1), ("negatives", 0))}}
               for c, n in enumerate(names) if np.isfinite(youden[c])}  # a label without both classes: no decision
-    calibration = {}  # per probability: ECE and its bins on the evaluated split, before and after the temperature
+    calibration = {}  # per probability: ECE and its bins on the evaluated split: raw, after the temperature, after Platt
     for k, z, t in [("zero_shot", e["logits"], t_zs)] + ([("classifier", e["clf_logits"], t_clf)] if t_clf else []):
         (ece0, bins0), (ece1, bins1) = (metrics.calibration_error(e["y"], sig(z / tt)) for tt in (1.0, t))
-        calibration[k] = {"temperature": t, "before": bins0, "after": bins1, "ece_before": ece0, "ece_after": ece1}
+        ece2, bins2 = metrics.calibration_error(e["y"], metrics.platt_probabilities(z, *platt[k][:2]))
+        calibration[k] = {"temperature": t, "before": bins0, "after": bins1, "ece_before": ece0, "ece_after": ece1,
+                          "platt": bins2, "ece_platt": ece2, "platt_fitted": int(platt[k][2].sum()), "labels": len(names)}
     features, ood = None, {"note": "no training split: no feature reference"}
     if "train" in table.splits:  # the Gaussian of the training features; the cut-off from held-out scans
         train = table.subset("train")
@@ -270,12 +280,16 @@ def make_reference(ev, rv, ref_split, table, score):
         features = {"mean": mean, "precision": precision, "cutoff": np.array(cut), "percentile": np.array(args.ood_percentile)}
         ood = {"fit_volumes": len(pick), "cutoff": cut, "percentile": args.ood_percentile, "beyond_evaluated": beyond}
     points = {"split": ref_split, "n_volumes": len(v["y"]), "template": args.template, "labels": labels,
-              "temperature": {"zero_shot": t_zs, "classifier": t_clf}}
+              "temperature": {"zero_shot": t_zs, "classifier": t_clf},
+              "platt": {k: {n: {"a": float(a[c]), "b": float(b[c]), "fitted": bool(f[c])} for c, n in enumerate(names)}
+                        for k, (a, b, f) in platt.items()}}  # per label; fitted False: the temperature (a = 1 / T, b = 0)
     written = checkpoints.save_reference(args.ckpt, _plain(points), features)
     zs, clf = calibration["zero_shot"], calibration.get("classifier")
-    print(f"\noperating points on '{ref_split}' ({len(v['y'])} volumes), for scan.py: temperature zero-shot {t_zs:.3g} "
-          f"(ECE on the evaluated split {zs['ece_before']:.3f} -> {zs['ece_after']:.3f}), " +
-          (f"classifier {t_clf:.3g} ({clf['ece_before']:.3f} -> {clf['ece_after']:.3f})" if clf else "no classifier"))
+    cal = lambda c: (f"ECE on the evaluated split {c['ece_before']:.3f} -> {c['ece_after']:.3f} with the temperature, "  # noqa: E731
+                     f"{c['ece_platt']:.3f} with Platt per label ({c['platt_fitted']} of {c['labels']} labels fitted, the "
+                     f"rest have under {metrics.PLATT_MIN_EACH} positives or negatives and keep the temperature)")
+    print(f"\noperating points on '{ref_split}' ({len(v['y'])} volumes), for scan.py: zero-shot temperature {t_zs:.3g} "
+          f"({cal(zs)}); " + (f"classifier temperature {t_clf:.3g} ({cal(clf)})" if clf else "no classifier"))
     if features is not None:
         print(f"feature reference: {len(pick)} training volumes; cut-off {cut:.1f} (the {args.ood_percentile:g}th percentile "
               f"of '{ref_split}'); {100 * beyond:.1f}% of the evaluated split lies beyond it")
@@ -284,15 +298,16 @@ def make_reference(ev, rv, ref_split, table, score):
 
 
 def plot_reliability(out, calibration, split):
-    """reliability.png: observed frequency against mean probability per bin, before and after temperature scaling."""
+    """reliability.png: observed frequency against mean probability per bin: raw, after the temperature, after Platt."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 2, figsize=(9, 4.5))
     for ax, (kind, c) in zip(axes, calibration.items()):
-        for tag, style in (("before", "o--"), ("after", "s-")):
+        for tag, style, what in (("before", "o--", "raw (T = 1)"), ("after", "s-", f"temperature (T = {c['temperature']:.2g})"),
+                                 ("platt", "^-", "Platt per label")):
             m, f, n = (np.array([b[i] for b in c[tag] if b[2]], dtype=float) for i in range(3))
-            ax.plot(m, f, style, label=f"{tag} (T = {c['temperature'] if tag == 'after' else 1:.2g}, ECE {c[f'ece_{tag}']:.3f})")
+            ax.plot(m, f, style, label=f"{what}, ECE {c[f'ece_{tag}']:.3f}")
         ax.plot([0, 1], [0, 1], "k:", lw=0.8)
         ax.set(xlabel="mean predicted probability (bin)", ylabel="observed frequency", title=f"{kind} ({split})",
                xlim=(0, 1), ylim=(0, 1))
@@ -330,13 +345,16 @@ def score_split(table, name, labels_required, model, tokenizer, prompts, names, 
     loader = torch.utils.data.DataLoader(ds, batch_size=args.batch_size, num_workers=args.workers)
     device = next(model.parameters()).device
     ids, img, txt, feat = encode_split(model, tokenizer, loader, max_len, device)
-    scores = {k: M.zero_shot_scores(img, P).numpy() for k, P in prompts.items()}  # (N, C) each
-    scores["ensemble"] = np.mean([scores[k] for k in M.PROMPT_TEMPLATES], axis=0)
+    # Every score is a logit, not its sigmoid: raw dot products reach logits of 50 and more, and a float32 sigmoid is
+    # exactly 1.0 beyond about 17, so positives and negatives up there would tie and every AUC would drop (by 0.002 on
+    # the demo's test split). The sigmoid is monotone: on logits the ranking, and so each AUC, is the model's own.
+    scores = {k: M.zero_shot_logits(img, P).numpy() for k, P in prompts.items()}  # (N, C) each
+    scores["ensemble"] = np.mean([scores[k] for k in M.PROMPT_TEMPLATES], axis=0)  # the templates' mean logit
     clf_logits = None  # (none without a shared classifier: align.py --no-shared-classifier)
     if model.classifier is not None:
-        with torch.no_grad():  # the shared classifier read directly: sigmoid(W img + b), (N, C)
+        with torch.no_grad():  # the shared classifier read directly: W img + b, (N, C)
             clf_logits = model.classifier(img.to(device)).cpu()[:, ck_cols].numpy()
-        scores["classifier"] = 1 / (1 + np.exp(-clf_logits))
+        scores["classifier"] = clf_logits
     units, inv = np.unique(unit_keys(ids, args.unit), return_inverse=True)
     return {"n_volumes": len(ids), "units": list(units), "y": metrics.unit_max(inv, y),
             "scores": {k: metrics.unit_mean(inv, s) for k, s in scores.items()},

@@ -40,6 +40,7 @@ import data as D
 import maps
 import metrics
 import model as M
+import volumes as V
 from demo import ensure_demo
 
 
@@ -64,12 +65,12 @@ def get_args():
 
 def mask_on_crop(path, image, preset):
     """A mask file -> bool (D, H, W) on the model's input grid, after checking it lies on its scan's grid."""
-    (shape, affine), (m_shape, m_affine) = maps.grid_of(image), maps.grid_of(path)
-    D.require(tuple(m_shape) == tuple(shape) and np.allclose(m_affine, affine, atol=1e-3), f"{path}: a mask on another "
-              f"grid than its scan {image} (shape {tuple(m_shape)} vs {tuple(shape)}, or another affine): resample it first")
-    p = D.get_preset(preset)
-    m = D.load_volume(path, p["spacing"]) > 0.5  # the scan's own resampling, read as a fraction of mask per voxel
-    return D.pad_or_crop(D.pad_or_crop(m, p["size"], False), p["crop"], False)
+    scan, mask = V.Scan(image), V.Scan(path)  # each grid from its read (a NIfTI file's: the header; its voxels not yet)
+    D.require(mask.shape == scan.shape and np.allclose(mask.affine, scan.affine, atol=1e-3), f"{path}: a mask on another "
+              f"grid than its scan {image} (shape {mask.shape} vs {scan.shape}, or another affine): resample it first")
+    p = V.get_preset(preset)
+    m = V.load_volume(mask, p["spacing"]) > 0.5  # the scan's own resampling, read as a fraction of mask per voxel
+    return V.pad_or_crop(V.pad_or_crop(m, p["size"], False), p["crop"], False)
 
 
 def positives_with_masks(table, i):
@@ -82,8 +83,8 @@ def positives_with_masks(table, i):
 def location_prior(table, preset):
     """The baseline that never looks at the scan: per finding, the mean over the training volumes positive for it of
     their masks on the model's input grid -> {finding: (D, H, W) float in [0, 1]}, each voxel the share of those
-    training cases whose finding covers it. Its peak (maps.peak, the centroid of its maximal voxels) points at where the
-    finding usually is, the same point for every test case."""
+    training cases whose finding covers it. Its peak (prior_point) points at where the finding usually is, the same
+    point for every test case."""
     total, count = {}, {}
     for i in range(len(table)):
         for n, path in positives_with_masks(table, i).items():
@@ -95,13 +96,21 @@ def location_prior(table, preset):
     return {n: total[n] / count[n] for n in total}
 
 
+def prior_point(prior):
+    """Where the prior points: of its maximal voxels, the one nearest their centroid. Not the centroid itself (what
+    maps.peak gives a coarse map's flat cell): a port and its catheter, each covered in every training case, make a
+    maximum in two pieces, and their centroid lies between them, on neither. -> (d, h, w)."""
+    top = np.argwhere(prior >= prior.max() - 1e-6)  # (M, 3)
+    return tuple(int(i) for i in top[np.argmin(((top - top.mean(0)) ** 2).sum(1))])
+
+
 def score_case(model, ds, i, table, prompts_by_name, preset, args, spacing, prior_points):
     """One volume: {finding: {method: (hit, mass), "prior", "centre": hit, "random": expected hit, "seconds": {method: s}}};
     "prior" is None for a finding with no training mask."""
-    item, p = ds[i], D.get_preset(preset)
+    item, p = ds[i], V.get_preset(preset)
     x = item["image"][None]  # (1, K, D, H, W)
-    crop = D.pad_or_crop(ds.stored_volume(i), p["crop"])  # (D, H, W) as stored: HU for CT
-    body = D.body_mask(crop, p["intensity"])  # what the preset's intensity rule calls the body
+    crop = V.pad_or_crop(ds.stored_volume(i), p["crop"], V.fill_value(p["intensity"]))  # (D, H, W) as stored: HU for CT
+    body = V.body_mask(crop, p["intensity"])  # what the preset's intensity rule calls the body
     out = {}
     files = positives_with_masks(table, i)
     names = list(files)
@@ -144,13 +153,13 @@ def main():
         return t.take(keep)
     t = with_masks(args.split, args.max_cases)
     prior = location_prior(with_masks("train", args.prior_cases), preset)  # {finding: (D, H, W) mean training mask}
-    prior_points = {n: maps.peak(m) for n, m in prior.items()}
-    cache = Path(table.source).parent / f"cache-{D.preset_name(preset)}"
+    prior_points = {n: prior_point(m) for n, m in prior.items()}
+    cache = Path(table.source).parent / f"cache-{V.preset_name(preset)}"
     ds = D.VolumeReportDataset(t, preset, train=False, cache_dir=cache)
     tok = M.tokenizer_from_cfg(ckpt["model_config"]["text"])
     prompts = M.prompt_latents(model, tok, t.label_names, args.template, ckpt["model_config"]["text"]["max_len"], "cpu")
     by_name = dict(zip(t.label_names, prompts))
-    spacing = tuple(D.get_preset(preset)["spacing"][::-1])  # (D, H, W) mm of the input grid
+    spacing = tuple(V.get_preset(preset)["spacing"][::-1])  # (D, H, W) mm of the input grid
     cases = {}  # finding -> list of per-case dicts
     with torch.no_grad():
         for i in range(len(t)):

@@ -8,6 +8,7 @@ uncertain and nan carry no reference and drop out per label) and scores (N, C).
     youden_thresholds, threshold_metrics, macro_of   F1 / accuracy / precision at a threshold per label
     sensitivity_thresholds  the operating point that keeps a given share of the positives
     calibration_error, fit_temperature   do probabilities mean what they say; the one-parameter fix
+    fit_platt, platt_probabilities       the two-parameter fix per label (a scale and a shift), temperature fallback
     fit_gaussian, mahalanobis   how far a scan's feature lies from the features the model was trained on
     recall_at_k          retrieval: is the matching item among the top K?
   Localisation ("where is it?"): map (D, H, W) of evidence, boolean mask (D, H, W) of the finding, spacing in mm
@@ -173,6 +174,43 @@ def fit_temperature(logits, y):
         s = z / np.exp(log_t)
         return float(np.mean(np.logaddexp(0, s) - t * s))
     return float(np.exp(minimize_scalar(nll, bounds=(-7, 7), method="bounded").x))
+
+
+PLATT_MIN_EACH = 10  # a label's positives and negatives needed to fit two numbers; fewer: the temperature instead
+
+
+def fit_platt(logits, y, temperature, min_each=PLATT_MIN_EACH, max_factor=100.0):
+    """Platt scaling per label: p_c = sigmoid(a_c * z_c + b_c), a_c > 0 and b_c fitted by binary cross-entropy on the
+    rows of label c with a reference. Why per label: a zero-shot logit's error is a shift per finding (the prompt pair
+    leans one way, by a different amount for each finding), which one temperature cannot absorb. a_c > 0 keeps each
+    label's ranking, so every per-label AUC is unchanged. Why a_c stays within max_factor of 1 / T: on a score that
+    ranks poorly the fit drives a_c towards 0, every probability to the prevalence, and the ranking that the operating
+    points rest on into ties. A label with fewer than min_each positives or negatives keeps the temperature
+    (a_c = 1 / T, b_c = 0) and is marked unfitted.
+    logits, y: (N, C) -> (a (C,), b (C,), fitted (C,) bool)."""
+    from scipy.optimize import minimize
+    z_all, y = np.asarray(logits, dtype=np.float64), np.asarray(y)
+    C, log_a0 = z_all.shape[1], -np.log(temperature)
+    a, b, fitted = np.full(C, 1 / temperature), np.zeros(C), np.zeros(C, dtype=bool)
+    for c in range(C):
+        keep = (y[:, c] == 0) | (y[:, c] == 1)
+        z, t = z_all[keep, c], y[keep, c].astype(np.float64)
+        if min(t.sum(), (1 - t).sum()) < min_each:
+            continue
+
+        def nll(w):  # w = (log a, b) -> (BCE of s = a z + b, its gradient); written so that large |s| cannot overflow
+            s = np.exp(w[0]) * z + w[1]
+            r = 1 / (1 + np.exp(-s)) - t  # dBCE/ds per row
+            return float(np.mean(np.logaddexp(0, s) - t * s)), np.array([np.mean(r * s - r * w[1]), np.mean(r)])
+        w = minimize(nll, x0=[log_a0, 0.0], jac=True, method="L-BFGS-B",
+                     bounds=[(log_a0 - np.log(max_factor), log_a0 + np.log(max_factor)), (None, None)]).x
+        a[c], b[c], fitted[c] = np.exp(w[0]), w[1], True
+    return a, b, fitted
+
+
+def platt_probabilities(logits, a, b):
+    """sigmoid(a * logits + b), per label: logits (N, C), a and b (C,) -> (N, C)."""
+    return 1 / (1 + np.exp(-(np.asarray(logits, dtype=np.float64) * a + b)))
 
 
 def fit_gaussian(features):

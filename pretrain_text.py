@@ -6,9 +6,12 @@ distilled labels (uncertain and not-mentioned entries are masked out of the loss
 embedding already separates the findings before alignment in align.py (stage 3). It reads no volumes.
 
 Reads:  a data set: manifest.csv (+ dataset.json) in --data (default data/demo, built on first use);
-        labels from --labels, else out/distill/labels.csv when present, else the manifest's own.
+        labels from --labels, else out/distill/labels.csv when present (`python distill.py` writes it), else the
+        manifest's own (the demo's: so the first command trains on them; it prints which it used).
 Writes: <out>/last.pt and <out>/best.pt (self-describing checkpoints, tokenizer vocabulary included),
         <out>/metrics.jsonl (default out/text).
+Flags: the paper's defaults, under those the data set recommends (its dataset.json "train" entry for text; the
+        demo's are demo.DEMO_TRAIN), under the command line; the first line printed names them.
 
 Examples:
   python pretrain_text.py                                        # demo set on a laptop CPU, a minute
@@ -86,10 +89,10 @@ def main():
                             lr=args.lr, weight_decay=args.weight_decay, fused=True)
     train_model = common.start(run, model, opt, train_ds, model_config, table.label_names)
 
-    def probabilities(b):  # (B, C): the head's read-out of validation reports, for the AUC at each epoch's end
+    def head_logits(b):  # (B, C): the head's logits for validation reports, for the AUC at each epoch's end
         ids, att = common.tokenize(tokenizer, b["report"], args.max_len, run.device)
         with run.autocast():
-            return torch.sigmoid(model(ids, att).float())
+            return model(ids, att).float()  # logits: a float32 sigmoid saturates, and AUC needs only the order
 
     # -----------------------------------------------------------------------------
     # training loop
@@ -103,7 +106,7 @@ def main():
             common.backward(run, loss, b)
             if last_micro:
                 common.optimizer_step(run, loss)
-        common.end_of_epoch(run, common.validate(run, valid_ds, probabilities, table.label_names))
+        common.end_of_epoch(run, common.validate(run, valid_ds, head_logits, table.label_names))
 
     # -----------------------------------------------------------------------------
     # summary

@@ -7,9 +7,12 @@ encoder a clinically meaningful feature space before it is aligned with text in 
 
 Reads:  a data set: manifest.csv (+ dataset.json) in --data (default data/demo, built on first use);
         volumes from the preprocessed cache (`python data.py preprocess`) when it exists;
-        labels from --labels, else out/distill/labels.csv when present, else the manifest's own.
+        labels from --labels, else out/distill/labels.csv when present (`python distill.py` writes it), else the
+        manifest's own (the demo's: so the first command trains on them; it prints which it used).
 Writes: <out>/last.pt and <out>/best.pt (self-describing checkpoints), <out>/metrics.jsonl
         (out/vision, or out/vision-lite with --lite).
+Flags: the paper's defaults, under those the data set recommends (its dataset.json "train" entry for vision or
+        vision-lite; the demo's are demo.DEMO_TRAIN), under the command line; the first line printed names them.
 
 Examples:
   python pretrain_vision.py --lite                               # demo set on a laptop CPU, minutes
@@ -23,6 +26,7 @@ import common
 import data as D
 import devices
 import model as M
+import volumes as V
 
 STAGE = "vision"
 
@@ -53,14 +57,14 @@ def main():
     # -----------------------------------------------------------------------------
     # model: 3D ResNet-18 encoder + a linear head to the C labels
     model_config = {"kind": STAGE, "num_labels": len(table.label_names),
-                    "vision": {"in_channels": D.input_channels(preset),  # one per intensity window of the preset
+                    "vision": {"in_channels": V.input_channels(preset),  # one per intensity window of the preset
                                "stem": 4 if args.lite else 2, "widths": [64, 128, 256, 512]},
                     "image_pooling": args.image_pooling}
     model = M.build_model(model_config)
     # --image-pooling (Fig. 4d). Alignment (align.py) needs one embedding per volume and takes it by GAP. We read the
-    # paper's "architectural consistency" as: stage 1 should pool as stage 3 will, which only GAP, the recipe, does.
+    # paper's "architectural consistency" as: pre-training (2a) should pool as alignment (3) will: only GAP, the recipe, does.
     if args.image_pooling == "noisy_or":  # P_c starts at 1/2 over this crop's cells, not saturated at 1
-        torch.nn.init.constant_(model.head.bias, M.noisy_or_bias(model.encoder.cells(D.get_preset(preset)["crop"])))
+        torch.nn.init.constant_(model.head.bias, M.noisy_or_bias(model.encoder.cells(V.get_preset(preset)["crop"])))
     if args.init:
         load_init(model, args.init, run.log)
     model.encoder.grad_ckpt = args.grad_ckpt
@@ -74,9 +78,9 @@ def main():
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, fused=True)
     train_model = common.start(run, model, opt, train_ds, model_config, table.label_names, extra={"preset": preset})
 
-    def probabilities(b):  # (B, C): the head's read-out of validation volumes, for the AUC at each epoch's end
+    def head_logits(b):  # (B, C): the head's logits for validation volumes, for the AUC at each epoch's end
         with run.autocast():
-            return torch.sigmoid(model(b["image"].to(run.device)).float())
+            return model(b["image"].to(run.device)).float()  # logits: a float32 sigmoid saturates, and AUC needs only the order
 
     # -----------------------------------------------------------------------------
     # training loop
@@ -89,7 +93,7 @@ def main():
             common.backward(run, loss, b)  # a non-finite loss stops the run naming the batch (or is skipped)
             if last_micro:
                 common.optimizer_step(run, loss)  # learning rate, clipping, step, log
-        common.end_of_epoch(run, common.validate(run, valid_ds, probabilities, table.label_names))
+        common.end_of_epoch(run, common.validate(run, valid_ds, head_logits, table.label_names))
 
     # -----------------------------------------------------------------------------
     # summary

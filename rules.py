@@ -1,7 +1,7 @@
 """
 The rules labeler of distill.py: label names and synonyms found sentence by sentence, each mention judged present,
 absent or uncertain by the cues of its clause. Also the agreement table that scores any labels (rules or LLM) against
-reference labels: the yardstick's side of distill.py. Plain functions; imports only data.py (and numpy).
+reference labels: the yardstick's side of distill.py. Plain functions; imports only data.py and volumes.py (and numpy).
 
 Scope, as pyConText does it (Chapman et al. 2011) rather than NegEx's fixed word window: a cue governs the rest of
 its clause, across a list joined by commas, "and", "or", "nor":
@@ -22,7 +22,8 @@ import re
 
 import numpy as np
 
-from data import CHEST_CT_LABELS, DataError, read_labels, require, volume_key
+from data import CHEST_CT_LABELS, DataError, read_labels, require
+from volumes import volume_key
 
 # How reports say each chest_ct finding, for distill.py's rule-based labeler (the label name itself
 # always counts too): phrases are plain words, "word*" = any ending, "..." = up to twelve words between

@@ -13,7 +13,7 @@ beside it: docs/ablations-arms.png (the arms, a dot per seed) and docs/ablations
 Every run is one command (a stage script and its flags, run from the repository root) with its own folder under --work
 (default out/ablations/<run>/: the script's outputs, log.txt, and result.json, written atomically once the command
 has succeeded). A run whose result.json exists is done and never run again, so a stopped study goes on where it
-stopped; arms that share a run share its folder (one recipe stage-1 pair per seed serves every arm that keeps it). A failed command
+stopped; arms that share a run share its folder (one recipe pre-training pair per seed serves every arm that keeps it). A failed command
 is one line naming the arm and its log file; the study goes on with the runs that do not need it, and reports it.
 The protocol (arms, seeds, fractions, metric, split, the tie rule, the time estimate) is in docs/ablations.md.
 """
@@ -51,11 +51,11 @@ ARMS = {
     "no_vision_pretraining": ("4a", "supervising every component is best, so removing vision pre-training should lower AUC", "lower"),
     "no_text_pretraining": ("4a", "supervising every component is best, so removing text pre-training should lower AUC", "lower"),
     "no_shared_classifier": ("4a", "the shared classifier supervises the aligned space; without it AUC should be lower", "lower"),
-    "visual_descriptions": ("4c", "stage 1 supervised by labels beats stage 1 supervised by the reports' visual descriptions "
-                                  "(a CLIP-only stage 1): lower", "lower"),
-    "clip_only": ("4c, 3a", "no stage-1 supervision at all (CLIP alone, Fig. 3a's baseline) is the weakest: lower", "lower"),
-    "max_pooling": ("4d", "GAP pools best: stage-1 max pooling should lower AUC", "lower"),
-    "noisy_or": ("4d", "GAP pools best: stage-1 Noisy-OR pooling should lower AUC", "lower"),
+    "visual_descriptions": ("4c", "pre-training supervised by labels beats pre-training supervised by the reports' visual "
+                                  "descriptions (a CLIP-only pre-training): lower", "lower"),
+    "clip_only": ("4c, 3a", "no pre-training supervision at all (CLIP alone, Fig. 3a's baseline) is the weakest: lower", "lower"),
+    "max_pooling": ("4d", "GAP pools best: max pooling in vision pre-training should lower AUC", "lower"),
+    "noisy_or": ("4d", "GAP pools best: Noisy-OR pooling in vision pre-training should lower AUC", "lower"),
     "l2_norm": ("4e", "keeping the feature magnitude helps: unit latents with a learnable temperature should lower AUC", "lower"),
     "joint": ("3e/f", "two stages (pre-train, then align) beat one joint stage: joint training should lower AUC", "lower"),
     "text_minilm": ("4b", "the paper compares pre-trained text encoders (its choice: CXR-BERT); a general-English MiniLM "
@@ -84,7 +84,7 @@ def rel(p):
 def plan(seed, a, frac=1.0):
     """Every arm's runs for one seed (and training fraction) -> {arm: [(run id, argv, estimated s)]}, in order; argv
     is a command line without the leading `python`. Each aligned model is followed by its evaluation on the test split;
-    the same run id in two arms is one run (the stage-1 checkpoints, the CLIP-only model)."""
+    the same run id in two arms is one run (the pre-trained checkpoints, the CLIP-only model)."""
     tag = f"s{seed}" + ("" if frac == 1 else f"-f{frac:g}")
     # The demo's own labels (not whatever out/distill/labels.csv holds), the seed, the fraction; --toy's tiny flags last.
     base = ["--data", rel(a.data), "--labels", rel(Path(a.data) / "manifest.csv"), "--seed", str(seed),
@@ -377,7 +377,7 @@ def report(a, seeds, failures, skipped):
     if unseen:
         lines += ["", f"Where the paper finds a difference and the demo ties: {', '.join(unseen)}."]
     lines += ["", "### Numbers", "", "Test zero-shot macro AUC per arm: mean, range and sample std over seeds; each run with its 95% "
-              "bootstrap interval (test sample only); training time = every training command the arm needs, stage 1 included "
+              "bootstrap interval (test sample only); training time = every training command the arm needs, pre-training included "
               "(mean over seeds).", "",
               "| arm | figure | seeds | mean | range | std | each seed: AUC [95% interval] | training time |",
               "| --- | --- | --- | --- | --- | --- | --- | --- |"]
@@ -484,11 +484,12 @@ def sentence_alignment(ckpt, data, out):
     import data as D
     import model as M
     import rules
+    import volumes as V
     model, ck = checkpoints.model_from_checkpoint(ckpt, stage="align")
     model.eval()
     test = D.load_table(data).subset("test")
     preset = D.resolve_preset(None, data)
-    ds = D.VolumeReportDataset(test, preset, train=False, cache_dir=Path(test.source).parent / f"cache-{D.preset_name(preset)}")
+    ds = D.VolumeReportDataset(test, preset, train=False, cache_dir=Path(test.source).parent / f"cache-{V.preset_name(preset)}")
     with torch.no_grad():
         img = torch.cat([model.encode_image(b["image"]) for b in torch.utils.data.DataLoader(ds, batch_size=8)])  # (N, E)
     patterns = rules.compile_patterns(ck["label_names"])

@@ -64,6 +64,7 @@ if _missing:
                      f"the wheels, docs/benchmarks.md#the-device-check-benchmarksgpu_checkpy)")
 import data as D  # noqa: E402
 import model as M  # noqa: E402
+import volumes as V  # noqa: E402
 from benchmarks import memcount  # noqa: E402
 
 GiB = 2 ** 30
@@ -347,12 +348,12 @@ class OpLog(TorchDispatchMode):
 
 
 def conv_path(ctx, part):
-    """model.Conv3x3x3 computes tiny maps as a matrix product over unfolded patches on the CPU only. The lite encoder on
-    the demo crop has a 1 x 2 x 2 last stage: on the CPU it must unfold, on a GPU never."""
+    """encoders.Conv3x3x3 computes tiny maps as a matrix product over unfolded patches on the CPU only. The lite encoder on
+    the demo crop has a 1 x 2 x 2 last ResNet stage: on the CPU it must unfold, on a GPU never."""
     torch.manual_seed(0)
     enc = M.ResNet3D(1, stem=4, widths=list(TINY["widths"])).to(ctx.device)
     with OpLog() as log:
-        enc(torch.randn(2, 1, *D.get_preset("demo")["crop"], device=ctx.device)).sum().backward()
+        enc(torch.randn(2, 1, *V.get_preset("demo")["crop"], device=ctx.device)).sum().backward()
     unfolds = log.ops.get("aten.unfold.default", 0)
     on_cpu = ctx.device.type == "cpu"
     add(ctx, part, "Conv3x3x3 im2col path", f"{unfolds} unfold ops in one lite step on the demo crop",
@@ -559,7 +560,7 @@ def schedule(ctx, part, flops, peak):
 
 def part_loader(ctx, part):
     preset = "demo" if ctx.tiny else "chest"
-    shape, n = D.get_preset(preset)["size"], 8 if ctx.tiny else 40
+    shape, n = V.get_preset(preset)["size"], 8 if ctx.tiny else 40
     cache = ctx.work / f"loader-cache-{preset}"
     D.check_cache(cache, preset, create=True)
     rng = np.random.default_rng(0)

@@ -29,8 +29,8 @@ def test_toy_study_runs_each_run_once_resumes_and_reports(tmp_path, monkeypatch,
             "--seeds", "1", "--fractions", "0.5"]
     assert ablations.main(argv) == 0
     out = capsys.readouterr().out
-    # 4 stage-1 runs (whole and half split), 5 alignments, their 5 evaluations, 2 sentence alignments: the recipe's
-    # stage-1 pair ran once although three arms use it
+    # 4 pre-training runs (whole and half split), 5 alignments, their 5 evaluations, 2 sentence alignments: the recipe's
+    # pre-training pair ran once although three arms use it
     assert "16 runs to do" in out and "[16/16]" in out and "FAILED" not in out
     assert sum(line.endswith(f"--out {tmp_path / 'vision-s0'}") for line in out.splitlines()) == 1
     assert "--train-fraction 0.5" in out and "--no-shared-classifier" in out and "about" in out.split("[16/16]")[1]

@@ -201,8 +201,8 @@ def test_joint_training_adds_each_encoders_head_to_the_loss(text_cfg):
 # ---------------------------------------------------------------------------- Fig. 4c: encoders from an aligned run
 
 def test_encoders_load_from_an_aligned_checkpoint(text_cfg, tmp_path):
-    """The 'visual descriptions' arm: stage 1 is a CLIP-only alignment run, whose encoders the recipe's stage 3 starts
-    from (align.py --encoders-from); a stage-1 checkpoint of the other encoder is still refused."""
+    """The 'visual descriptions' arm: pre-training is a CLIP-only alignment run, whose encoders the recipe's stage 3
+    starts from (align.py --encoders-from); a pre-training checkpoint of the other encoder is still refused."""
     cfg = align_config(text_cfg, shared_classifier=False)
     first = M.build_model(cfg)
     path = checkpoints.save_checkpoint(tmp_path / "clip.pt", stage="align", model=first, model_config=cfg, args={},

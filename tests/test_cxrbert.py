@@ -16,10 +16,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+import encoders
 import model as M
 from conftest import ROOT
 
-WORDS = M.SPECIAL_TOKENS + ["there", "is", "no", "pleural", "effusion", "emphysema", "atelectasis", "mild", ".", "##s"]
+WORDS = encoders.SPECIAL_TOKENS + ["there", "is", "no", "pleural", "effusion", "emphysema", "atelectasis", "mild", ".", "##s"]
 ONE_LINE = "loaded as a plain BERT, all 37 encoder tensors; ignored cls.predictions.*, cls_projection_head.* (13 tensors)"
 REMOTE_CODE = ("configuration_cxrbert.py", "modeling_cxrbert.py")  # what the real repository ships beside its weights
 

@@ -208,7 +208,7 @@ def test_label_distribution(default):
 def test_the_models_crop_keeps_the_anatomy(default):
     """The demo preset's centre crop (what the vision encoder sees) holds the lungs and every metal port: at most 5 %
     of the lung-density voxels and no metal voxel of the stored volumes fall outside it (demo v5 cut 56 -> 48 in-plane)."""
-    from data import PRESETS
+    from volumes import PRESETS
     size, crop = PRESETS["demo"]["size"], PRESETS["demo"]["crop"]
     inside = np.zeros(size, bool)
     inside[tuple(slice((n - c) // 2, (n - c) // 2 + c) for n, c in zip(size, crop))] = True

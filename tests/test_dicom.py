@@ -1,4 +1,4 @@
-"""DICOM series as input (dicom.py, data.load_volume): series written with pydicom at test time, from the shared real
+"""DICOM series as input (dicom.py, volumes.load_volume): series written with pydicom at test time, from the shared real
 chest CT and from small synthetic volumes, read back to the NIfTI path's tensor; each classic way to get a series wrong
 has its documented outcome here (dicom.py's docstring lists them). pacs.py's index and manifest are in test_pacs.py."""
 import numpy as np
@@ -8,8 +8,8 @@ import pytest
 from pydicom.encaps import encapsulate
 from pydicom.uid import JPEGLossless, RLELossless, generate_uid
 
-import data as D
 import dicom
+import volumes as V
 from conftest import SAMPLE
 from dicomfake import LPS, read_back, write_localiser, write_series
 
@@ -29,7 +29,7 @@ def nifti(tmp_path, vol, affine=AFFINE, name="ref.nii.gz"):
 
 def native(path, affine=AFFINE):
     """load_volume at the volume's own spacing: no interpolation, so a correct reader matches the NIfTI path exactly."""
-    return D.load_volume(str(path), tuple(np.abs(np.diag(affine)[:3])))
+    return V.load_volume(str(path), tuple(np.abs(np.diag(affine)[:3])))
 
 
 def one_line(excinfo):
@@ -50,8 +50,8 @@ def test_real_ct_series_gives_the_nifti_tensor(tmp_path, capsys, feet_first):
     study, _ = write_series(tmp_path / "s", vol, img.affine, order=order, instance_numbers=np.arange(z, 0, -1),
                             feet_first=feet_first)
     write_localiser(tmp_path / "s", study)
-    want = D.preprocess_volume(str(REAL_CT), "chest")
-    got = D.preprocess_volume(str(tmp_path / "s"), "chest")
+    want = V.preprocess_volume(str(REAL_CT), "chest")
+    got = V.preprocess_volume(str(tmp_path / "s"), "chest")
     assert got.dtype == np.int16 and got.shape == want.shape == (120, 240, 240)
     np.testing.assert_array_equal(got, want)
     err = capsys.readouterr().err
@@ -104,7 +104,7 @@ def test_two_series_in_one_folder_are_listed_and_one_is_picked(tmp_path):
     vol = phantom()
     _, lung = write_series(tmp_path / "st", vol, AFFINE, description="LUNG 1.0", kernel="B70f", name="a")
     _, soft = write_series(tmp_path / "st", vol + 7, AFFINE, description="MEDIASTINUM", kernel="B30f", name="b")
-    with pytest.raises(D.DataError) as e:
+    with pytest.raises(V.DataError) as e:
         native(tmp_path / "st")
     lines = str(e.value).splitlines()
     assert "2 series in one folder" in lines[0] and "::SeriesInstanceUID" in lines[0] and len(lines) == 3
@@ -114,14 +114,14 @@ def test_two_series_in_one_folder_are_listed_and_one_is_picked(tmp_path):
     ref = native(nifti(tmp_path, vol))
     np.testing.assert_array_equal(native(f"{tmp_path / 'st'}::{lung}"), ref)
     np.testing.assert_array_equal(native(f"{tmp_path / 'st'}::{soft}"), ref + 7)
-    with pytest.raises(D.DataError, match="no image series 1.2.3"):
+    with pytest.raises(V.DataError, match="no image series 1.2.3"):
         native(f"{tmp_path / 'st'}::1.2.3")
 
 
 def test_a_missing_slice_is_refused_naming_the_gap(tmp_path):
     write_series(tmp_path / "s", phantom(), AFFINE)
     (tmp_path / "s" / "img0005.dcm").unlink()  # slice 5, at z = -50 + 5 * 3 = -35 mm
-    with pytest.raises(D.DataError) as e:
+    with pytest.raises(V.DataError) as e:
         native(tmp_path / "s")
     msg = one_line(e)
     assert "a gap of 6.00 mm between the slices at -38.00 and -32.00 mm" in msg and "median step 3.00 mm" in msg
@@ -151,7 +151,7 @@ def test_gantry_tilt_is_resampled_exactly_onto_the_patient_axes(tmp_path, capsys
     world = ijk @ affine[:3, :3].T + affine[:3, 3]  # (X, Y, Z, 3) RAS mm of each stored voxel
     hu = lambda w: 4 * w[..., 1] + 6 * w[..., 2]  # noqa: E731
     write_series(tmp_path / "s", np.rint(hu(world)).astype(np.int16), affine)
-    got = D.load_volume(str(tmp_path / "s"), (2.0, 2.0, 2.0))  # (D, H, W) on the patient's axes
+    got = V.load_volume(str(tmp_path / "s"), (2.0, 2.0, 2.0))  # (D, H, W) on the patient's axes
     assert "gantry tilt of 20.0 degrees" in capsys.readouterr().err
     corners = np.stack(np.meshgrid(*[[-0.5, n - 0.5] for n in (16, 24, 20)], indexing="ij")).reshape(3, -1)
     lo = (affine[:3, :3] @ corners + affine[:3, 3:]).min(1)  # the output grid: the box around the tilted volume
@@ -184,7 +184,7 @@ def test_compressed_pixel_data(tmp_path):
         d.PixelData = encapsulate([b"\xff\xd8 not a real bitstream \xff\xd9"])
         d["PixelData"].VR = "OB"
         d.save_as(f, enforce_file_format=True)
-    with pytest.raises(D.DataError) as e:
+    with pytest.raises(V.DataError) as e:
         native(tmp_path / "jpeg")
     msg = one_line(e)
     assert "JPEG Lossless" in msg and "pip install pylibjpeg pylibjpeg-libjpeg" in msg
@@ -201,7 +201,7 @@ def test_unreadable_files(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "skipped 1 unreadable file(s) (e.g." in err and "broken.dcm" in err and "and 1 that are not DICOM" in err
     (tmp_path / "s" / "img0004.dcm").write_bytes((tmp_path / "s" / "img0004.dcm").read_bytes()[:-100])
-    with pytest.raises(D.DataError) as e:
+    with pytest.raises(V.DataError) as e:
         native(tmp_path / "s")
     assert "img0004.dcm" in one_line(e)
 
@@ -213,7 +213,7 @@ def test_enhanced_multiframe_is_refused_in_one_line(tmp_path):
         d.SOPClassUID = d.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2.1"  # Enhanced CT
         d.NumberOfFrames = 1
         d.save_as(f, enforce_file_format=True)
-    with pytest.raises(D.DataError) as e:
+    with pytest.raises(V.DataError) as e:
         native(tmp_path / "s")
     assert "enhanced multi-frame" in one_line(e) and "not supported" in str(e.value)
 
@@ -221,25 +221,25 @@ def test_enhanced_multiframe_is_refused_in_one_line(tmp_path):
 def test_other_failures_each_one_line(tmp_path, capsys):
     vol = phantom()
     write_series(tmp_path / "mr", vol, AFFINE, modality="MR")
-    D.preprocess_volume(str(tmp_path / "mr"), "demo")  # a CT preset: warned, processed
+    V.preprocess_volume(str(tmp_path / "mr"), "demo")  # a CT preset: warned, processed
     assert "modality MR, not CT" in capsys.readouterr().err
-    D.preprocess_volume(str(tmp_path / "mr"), "mri")
+    V.preprocess_volume(str(tmp_path / "mr"), "mri")
     assert "modality" not in capsys.readouterr().err  # the MRI preset expects no modality
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "a.txt").write_text("x")
     for path, words in ((tmp_path / "empty", "no DICOM image series"), (tmp_path / "nowhere", "file not found")):
-        with pytest.raises(D.DataError) as e:
+        with pytest.raises(V.DataError) as e:
             native(path)
         assert words in one_line(e)
     write_series(tmp_path / "dup", vol, AFFINE)
     d = read_back(tmp_path / "dup" / "img0003.dcm")
     d.SOPInstanceUID = generate_uid()
     d.save_as(tmp_path / "dup" / "again.dcm", enforce_file_format=True)  # two images at one position
-    with pytest.raises(D.DataError) as e:
+    with pytest.raises(V.DataError) as e:
         native(tmp_path / "dup")
     assert "share slice positions" in one_line(e)
-    with pytest.raises(D.DataError) as e:  # a manifest's rescale cells would rescale a second time
-        D.load_volume(str(tmp_path / "mr"), rescale=(1, -1024))
+    with pytest.raises(V.DataError) as e:  # a manifest's rescale cells would rescale a second time
+        V.load_volume(str(tmp_path / "mr"), rescale=(1, -1024))
     assert "leave the manifest's spacing and rescale cells empty" in one_line(e)
 
 
@@ -252,7 +252,7 @@ def test_exact_resampling_equals_the_reorienting_path_on_an_axis_aligned_grid(tm
     affine = np.diag([1.0, 1.0, 2.0, 1.0])
     got, grid = dicom.resample_exact(t, affine, np.array([2.0, 2.0, 2.0]), -1000.0)
     got = got.numpy()
-    _, grid_usual = D.load_volume(nifti(tmp_path, vol.astype(np.int16), affine), (2.0, 2.0, 2.0), grid=True)
+    _, grid_usual = V.load_volume(nifti(tmp_path, vol.astype(np.int16), affine), (2.0, 2.0, 2.0), grid=True)
     np.testing.assert_allclose(grid, grid_usual, atol=1e-9)
     np.testing.assert_allclose(grid[:3, 3], [0.5, 0.5, 0.0])  # voxel 0 of the 2 mm grid: the centre of 2 input voxels
     want = torch.nn.functional.interpolate(t[None, None], size=(10, 6, 8), mode="trilinear", align_corners=False)[0, 0]

@@ -171,12 +171,13 @@ def test_recall_at_k():
 
 def test_evaluate_script_end_to_end(tmp_path):
     import data
+    import volumes
     from demo import make_demo
     make_demo(tmp_path / "demo", n_train=4, n_valid=6, n_test=8, seed=0)
     table = data.load_table(tmp_path / "demo")
     text, _, text_cfg = M.build_text("scratch", table.reports, max_len=64)
     cfg = {"kind": "align", "num_labels": len(table.label_names), "embed_dim": 768, "text": text_cfg,
-           "vision": {"in_channels": data.input_channels("demo"), "stem": 4, "widths": [8, 16, 16, 16]}}
+           "vision": {"in_channels": volumes.input_channels("demo"), "stem": 4, "widths": [8, 16, 16, 16]}}
     net = M.build_model(cfg)
     ckpt = tmp_path / "align.pt"
     checkpoints.save_checkpoint(ckpt, stage="align", model=net, model_config=cfg, args={"preset": "demo"},
@@ -192,6 +193,18 @@ def test_evaluate_script_end_to_end(tmp_path):
     assert set(summary["retrieval"]) >= {"recall@1", "recall@100"} and summary["retrieval"]["recall@100"] is None
     assert (tmp_path / "eval" / "per_label.csv").read_text().count("\n") == 16 + 2  # header, 16 labels, macro
     assert "matplotlib" in r.stdout or (tmp_path / "eval" / "roc.png").exists()
+    # The same model with its latents 1000x longer: every logit 1000x larger, no ranking changed, so no AUC may change.
+    # Scored on float32 sigmoids, logits beyond about 17 all become 1.0 and tie, and the AUCs would fall towards 0.5.
+    with torch.no_grad():
+        net.img_proj.weight.mul_(1000)
+    checkpoints.save_checkpoint(tmp_path / "long.pt", stage="align", model=net, model_config=cfg, args={"preset": "demo"},
+                                label_names=table.label_names)
+    r = run("--ckpt", str(tmp_path / "long.pt"), "--protocol", "ctrate16", "--out", tmp_path / "long")
+    assert r.returncode == 0, r.stderr[-2000:]
+    long = json.loads((tmp_path / "long" / "summary.json").read_text())
+    assert long["macro"]["auc"] is not None and abs(long["macro"]["auc"] - summary["macro"]["auc"]) < 1e-9
+    for k in ("ensemble", "classifier"):
+        assert abs(long["macro_auc_by_score"][k] - summary["macro_auc_by_score"][k]) < 1e-9, k
     checkpoints.save_checkpoint(tmp_path / "vision.pt", stage="vision", model=net, model_config=cfg, args={},
                       label_names=table.label_names)
     r = run("--ckpt", str(tmp_path / "vision.pt"))  # wrong stage: one line, no traceback, exit 2

@@ -31,6 +31,7 @@ import badinput as B
 import checkpoints
 import data
 import model as M
+import volumes
 from conftest import ROOT
 
 KEY = "sk-test-FAULTS-7f3a9"
@@ -364,7 +365,7 @@ def test_nan_in_cache_refused(tmp_path, script):
     cache = tmp_path / "d" / "cache-demo"
     cache.mkdir()
     (cache / "preprocess.json").write_text(json.dumps({"spacing": [4.0, 4.0, 8.0], "size": [28, 64, 64],
-                                                          "intensity": data.PRESETS["demo"]["intensity"]}))
+                                                          "intensity": volumes.PRESETS["demo"]["intensity"]}))
     np.save(cache / "v1.npy", np.full((28, 64, 64), np.nan, np.float32))  # a damaged float cache file
     refused(script(*VISION, "--data", tmp_path / "d", "--out", tmp_path / "o"), "v1.npy", "NaN or infinite")
 
@@ -424,7 +425,7 @@ def tiny_checkpoints(d, reports):
     """Checkpoints of each stage with small encoders: the scripts refuse them before any weight is used."""
     d.mkdir(exist_ok=True)
     _, _, text_cfg = M.build_text("scratch", reports=reports, max_len=32)
-    vision = {"in_channels": data.input_channels("demo"), "stem": 4, "widths": [8, 16, 32, 32]}
+    vision = {"in_channels": volumes.input_channels("demo"), "stem": 4, "widths": [8, 16, 32, 32]}
     configs = {"vision": {"kind": "vision", "num_labels": 3, "vision": vision},
                "text": {"kind": "text", "num_labels": 3, "text": text_cfg},
                "align": {"kind": "align", "num_labels": 3, "vision": vision, "text": text_cfg, "embed_dim": 16}}

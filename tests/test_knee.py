@@ -12,14 +12,16 @@ import pytest
 import torch
 
 import data as D
+import volumes as V
 from conftest import ROOT, run_script
 
 # What must stay free of one modality's names and numbers: the recipe's stages and tools, and the modules they share.
 CHECKED = ["distill.py", "rules.py", "llm.py", "pretrain_vision.py", "pretrain_text.py", "align.py", "evaluate.py",
-           "scan.py", "localise.py", "maps.py", "common.py", "model.py", "checkpoints.py", "metrics.py", "devices.py"]
-# Where a modality lives by design: data.py (label sets, presets, the HU rules), dicom.py (a CT series' rescale to HU),
+           "scan.py", "localise.py", "maps.py", "common.py", "model.py", "checkpoints.py", "metrics.py", "devices.py",
+           "encoders.py"]
+# Where a modality lives by design: volumes.py (presets, the HU rules), data.py (label sets), dicom.py (a CT series' rescale to HU),
 # the data-set builders, and bench.py (memory and speed at the paper's chest CT scale).
-EXEMPT = ["data.py", "dicom.py", "demo.py", "ctrate.py", "knee_demo.py", "pacs.py", "bench.py"]
+EXEMPT = ["volumes.py", "data.py", "dicom.py", "demo.py", "ctrate.py", "knee_demo.py", "pacs.py", "bench.py"]
 # rules.py's table of synonyms for the built-in chest_ct label set is label data (what a label file gives a fork),
 # read only for a label of that name; the rest of rules.py is checked.
 LABEL_DATA = {"rules.py": "CHEST_CT_SYNONYMS"}
@@ -51,7 +53,7 @@ def modality_names(source, skip_assignment=None):
 def test_the_detector_finds_what_it_looks_for():
     """The check below can fail: each kind of name it looks for is found, in code, and not in a docstring."""
     src = ('"""Pleural effusion, -1000 HU: a docstring may say so."""\n'
-           'def f(crop, D):\n    """Emphysema."""\n    body = crop > -500\n    return D.AIR_HU, "There is pleural effusion.", -1024.0\n'
+           'def f(crop, D):\n    """Emphysema."""\n    body = crop > -500\n    return V.AIR_HU, "There is pleural effusion.", -1024.0\n'
            'KEEP = {"Cardiomegaly": ["cardiomegaly"]}\nx = 1 - 1000\ny = -99\na, b = -200, "x"\n')
     assert modality_names(src) == [(4, "HU-like constant -500"), (5, "HU name AIR_HU"), (5, "HU-like constant -1024.0"),
                                    (5, "label name 'pleural effusion'"), (6, "label name 'cardiomegaly'"),
@@ -69,16 +71,16 @@ def test_no_stage_script_names_a_modality():
 
 
 def test_intensity_rules_say_what_the_scripts_need():
-    """data.py's answers for the scripts that draw and score volumes, by hand: CT in HU, MRI on its own scale."""
-    assert D.fill_value("chest") == D.AIR_HU and D.fill_value("mri") == 0.0
-    np.testing.assert_array_equal(D.empty_input("chest-multi"), [-1, -1, -1, -1])  # air is each window's floor
-    np.testing.assert_allclose(D.empty_input([[-1100, 100]]), [-0.5 / 0.6])  # (-1000 - (-500)) / 600
-    assert D.empty_input("mri") is None  # no fixed value: maps.py takes the scan's darkest
+    """volumes.py's answers for the scripts that draw and score volumes, by hand: CT in HU, MRI on its own scale."""
+    assert V.fill_value("chest") == V.AIR_HU and V.fill_value("mri") == 0.0
+    np.testing.assert_array_equal(V.empty_input("chest-multi"), [-1, -1, -1, -1])  # air is each window's floor
+    np.testing.assert_allclose(V.empty_input([[-1100, 100]]), [-0.5 / 0.6])  # (-1000 - (-500)) / 600
+    assert V.empty_input("mri") is None  # no fixed value: maps.py takes the scan's darkest
     ct = np.array([-1000, -850, -501, -499, 40, 700], np.float32)
-    assert D.body_mask(ct, "chest").tolist() == [False, False, False, True, True, True]  # lung and air are not body
+    assert V.body_mask(ct, "chest").tolist() == [False, False, False, True, True, True]  # lung and air are not body
     mr = np.r_[np.zeros(100), np.full(99, 100.0), [1000.0]]  # padding, tissue, one bright voxel: 99th percentile 100
-    assert D.body_mask(mr, "mri").sum() == 100
-    assert D.display_window(ct, "chest") == (-1000, 200) and D.display_window(mr, "mri") == (0.0, 100.0)
+    assert V.body_mask(mr, "mri").sum() == 100
+    assert V.display_window(ct, "chest") == (-1000, 200) and V.display_window(mr, "mri") == (0.0, 100.0)
 
 
 # ----------------------------------------------------------------------------- the knee set and the recipe on it

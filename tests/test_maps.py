@@ -14,6 +14,7 @@ import checkpoints
 import data as D
 import maps
 import model as M
+import volumes as V
 from conftest import run_script
 
 
@@ -42,6 +43,31 @@ def test_exact_map_is_the_logit_taken_apart():
     torch.testing.assert_close(g, torch.relu(m) / m[0].numel(), rtol=1e-4, atol=1e-5)
 
 
+def test_coarse_to_fine_equals_full_occlusion_where_it_refines():
+    """Inside the refined region R the coarse-to-fine map is the full fine occlusion map (every fine block that covers
+    a voxel of R overlaps R, so it was computed); outside R it never exceeds R's weakest value, so the peak lies in R;
+    and it costs fewer forward passes than the full fine pass."""
+    model, _ = toy_model()
+    x, u, air = torch.randn(1, 4, 8, 16, 16), maps.directions(model, torch.randn(3, 2, 32)), torch.full((4,), -1.0)
+    calls = []
+    forward = model.vision.forward
+    model.vision.forward = lambda xs: calls.append(len(xs)) or forward(xs)
+    full = maps.occlusion(model, x, u, air, blocks=4)  # (3, 8, 16, 16): 343 block positions
+    n_full = sum(calls)
+    calls.clear()
+    got = maps.coarse_to_fine(model, x, u, air, blocks=2)  # 27 coarse positions, then some of the 343
+    n_c2f = sum(calls)
+    coarse = maps.occlusion(model, x, u, air, blocks=2)
+    region = maps.peak_cells(coarse).any(0)
+    assert all(region[maps.peak(c.numpy())] for c in coarse)  # each finding's coarse peak is refined
+    assert 0 < region.sum() < region.numel()
+    torch.testing.assert_close(got[:, region], full[:, region])
+    assert (got[:, ~region].max(1).values <= got[:, region].min(1).values + 1e-6).all()
+    for k in range(3):
+        assert region[maps.peak(got[k].numpy())]
+    assert n_full == 1 + 343 and n_c2f < n_full  # the coarse pass (1 + 27) and part of the fine one, not all of it
+
+
 @pytest.mark.parametrize("kind", ["lps", "ras", "oblique"])
 def test_a_map_goes_back_onto_the_scan_grid(tmp_path, kind):
     """The inverse of the preprocessing: the crop the model saw, taken back onto the scan's own voxels, is the scan
@@ -56,9 +82,9 @@ def test_a_map_goes_back_onto_the_scan_grid(tmp_path, kind):
     a[:3, 3] = rng.uniform(-50, 50, 3)
     nib.save(nib.Nifti1Image(vol, a), str(tmp_path / "v.nii.gz"))
     preset = {"spacing": [3.0, 3.0, 5.0], "size": [24, 36, 36], "crop": [20, 30, 30], "intensity": [[-1000, 200]]}
-    p = D.get_preset(preset)
-    res, grid = D.load_volume(str(tmp_path / "v.nii.gz"), p["spacing"], grid=True)
-    crop = D.pad_or_crop(D.pad_or_crop(res, p["size"]), p["crop"]).astype(np.float32)
+    p = V.get_preset(preset)
+    res, grid = V.load_volume(str(tmp_path / "v.nii.gz"), p["spacing"], grid=True)
+    crop = V.pad_or_crop(V.pad_or_crop(res, p["size"]), p["crop"]).astype(np.float32)
     back = maps.to_input(crop, maps.crop_affine(grid, res.shape, preset), vol.shape, a)  # (X, Y, Z)
     inside = back != 0
     inside[[0, -1]] = inside[:, [0, -1]] = inside[:, :, [0, -1]] = False  # the crop's edge voxels blend with outside

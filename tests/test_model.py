@@ -1,4 +1,4 @@
-"""model.py: encoder shapes, losses against hand-computed values, text encoders, checkpoints."""
+"""model.py and encoders.py: encoder shapes, losses against hand-computed values, text encoders, checkpoints."""
 import argparse
 import json
 import math
@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import checkpoints
+import encoders
 import model as M
 from benchmarks import memcount
 from data import DataError
@@ -81,7 +82,7 @@ def test_conv3x3x3_matches_conv3d(shape, stride, monkeypatch):
     """The matrix-product path (tiny maps on the CPU) gives nn.Conv3d's output and gradients, odd sizes included;
     the last shape (48 output voxels) takes the ordinary path."""
     torch.manual_seed(0)
-    conv = M.Conv3x3x3(5, 7, stride)
+    conv = encoders.Conv3x3x3(5, 7, stride)
     x = torch.randn(*shape, requires_grad=True)
     ordinary = []
     monkeypatch.setattr(torch.nn.Conv3d, "_conv_forward", lambda self, x, w, b: ordinary.append(1) or
@@ -155,6 +156,34 @@ def test_align_loss_is_clip_plus_mean_bce():
     clip, bi, bt = M.clip_loss(img, txt), M.masked_bce(li, targets, mask), M.masked_bce(lt, targets, mask)
     torch.testing.assert_close(total, clip + (bi + bt) / 2)
     torch.testing.assert_close(parts["bce_img"], bi)
+
+
+class Features(torch.nn.Identity):
+    """A stand-in encoder: its input is already the pooled feature (B, out_dim)."""
+
+    def __init__(self, out_dim):
+        super().__init__()
+        self.out_dim = out_dim
+
+
+def test_init_shared_heads_shifts_each_heads_logits_by_half_the_bias_difference():
+    """--init-shared heads: the weights reproduce each pre-trained head, the one shared bias is the mean of the two, so
+    the shared classifier's logits are each head's plus half the other bias minus its own, exactly that and no more
+    (the README and the docstring say so; model.py's docstring once said the vision head's read-out came out exactly)."""
+    torch.manual_seed(0)
+    C, F_img, F_txt, E = 5, 12, 10, 16
+    model = M.GreenRFM(Features(F_img), Features(F_txt), C, E).double()
+    h_img, h_txt = torch.randn(C, F_img, dtype=torch.float64), torch.randn(C, F_txt, dtype=torch.float64)
+    b_img, b_txt = torch.randn(C, dtype=torch.float64), torch.randn(C, dtype=torch.float64)
+    M.init_shared_from_heads(model, (h_img, b_img), (h_txt, b_txt), scale=0.1)
+    f, h = torch.randn(7, F_img, dtype=torch.float64), torch.randn(7, F_txt, dtype=torch.float64)
+    with torch.no_grad():
+        shared_img = model.classifier(model.img_proj(f)) - (f @ h_img.T + b_img)  # (7, C) against the vision head
+        shared_txt = model.classifier(model.txt_proj(h)) - (h @ h_txt.T + b_txt)  # against the text head
+    # The shifts are computed in float32 inside init_shared_from_heads (it casts the heads to float), hence 1e-5.
+    torch.testing.assert_close(shared_img, ((b_txt - b_img) / 2).expand(7, C), atol=1e-5, rtol=0)
+    torch.testing.assert_close(shared_txt, ((b_img - b_txt) / 2).expand(7, C), atol=1e-5, rtol=0)
+    assert (b_txt - b_img).abs().min() > 1e-3  # the shift is not zero here: the vision head's logits are not reproduced
 
 
 # ---------------------------------------------------------------------------- text encoder
@@ -323,7 +352,7 @@ def test_text_gradient_checkpointing_same_output_and_grads(scratch_text, pooling
 
 def test_build_text_from_local_pretrained_dir(tmp_path):
     from transformers import AutoTokenizer, BertConfig, BertModel, BertTokenizer
-    words = M.SPECIAL_TOKENS + ["there", "is", "no", "pleural", "effusion", "emphysema", ".", "##s", "a"]
+    words = encoders.SPECIAL_TOKENS + ["there", "is", "no", "pleural", "effusion", "emphysema", ".", "##s", "a"]
     (tmp_path / "vocab.txt").write_text("\n".join(words) + "\n")
     BertTokenizer(str(tmp_path / "vocab.txt")).save_pretrained(tmp_path)  # vocab path positional (transformers 5)
     torch.manual_seed(0)
@@ -419,7 +448,7 @@ def test_checkpoint_roundtrip(stage, scratch_text, tmp_path):
     opt2.load_state_dict(ckpt2["optimizer"])
 
 
-def test_load_encoders_from_stage1(scratch_text, tmp_path):
+def test_load_encoders_from_pretraining(scratch_text, tmp_path):
     _, tok, cfg = scratch_text
     configs = _configs(cfg)
     paths = {}

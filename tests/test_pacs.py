@@ -12,6 +12,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import generate_uid
 
 import data as D
+import volumes as V
 from conftest import ROOT
 from dicomfake import BIRTH_DATE, PATIENT_ID, PATIENT_NAME, write_localiser, write_series
 
@@ -89,7 +90,7 @@ def test_index_lists_every_series(export, tmp_path):
     assert (lung["kernel"], lung["slices"], lung["images"], lung["pixel_spacing"]) == ("B70f", "48", "48", "1.5x1.5")
     assert float(lung["slice_step"]) == 2.5 and float(lung["tilt"]) == 0 and lung["modality"] == "CT"
     assert lung["image"].endswith(f"P3/study3/s1::{lung['series_uid']}")
-    assert D.load_volume(str(tmp_path / "idx" / lung["image"]), (1.5, 1.5, 2.5)).shape == (48, 8, 8)  # the path reads
+    assert V.load_volume(str(tmp_path / "idx" / lung["image"]), (1.5, 1.5, 2.5)).shape == (48, 8, 8)  # the path reads
     assert "wrote" in r.stdout and "70 series in 10 studies, 18 usable" in r.stdout and "files/s" in r.stdout
     assert "1 files skipped, unreadable (truncated: a header cut short)" in r.stderr and "broken.dcm" in r.stderr
     assert "1 files skipped, not a DICOM file" in r.stderr and "README.txt" in r.stderr and "dose" not in r.stderr

@@ -9,10 +9,11 @@ import torch
 
 import badinput as B
 import data
+import volumes
 from conftest import run_script
 from data import DataError, UsageError
 
-# Two windows (lung-ish and soft tissue), a stored size and crop of its own: nothing of it is in data.PRESETS.
+# Two windows (lung-ish and soft tissue), a stored size and crop of its own: nothing of it is in volumes.PRESETS.
 CUSTOM = {"spacing": [4.0, 4.0, 8.0], "size": [8, 16, 16], "crop": [8, 12, 12], "intensity": [[-1000, 200], [-160, 240]]}
 
 
@@ -25,22 +26,22 @@ def run(script, *args, cwd, ok=True):
 
 
 def test_json_preset_is_checked_and_named():
-    p = data.get_preset(CUSTOM)
+    p = volumes.get_preset(CUSTOM)
     assert p["spacing"] == (4.0, 4.0, 8.0) and p["size"] == (8, 16, 16) and p["crop"] == (8, 12, 12)
-    assert data.input_channels(CUSTOM) == 2 and data.input_channels({**CUSTOM, "intensity": "mri"}) == 1
+    assert volumes.input_channels(CUSTOM) == 2 and volumes.input_channels({**CUSTOM, "intensity": "mri"}) == 1
     # windows map HU linearly onto [-1, 1], one channel each, as the built-in ones do
-    out = data.normalize(np.array([-1000, -400, 200], np.float32), p["intensity"])
+    out = volumes.normalize(np.array([-1000, -400, 200], np.float32), p["intensity"])
     np.testing.assert_allclose(out, [[-1, 0, 1], [-1, -1, 0.8]])
     # a stable name for the cache folder, different for different parameters
-    name = data.preset_name(CUSTOM)
-    assert name.startswith("custom-") and name == data.preset_name(json.loads(json.dumps(CUSTOM)))
-    assert name != data.preset_name({**CUSTOM, "crop": [8, 16, 16]}) and data.preset_name("demo") == "demo"
+    name = volumes.preset_name(CUSTOM)
+    assert name.startswith("custom-") and name == volumes.preset_name(json.loads(json.dumps(CUSTOM)))
+    assert name != volumes.preset_name({**CUSTOM, "crop": [8, 16, 16]}) and volumes.preset_name("demo") == "demo"
     bad = {"spacing": [4, 4], "size": [8, 16, 16.5], "crop": [8, 12, 12], "intensity": [[200, -1000]]}
     for key, words in (("spacing", "3 positive numbers"), ("size", "3 positive integers"), ("intensity", "lo < hi")):
         with pytest.raises(DataError, match=f"my.json: '{key}'.*{words}"):
-            data.get_preset({**CUSTOM, key: bad[key]}, "my.json")
+            volumes.get_preset({**CUSTOM, key: bad[key]}, "my.json")
     with pytest.raises(DataError, match="'intensity' must be 'mri'"):
-        data.get_preset({**CUSTOM, "intensity": "zscore"})
+        volumes.get_preset({**CUSTOM, "intensity": "zscore"})
 
 
 def test_resolve_preset_flag_file_and_dataset_json(tmp_path):
@@ -76,7 +77,7 @@ def test_a_preset_defined_only_in_dataset_json_trains_end_to_end(tmp_path):
     (d / "dataset.json").write_text(json.dumps({"preset": CUSTOM, "text_model": "scratch"}))
     # the cache is made with the data set's own preset, and says so
     r = run("data.py", "preprocess", "--data", d, cwd=tmp_path)
-    cache = d / f"cache-{data.preset_name(CUSTOM)}"
+    cache = d / f"cache-{volumes.preset_name(CUSTOM)}"
     assert f"preset {cache.name[len('cache-'):]}" in r.stdout
     assert np.load(next(cache.glob("*.npy"))).shape == (8, 16, 16)  # the preset's stored size
     recorded = json.loads((cache / "preprocess.json").read_text())
@@ -84,7 +85,7 @@ def test_a_preset_defined_only_in_dataset_json_trains_end_to_end(tmp_path):
     # stage 2a trains on it: two input channels (its two windows), the crop of the preset, the preset in the checkpoint
     r = run("pretrain_vision.py", "--lite", "--data", d, "--out", tmp_path / "v", "--epochs", "1", "--batch-size", "4",
             "--workers", "0", cwd=tmp_path)
-    assert f"preset {data.preset_name(CUSTOM)}, cache {cache}" in r.stdout and "valid macro AUC" in r.stdout
+    assert f"preset {volumes.preset_name(CUSTOM)}, cache {cache}" in r.stdout and "valid macro AUC" in r.stdout
     ck = torch.load(tmp_path / "v" / "best.pt", weights_only=True)
     assert ck["model_config"]["vision"]["in_channels"] == 2 and ck["extra"]["preset"] == CUSTOM
     # another preset on the same cache is refused (one line), as for the built-in presets

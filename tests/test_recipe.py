@@ -67,8 +67,9 @@ def test_whole_recipe_at_toy_size(tmp_path):
     assert abs(new_group["lr"] / enc_group["lr"] - 50) < 1e-9
 
     # --init-shared heads (the demo's recommendation): the projections and classifier start from the two pre-trained
-    # heads. One step at lr 1e-12 leaves them where they started: the classifier reads each latent exactly as that
-    # encoder's pre-trained head did (W P = H), and W's rows are orthogonal with norm 1 / 0.1 (W W^T = 100 I).
+    # heads. One step at lr 1e-12 leaves them where they started: the classifier reads each latent with the weights of
+    # that encoder's pre-trained head (W P = H), W's rows are orthogonal with norm 1 / 0.1 (W W^T = 100 I), and the
+    # bias is the mean of the two heads' (so the logits are each head's shifted by half the bias difference).
     assert "start from the pre-trained heads" in r.stdout
     code, out, err = run_script("align.py", "--lite", *TOY, "--out", "init", "--max-steps", "1", "--lr", "1e-12",
                                 "--head-lr", "1e-12", cwd=tmp_path)
@@ -117,7 +118,7 @@ def test_align_on_the_demo_trains_the_missing_pretrained_checkpoints_first(tmp_p
     assert code == 0 and "running:" not in out and "loaded vision encoder: out/vision-lite/best.pt" in out  # reused
 
 
-def test_align_without_stage1_warns_and_trains(tmp_path):
+def test_align_without_pretraining_warns_and_trains(tmp_path):
     """Anywhere but the default demo folder a missing checkpoint is a warning, never an automatic training run."""
     run_script("demo.py", "--out", "elsewhere", "--n-train", "10", "--n-valid", "5", "--n-test", "5", cwd=tmp_path)
     code, out, err = run_script("align.py", "--lite", "--data", "elsewhere", *TOY, cwd=tmp_path)

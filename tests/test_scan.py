@@ -6,6 +6,7 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import nibabel as nib
@@ -19,6 +20,7 @@ import data as D
 import evaluate as E
 import scan as S
 import model as M
+import volumes as V
 from conftest import ROOT, SAMPLE, run_script
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
@@ -36,7 +38,7 @@ def ck(tmp_path_factory):
     for preset in ("demo", "chest"):
         torch.manual_seed(0)
         cfg = {"kind": "align", "num_labels": len(table.label_names), "embed_dim": 768, "text": text_cfg,
-               "vision": {"in_channels": D.input_channels(preset), "stem": 4, "widths": [8, 16, 16, 16]}}
+               "vision": {"in_channels": V.input_channels(preset), "stem": 4, "widths": [8, 16, 16, 16]}}
         checkpoints.save_checkpoint(d / f"{preset}.pt", stage="align", model=M.build_model(cfg), model_config=cfg, args={},
                           label_names=table.label_names, extra={"preset": preset})  # where align.py records it
     return d, table
@@ -217,3 +219,50 @@ def test_suspect_volumes_warn_once_and_are_processed(ck, monkeypatch, capsys):
     warned = [ln for ln in r.stderr.splitlines() if "warning:" in ln]
     assert len(warned) == 2 and "not CT Hounsfield units" in warned[0] + warned[1] and "10.0 degrees" in r.stderr
     assert sorted(p.name for p in (d / "cache-demo").glob("*.npy")) == ["obl.npy", "u8.npy"]
+
+
+def counted(monkeypatch, owner, name):
+    """Replace owner.name by a wrapper that records each call's first argument -> that list (one entry per call)."""
+    calls, real = [], getattr(owner, name)
+
+    def wrapper(*args, **kwargs):
+        calls.append(args[0] if args else None)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(owner, name, wrapper)
+    return calls
+
+
+def test_maps_read_a_dicom_series_once(ck, tmp_path, monkeypatch):
+    """scan.py --maps reads a series' files once: the probabilities, the resampled volume and the scan's own grid (the
+    maps go back onto it) all come from that one read, so the localiser beside it is warned about once, not three times.
+    dicom.pick_series lists and reads the folder's headers, first thing in every read of a series."""
+    import dicom
+    from dicomfake import write_localiser, write_series
+    d, _ = ck
+    vol = np.random.default_rng(0).integers(-1000, 400, (16, 16, 10)).astype(np.int16)
+    study, _ = write_series(tmp_path / "series", vol, np.diag([-4.0, -4, 8, 1]))
+    write_localiser(tmp_path / "series", study)
+    reads = counted(monkeypatch, dicom, "pick_series")
+    code, out, err = run_script("scan.py", tmp_path / "series", "--ckpt", d / "demo.pt", "--findings", "pleural effusion",
+                                "--maps", tmp_path / "maps", "--map-method", "exact", cwd=tmp_path)  # in this process
+    assert code == 0, err[-2000:]
+    assert len(reads) == 1, f"the series was read {len(reads)} times"
+    assert err.count("dropped 1 localiser image(s), kept 10 slices") == 1, err
+    m = nib.load(tmp_path / "maps" / "series" / "pleural_effusion.nii.gz")
+    assert m.shape == vol.shape and np.abs(m.get_fdata()).max() > 0  # on the series' own grid
+
+
+def test_maps_read_a_nifti_file_once(ck, tmp_path, monkeypatch):
+    """The same for a NIfTI file: one nibabel load, and its voxels read from the file once."""
+    from nibabel.arrayproxy import ArrayProxy
+    d, table = ck
+    scan = table.images[0]
+    loads = counted(monkeypatch, nib, "load")
+    voxel_reads = counted(monkeypatch, ArrayProxy, "__array__")  # np.asanyarray(img.dataobj): the file's voxels
+    code, out, err = run_script("scan.py", scan, "--ckpt", d / "demo.pt", "--findings", "pleural effusion",
+                                "--maps", tmp_path / "maps", "--map-method", "exact", cwd=tmp_path)  # in this process
+    assert code == 0, err[-2000:]
+    assert [str(p) for p in loads] == [scan], f"nibabel loaded {loads}"
+    assert len(voxel_reads) == 1, f"the voxels were read {len(voxel_reads)} times"
+    stem = Path(scan).name.removesuffix(".nii.gz")
+    assert nib.load(tmp_path / "maps" / stem / "pleural_effusion.nii.gz").shape == nib.load(scan).shape

@@ -44,10 +44,11 @@ def load_last(path):
 
 
 @pytest.mark.parametrize("script,extra", [("pretrain_vision.py", ["--lite"]), ("pretrain_text.py", ["--max-len", "256"])])
-def test_stage1_runs_and_writes_checkpoints(tmp_path, tiny, script, extra):
+def test_pretraining_runs_and_writes_checkpoints(tmp_path, tiny, script, extra):
     r = run([str(ROOT / script), "--data", str(tiny), "--out", str(tmp_path / "o"), *TOY, *extra], cwd=tmp_path)
     out = r.stdout
     assert "labels: the manifest label columns" in out  # no distill labels here: says which it used
+    assert "for distilled ones run python distill.py --backend rules" in out  # and how to train on distilled ones
     assert "valid macro AUC" in out and "wrote" in out
     for name in ("last.pt", "best.pt"):
         ck = load_last(tmp_path / "o" / name)  # weights_only=True must read every checkpoint
@@ -61,6 +62,8 @@ def test_stage1_runs_and_writes_checkpoints(tmp_path, tiny, script, extra):
     # The demo's dataset.json recommends its own epochs (text 5, lite vision 2), lr 3e-3 for text and the paper's
     # 1e-4 for lite vision: applied and printed, while the command line (--epochs 2) still wins.
     assert "defaults recommended by the data set" in out
+    key = "vision-lite" if "vision" in script else "text"  # and where they come from: this data set's dataset.json
+    assert f'defaults recommended by the data set ({tiny / "dataset.json"} "train" -> {key!r})' in out, out[:500]
     assert ck["args"]["lr"] == (1e-4 if "vision" in script else 3e-3) and ck["args"]["epochs"] == 2
     if "vision" in script:  # and centre crops for lite vision (its phantoms are all centred alike)
         assert ck["args"]["random_crop"] is False

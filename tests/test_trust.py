@@ -47,6 +47,35 @@ def test_temperature_recovers_a_known_one_and_keeps_the_auc():
     assert metrics.per_label_auc(y, 1 / (1 + np.exp(-z / t)))[0] == metrics.per_label_auc(y, z)[0]
 
 
+def test_platt_fits_a_hand_made_shift_per_label_and_keeps_each_order():
+    """Label 0: the truth is sigmoid(2 z - 1.5); label 1: sigmoid(0.5 z + 1); label 2 has 4 positives, too few for two
+    numbers: it keeps the temperature. One temperature could not fit both shifts."""
+    rng = np.random.default_rng(0)
+    z = rng.normal(0, 2, (6000, 3))
+    truth = np.stack([2 * z[:, 0] - 1.5, 0.5 * z[:, 1] + 1, z[:, 2]], 1)
+    y = (rng.random(z.shape) < 1 / (1 + np.exp(-truth))).astype(float)
+    y[:, 2] = 0
+    y[:4, 2] = 1
+    y[4:10, 0] = -1  # uncertain rows carry no reference
+    a, b, fitted = metrics.fit_platt(z, y, temperature=4.0)
+    assert fitted.tolist() == [True, True, False]
+    assert a[0] == pytest.approx(2, rel=0.1) and b[0] == pytest.approx(-1.5, abs=0.15)
+    assert a[1] == pytest.approx(0.5, rel=0.1) and b[1] == pytest.approx(1, abs=0.15)
+    assert (a[2], b[2]) == (0.25, 0.0)  # 1 / T, no shift
+    p = metrics.platt_probabilities(z, a, b)
+    for c in range(3):  # a monotone map per label: the same order, so the same AUC
+        assert (np.argsort(p[:, c], kind="stable") == np.argsort(z[:, c], kind="stable")).all()
+        assert metrics.per_label_auc(y[:, c:c + 1], p[:, c:c + 1])[0] == metrics.per_label_auc(y[:, c:c + 1], z[:, c:c + 1])[0]
+    t = metrics.fit_temperature(z[:, :2], y[:, :2])
+    platt, temp = (metrics.calibration_error(y[:, :2], q)[0] for q in (p[:, :2], 1 / (1 + np.exp(-z[:, :2] / t))))
+    assert platt < temp / 2  # the shifts are what one temperature cannot absorb
+    # a score that says nothing: the fit wants a = 0 (every probability the prevalence); the floor keeps the ranking
+    # (every score value: 3 positives in 10, so the best fit is a = 0, b = logit(0.3))
+    noise = np.repeat(np.linspace(-3, 3, 200), 10)[:, None]  # (2000, 1)
+    a, b, fitted = metrics.fit_platt(noise, np.tile([1.0] * 3 + [0.0] * 7, 200)[:, None], temperature=2.0)
+    assert fitted[0] and a[0] == pytest.approx(0.5 / 100) and len(np.unique(metrics.platt_probabilities(noise, a, b))) == 200
+
+
 def test_mahalanobis_against_scipy():
     rng = np.random.default_rng(1)
     feats = rng.normal(size=(300, 6)) @ rng.normal(size=(6, 6))
@@ -145,6 +174,16 @@ def test_scan_output_has_the_demo_note_decisions_and_saves_them(trained):
     z = s["zero_shot"][0, 0]
     assert s["decision"][0, 0] == int(z >= p["youden"]) and s["screening"][0, 0] == int(z >= p["sensitivity_0.9"])
     assert p["positives"] == sorted(p["positives"]) and len(p["positives"]) + len(p["negatives"]) <= 50
+    # the probabilities: a trained finding through its Platt pair, an open-vocabulary one through the temperature
+    model, ckpt = checkpoints.model_from_checkpoint(d / "best.pt", stage="align")
+    tok, max_len = M.tokenizer_from_cfg(ckpt["model_config"]["text"]), ckpt["model_config"]["text"]["max_len"]
+    with torch.no_grad():
+        prompts = M.prompt_latents(model.eval(), tok, ["pleural effusion", "pneumothorax"], "there_is", max_len, "cpu")
+    logit = M.zero_shot_logits(torch.tensor(s["latent"]), prompts)[0].numpy()  # (2,)
+    e, t = points["platt"]["zero_shot"]["Pleural effusion"], points["temperature"]["zero_shot"]
+    assert e["a"] > 0 and (e["fitted"] or (e["a"], e["b"]) == (pytest.approx(1 / t), 0.0))
+    assert s["zero_shot"][0, 0] == pytest.approx(1 / (1 + np.exp(-(e["a"] * logit[0] + e["b"]))), abs=1e-5)
+    assert s["zero_shot"][0, 1] == pytest.approx(1 / (1 + np.exp(-logit[1] / t)), abs=1e-5)
     # Without the reference: no decisions, no distance, and the way to make them.
     (d / "best.operating_points.json").rename(d / "kept.json")
     try:
@@ -157,22 +196,28 @@ def test_scan_output_has_the_demo_note_decisions_and_saves_them(trained):
 
 @TRAINS
 def test_evaluate_keeps_the_auc_and_records_calibration(trained):
-    d, _ = trained
+    d, table = trained
     summary = json.loads((d / "eval" / "summary.json").read_text())
     ref = summary["reference"]
     assert ref["calibration"]["zero_shot"]["temperature"] > 0 and 0 <= ref["ood"]["beyond_evaluated"] <= 1
+    for kind in ("zero_shot", "classifier"):  # Platt beside the temperature, for both probabilities
+        c = ref["calibration"][kind]
+        assert 0 <= c["ece_platt"] <= 1 and 0 <= c["platt_fitted"] <= c["labels"] == len(table.label_names)
+    platt = json.loads((d / "best.operating_points.json").read_text())["platt"]
+    assert set(platt["zero_shot"]) == set(table.label_names) and all(e["a"] > 0 for e in platt["zero_shot"].values())
+    assert any(e["fitted"] for e in platt["zero_shot"].values())  # 50 validation volumes: the common findings are fitted
     assert (d / "eval" / "reliability.png").is_file()
     r = run("evaluate.py", "--scan", "x.nii.gz", cwd=d, ok=False)
     assert "python scan.py" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
 @TRAINS
-@pytest.mark.parametrize("method", ["occlusion"])
+@pytest.mark.parametrize("method", ["coarse_to_fine", "occlusion"])
 def test_a_map_follows_a_finding_that_moves(trained, method):
     """A demo test volume with a chest port (medical material, on the patient's right) and the same volume mirrored
     left to right: the port moves to the other side, and so does the peak of its map (the trained encoder above).
-    Occlusion (scan.py's default) only: on this small model the exact map (1 x 2 x 2 cells) and Grad-CAM (2 x 3 x 3)
-    fail it (measured; docs/maps.md)."""
+    Coarse-to-fine (scan.py's default) and the occlusion it starts from: on this small model the exact map (1 x 2 x 2
+    cells) and Grad-CAM (2 x 3 x 3) fail it (measured; docs/maps.md)."""
     import maps
     d, table = trained
     test = table.subset("test")
