@@ -51,7 +51,7 @@ def get_args():
     p.add_argument("--data", default=D.DEMO_DIR, help="manifest with a masks column (default: %(default)s, built if missing)")
     p.add_argument("--split", default="test", help="split scored (default: %(default)s)")
     p.add_argument("--methods", nargs="+", default=list(maps.METHODS), choices=maps.METHODS, help="map methods compared "
-                   "(default: all three)")
+                   "(default: every one: %(default)s)")
     p.add_argument("--tolerance-mm", type=float, default=10.0, help="pointing game: the mask dilated by this (default: %(default)s)")
     p.add_argument("--template", default="there_is", choices=list(M.PROMPT_TEMPLATES), help="prompt pair (default: %(default)s)")
     p.add_argument("--occlusion-blocks", type=int, default=4, help="occlusion: blocks per axis (default: %(default)s)")

@@ -161,6 +161,11 @@ def test_the_recipe_runs_on_the_knee_set_unchanged(knee):
     assert "Meniscal tear" in out and "distance to the training features" in out and "synthetic phantoms" in out
     assert "not CT Hounsfield units" not in err  # the preset is MR: no HU warning
     assert len(list((d / "maps").glob("*/*.png"))) == 6 and len(list((d / "maps").glob("*/*.nii.gz"))) == 6
+    # A chest CT (a demo phantom, in HU) under the knee model: flagged as unlike the knees it was trained on.
+    from demo import _demo_case
+    nib.save(_demo_case(np.random.default_rng(0), lps=False)[2], d / "chest.nii.gz")
+    out, err = run("scan.py", "chest.nii.gz")
+    assert "warning: chest.nii.gz: unlike the data the model was trained on" in err, err
     out, _ = run("localise.py", "--data", "data/knee", "--methods", "exact", "--bootstrap", "20")
     res = json.loads((d / "out/localise/localise.json").read_text())
     assert "location prior: " in out and res["all"]["prior_point"]["mean"] is not None

@@ -154,6 +154,24 @@ def test_corrupted_inputs_are_flagged_and_test_volumes_are_not(trained):
 
 
 @TRAINS
+def test_a_knee_mri_is_flagged_by_the_chest_model(trained):
+    """Another modality (issue 31): knee MRI volumes, in MR units with no air at -1000, read under the chest model's
+    preset are flagged as unlike its training data, beside the HU warning."""
+    import nibabel as nib
+    from knee_demo import LABEL_FILE, STORAGE, case
+    d, _ = trained
+    knees, names = [], D.resolve_label_set(str(LABEL_FILE))[0]
+    for i in range(2):
+        _, _, img, _ = case(np.random.default_rng(i), names, STORAGE[i])
+        nib.save(img, d / f"knee_{i}.nii.gz")
+        knees.append(str(d / f"knee_{i}.nii.gz"))
+    r = run("scan.py", *knees, "--ckpt", d / "best.pt", cwd=d)
+    assert flagged(r.stderr) == set(knees), r.stderr
+    assert sum("unlike the data the model was trained on" in ln for ln in r.stderr.splitlines()) == 2, r.stderr
+    assert sum("not CT Hounsfield units" in ln for ln in r.stderr.splitlines()) == 2
+
+
+@TRAINS
 def test_scan_output_has_the_demo_note_decisions_and_saves_them(trained):
     d, table = trained
     scan = table.subset("test").images[0]
