@@ -76,6 +76,15 @@ def test_platt_fits_a_hand_made_shift_per_label_and_keeps_each_order():
     assert fitted[0] and a[0] == pytest.approx(0.5 / 100) and len(np.unique(metrics.platt_probabilities(noise, a, b))) == 200
 
 
+def test_platt_probabilities_of_far_scans_do_not_overflow():
+    """A scan far from the training data gives logits of hundreds: 0 and 1 with no overflow warning (np.exp gave one)."""
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        p = metrics.platt_probabilities(np.array([[-800.0, 0.0, 800.0]]), np.ones(3), np.zeros(3))
+    np.testing.assert_array_equal(p, [[0.0, 0.5, 1.0]])
+
+
 def test_mahalanobis_against_scipy():
     rng = np.random.default_rng(1)
     feats = rng.normal(size=(300, 6)) @ rng.normal(size=(6, 6))
