@@ -161,6 +161,12 @@ def read_labels(path, names=None):
         values[r - 1] = [parse_label(row[c], f"{path} row {r} (id {rid}), column {c!r}") for c in columns]
     return list(seen), columns, values
 
+PROTOCOLS = {  # label sets of published evaluation protocols (evaluate.py --protocol), spelled like CT-RATE's CSV columns
+    "ctrate18": list(CHEST_CT_LABELS),
+    "ctrate16": [n for n in CHEST_CT_LABELS if n not in ("Medical material", "Lymphadenopathy")],
+    "radchestct15": [n for n in CHEST_CT_LABELS if n not in ("Medical material", "Lymphadenopathy", "Mosaic attenuation pattern")],
+}
+
 # ----------------------------------------------------------------------------- manifests
 def parse_floats(text, n, where, positive=False):
     """"1.5,1.5,3" or "[0.68, 0.68]" -> a tuple of n finite (positive) floats."""

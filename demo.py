@@ -41,7 +41,8 @@ from data import CHEST_CT_LABELS, HelpFormatter, cache_file, check_cache, datase
 # - Alignment keeps the paper's 1e-5 for the two pretrained encoders; the layers it adds (projections, shared
 #   classifier) train at 5e-4 (--head-lr) and start from the pre-trained heads (--init-shared heads: 0.939 ->
 #   0.965, demo v4). Two epochs: one ends at test 0.929, two at 0.947 (demo v5).
-DEMO_VERSION = 6  # bumped when the generator or the demo preset changes: ensure_demo() then rebuilds the demo set
+DEMO_VERSION = 7  # bumped when the generator, the demo preset or dataset.json changes: ensure_demo() then rebuilds the set
+# (7: dataset.json names the diffuse findings; the volumes, reports, labels and masks are version 6's)
 DEMO_TRAIN = {"text": {"lr": 3e-3, "epochs": 5, "pooling": "sentence"},
               "vision-lite": {"epochs": 2, "random_crop": False, "workers": 0},
               "align-lite": {"head_lr": 5e-4, "init_shared": "heads", "epochs": 2, "random_crop": False,
@@ -55,6 +56,9 @@ DEMO_TRAIN = {"text": {"lr": 3e-3, "epochs": 5, "pooling": "sentence"},
 # equivocal finding looks equivocal); 0 = not drawn and negated; "" = not drawn and not mentioned.
 DEMO_DRAWN = [k for k in CHEST_CT_LABELS if k not in ("Pulmonary fibrotic sequela", "Mosaic attenuation pattern",
               "Peribronchial thickening", "Bronchiectasis", "Interlobular septal thickening")]
+# Findings whose masks are whole organs (an enlarged heart is all of the heart; emphysema, the upper lobes): localise.py
+# averages them apart from the focal ones, as dataset.json's "diffuse" tells it.
+DEMO_DIFFUSE = ["Cardiomegaly", "Emphysema"]
 # The label's own words come first so a rule-based labeler (and the evaluation prompts) find them.
 DEMO_ALT = dict(zip(CHEST_CT_LABELS, [
     "medical material", "atherosclerotic arterial wall calcification", "enlargement of the heart", "pericardial fluid",
@@ -323,7 +327,7 @@ def make_demo(out_dir, n_train=1000, n_valid=100, n_test=100, seed=0, workers=No
         w.writerow(["id", "image", "report", "split", "masks"] + CHEST_CT_LABELS)
         w.writerows(rows)
     info = {"preset": "demo", "version": DEMO_VERSION, "text_model": "scratch", "n": len(rows), "seed": seed,
-            "train": DEMO_TRAIN}
+            "train": DEMO_TRAIN, "diffuse": DEMO_DIFFUSE}
     (out / "dataset.json").write_text(json.dumps(info, indent=1) + "\n")
     preprocess_dataset(out, workers=1)  # finds every volume cached: checks, writes nothing
     return out

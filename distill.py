@@ -124,9 +124,9 @@ def system_prompt(names, defs):
     # Definitions and synonyms help the model map a report's wording onto the label (e.g. "ACBG wires" = material).
     lines = [f'- "{n}"' + (f": {defs[n][0]}" if defs[n][0] else "") + (f" (also written: {', '.join(defs[n][1]).replace('*', '')})" if defs[n][1] else "")
              for n in names]
-    return ("You are a radiologist extracting findings from a CT report. For each finding below answer exactly one of:\n"
+    return ("You are a radiologist extracting findings from a radiology report. For each finding below answer exactly one of:\n"
             '"present" - the report states the finding is there;\n'
-            '"absent" - the report states it is not there (e.g. "no pleural effusion");\n'
+            '"absent" - the report states it is not there (e.g. "no effusion");\n'
             '"uncertain" - the report raises it only as a possibility (possible, probable, cannot be excluded, suspicious for);\n'
             '"not mentioned" - the report says nothing about it. Do not confuse "uncertain" with "not mentioned".\n'
             "Findings:\n" + "\n".join(lines) +

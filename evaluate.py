@@ -61,12 +61,7 @@ import volumes as V
 # -----------------------------------------------------------------------------
 # protocols and unit names (the metrics, and the pooling per unit, are in metrics.py)
 
-PROTOCOLS = {  # label sets of published protocols, spelled like CT-RATE's CSV columns
-    "ctrate18": list(D.CHEST_CT_LABELS),
-    "ctrate16": [n for n in D.CHEST_CT_LABELS if n not in ("Medical material", "Lymphadenopathy")],
-    "radchestct15": [n for n in D.CHEST_CT_LABELS
-                     if n not in ("Medical material", "Lymphadenopathy", "Mosaic attenuation pattern")],
-}
+PROTOCOLS = D.PROTOCOLS  # label sets of published protocols (ctrate18, ctrate16, radchestct15): data.py holds them
 # split_patient_scan_reconstruction, optionally `_fixed` (CT-RATE v2) and .nii / .nii.gz
 CTRATE_NAME = re.compile(r"^([A-Za-z]+_\d+)_([A-Za-z]+)_\d+(?:_fixed)?(?:\.nii(?:\.gz)?)?$")
 

@@ -18,8 +18,8 @@ Writes: --out (default out/localise): per_finding.csv and localise.json, and pri
           can hit, so a finding the demo draws at one fixed place has few or none;
         - each method's time per scan.
 Maps and masks meet on the model's input grid (the preset's centre crop): a mask goes through the same resampling and
-cropping as its scan (trilinear, then > 0.5). Focal findings and the two whose masks are whole organs (cardiomegaly:
-the heart; emphysema: the upper lobes) are averaged apart.
+cropping as its scan (trilinear, then > 0.5). Focal findings and those whose masks are whole organs (the data set names
+them in its dataset.json, "diffuse": the demo's cardiomegaly, the heart, and emphysema, the upper lobes) are averaged apart.
 
     python localise.py --methods exact gradcam occlusion            # the demo's test split, out/align-lite/best.pt
     python localise.py --data data/ctrate --split valid --methods gradcam --tolerance-mm 15
@@ -43,8 +43,6 @@ import model as M
 import volumes as V
 from demo import ensure_demo
 
-DIFFUSE = ("Cardiomegaly", "Emphysema")  # masks that are whole organs: reported apart from the focal findings
-
 
 def get_args():
     default_ckpt = "out/align/best.pt" if Path("out/align/best.pt").exists() else "out/align-lite/best.pt"
@@ -53,7 +51,7 @@ def get_args():
     p.add_argument("--data", default=D.DEMO_DIR, help="manifest with a masks column (default: %(default)s, built if missing)")
     p.add_argument("--split", default="test", help="split scored (default: %(default)s)")
     p.add_argument("--methods", nargs="+", default=list(maps.METHODS), choices=maps.METHODS, help="map methods compared "
-                   "(default: all three)")
+                   "(default: every one: %(default)s)")
     p.add_argument("--tolerance-mm", type=float, default=10.0, help="pointing game: the mask dilated by this (default: %(default)s)")
     p.add_argument("--template", default="there_is", choices=list(M.PROMPT_TEMPLATES), help="prompt pair (default: %(default)s)")
     p.add_argument("--occlusion-blocks", type=int, default=4, help="occlusion: blocks per axis (default: %(default)s)")
@@ -111,8 +109,8 @@ def score_case(model, ds, i, table, prompts_by_name, preset, args, spacing, prio
     "prior" is None for a finding with no training mask."""
     item, p = ds[i], V.get_preset(preset)
     x = item["image"][None]  # (1, K, D, H, W)
-    crop = V.pad_or_crop(ds.stored_volume(i), p["crop"])  # (D, H, W) HU
-    body = crop > -500 if p["intensity"] != "mri" else crop > np.percentile(crop, 50)
+    crop = V.pad_or_crop(ds.stored_volume(i), p["crop"], V.fill_value(p["intensity"]))  # (D, H, W) as stored: HU for CT
+    body = V.body_mask(crop, p["intensity"])  # what the preset's intensity rule calls the body
     out = {}
     files = positives_with_masks(table, i)
     names = list(files)
@@ -169,10 +167,19 @@ def main():
                 cases.setdefault(n, []).append(o)
             print(f"\rscored {i + 1}/{len(t)} volumes", end="", flush=True)
     print()
-    report(cases, args, preset)
+    report(cases, args, preset, diffuse_findings(args.data))
 
 
-def report(cases, args, preset):
+def diffuse_findings(data):
+    """The findings whose masks are whole organs, averaged apart from the focal ones: the data set says which
+    (dataset.json "diffuse": the chest demo's heart of cardiomegaly and upper lobes of emphysema); none if it does not."""
+    diffuse = D.dataset_defaults(data).get("diffuse", [])
+    D.require(isinstance(diffuse, list) and all(isinstance(n, str) for n in diffuse),
+              f"{D.manifest_path(data).parent / 'dataset.json'}: 'diffuse' must be a list of label names, got {diffuse!r}")
+    return diffuse
+
+
+def report(cases, args, preset, diffuse=()):
     """The tables, per_finding.csv and localise.json: every rate with its 95% bootstrap interval over cases.
     cases: {finding: [score_case's dict per positive case]}."""
     methods, baselines = list(args.methods), ["prior", "centre", "random"]
@@ -188,13 +195,13 @@ def report(cases, args, preset):
               **{(c, "prior_hard"): {n: [point(o, c) for o in os] for n, os in hard.items()} for c in methods + ["centre", "random"]}}
     keys = {f"{c}_{k}": v for (c, k), v in series.items()}
     summary = {k: metrics.localisation_summary(v, args.bootstrap) for k, v in keys.items()}
-    summary_focal = {k: metrics.localisation_summary({n: x for n, x in v.items() if n not in DIFFUSE}, args.bootstrap)
+    summary_focal = {k: metrics.localisation_summary({n: x for n, x in v.items() if n not in diffuse}, args.bootstrap)
                      for k, v in keys.items()}
     seconds = {m: float(np.mean([o["seconds"][m] for os in cases.values() for o in os])) for m in methods}
     fmt = lambda r: "-" if r is None else f"{r[0]:.2f} [{r[1][0]:.2f}, {r[1][1]:.2f}]"  # noqa: E731
     fmt_d = lambda r: "-" if r is None else f"{r[0]:+.2f} [{r[1][0]:+.2f}, {r[1][1]:+.2f}]"  # noqa: E731
     per = lambda k, n: summary[k]["per_finding"].get(n)  # noqa: E731
-    order = sorted(cases, key=lambda n: (n in DIFFUSE, n))
+    order = sorted(cases, key=lambda n: (n in diffuse, n))
     means = (("mean, focal findings", summary_focal), ("mean, all findings", summary))
 
     print(f"localisation on '{args.split}', tolerance {args.tolerance_mm:g} mm, {sum(map(len, cases.values()))} positive "
@@ -219,7 +226,7 @@ def report(cases, args, preset):
               + f"  {fmt(per('random_prior_hard', n))[:4]:>6s}")
     for tag, s in means:
         print(f"{tag:30s} " + "  ".join(f"{fmt_d(s[f'{m}_minus_prior']['mean']):>21s}" for m in methods)
-              + f"  {sum(len(hard[n]) for n in hard if tag.endswith('all findings') or n not in DIFFUSE):10d}  "
+              + f"  {sum(len(hard[n]) for n in hard if tag.endswith('all findings') or n not in diffuse):10d}  "
               + "  ".join(f"{fmt(s[f'{m}_prior_hard']['mean']):>21s}" for m in methods)
               + f"  {fmt(s['random_prior_hard']['mean'])[:4]:>6s}")
     print("seconds per scan and finding: " + ", ".join(f"{m} {s:.3f}" for m, s in seconds.items()))

@@ -118,9 +118,8 @@ def make_maps(model, x, prompts, method, preset, blocks=4):
     elif method == "gradcam":
         m = gradcam(model, x, u)
     elif method in ("occlusion", "coarse_to_fine"):
-        window = V.get_preset(preset)["intensity"]
-        air = torch.zeros(x.shape[1]) if window == "mri" else torch.tensor(V.normalize(np.full((1, 1, 1), -1000.0), window)
-                                                                           ).reshape(-1).float()
+        air = V.empty_input(V.get_preset(preset)["intensity"])  # (K,): air in each CT window; None for MRI
+        air = x.flatten(2).amin(2)[0] if air is None else torch.tensor(air).float()  # MRI: the scan's darkest value
         m = (occlusion if method == "occlusion" else coarse_to_fine)(model, x, u, air.to(x.device), blocks)
     else:
         raise D.UsageError(f"map method {method!r}: one of {', '.join(METHODS)}")

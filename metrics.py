@@ -19,6 +19,7 @@ uncertain and nan carry no reference and drop out per label) and scores (N, C).
 Used by common.validate (training), align.py and evaluate.py; the tests check them against sklearn and by hand.
 """
 import numpy as np
+from scipy.special import expit
 
 from data import DataError
 
@@ -209,8 +210,9 @@ def fit_platt(logits, y, temperature, min_each=PLATT_MIN_EACH, max_factor=100.0)
 
 
 def platt_probabilities(logits, a, b):
-    """sigmoid(a * logits + b), per label: logits (N, C), a and b (C,) -> (N, C)."""
-    return 1 / (1 + np.exp(-(np.asarray(logits, dtype=np.float64) * a + b)))
+    """sigmoid(a * logits + b), per label: logits (N, C), a and b (C,) -> (N, C). scipy's expit, which does not overflow
+    where a scan far from the training data gives a logit of hundreds."""
+    return expit(np.asarray(logits, dtype=np.float64) * a + b)
 
 
 def fit_gaussian(features):

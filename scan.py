@@ -1,5 +1,5 @@
 """
-Single scans: an aligned GreenRFM's answers for one CT at a time, and what a reader needs to weigh them.
+Single scans: an aligned GreenRFM's answers for one scan at a time, and what a reader needs to weigh them.
 
   python scan.py my_ct.nii.gz                                        # every finding the checkpoint was trained on
   python scan.py export/p1/study2/series3 --findings "pneumothorax, rib fracture"   # a DICOM series; any finding
@@ -16,7 +16,8 @@ in true fp32 (no TF32 on a GPU), as in evaluate.py, whose validation scores and 
   sensitivity 0.90 (a screening one), and where the probability falls among validation negatives and positives.
 And per scan, how far its image feature (the 512-d pooled encoder output) lies from the training features: the
 Mahalanobis distance to their Gaussian (trust_check). Beyond the cut-off (the 99th percentile of validation scans)
-the scan is unlike anything the model was trained on; nearer when flipped head to feet, it is probably upside down.
+the scan is unlike anything the model was trained on; nearer when flipped top to bottom (superior <-> inferior), it is
+probably upside down.
 Either way one warning line says its answers should not be trusted.
 What the model was trained on is printed once; a model that has only seen the synthetic demo says so.
 
@@ -119,8 +120,9 @@ def write_maps(args, scan, x, stored, affine_crop, model, prompts, preset, findi
     through its peak. scan: the Scan read; stored: its stored volume (D, H, W); affine_crop: where x's voxels lie.
     -> the folder written."""
     m = maps.make_maps(model, x, prompts, args.map_method, preset)  # (F, D, H, W) on the crop grid
-    p, window = V.get_preset(preset), (V.windows(V.get_preset(preset)["intensity"]) or [(-1000, 200)])[0]
-    crop = V.pad_or_crop(stored, p["crop"])  # (D, H, W) HU: what the model saw
+    p = V.get_preset(preset)
+    crop = V.pad_or_crop(stored, p["crop"], V.fill_value(p["intensity"]))  # (D, H, W) as stored: what the model saw
+    window = V.display_window(crop, p["intensity"])  # the first CT window; an MRI's own range
     in_shape, in_affine = scan.shape, scan.affine  # the map goes back onto the voxels the scan arrived as
     folder_name, uid = dicom.split_choice(scan.path)
     folder = Path(args.maps) / (Path(folder_name).name.removesuffix(".gz").removesuffix(".nii") + (f"_{uid[-12:]}" if uid else ""))
@@ -143,20 +145,22 @@ def trust_check(scan, model, x, feat, features):
     1. The Mahalanobis distance of the feature to the training features' Gaussian, against the cut-off (a percentile of
        validation scans): beyond it, the scan is unlike anything the model learned from (another body part, wrong
        units, noise, a real scan for a demo model).
-    2. The same distance with the scan flipped head to feet (D reversed). Global average pooling keeps little of
-       where things are, so an upside-down scan can still lie within the cut-off; but flipped back it lies nearer the
-       training scans than as given, while an upright scan lies nearer as given (docs/trust.md: no exception on the
-       demo's test split either way). Either check failing is one warning line."""
+    2. The same distance with the scan flipped top to bottom (D reversed: head to feet in a trunk, thigh to foot in a
+       limb). Global average pooling keeps little of where things are, so an upside-down scan can still lie within the
+       cut-off; but flipped back it lies nearer the training scans than as given, while an upright scan lies nearer as
+       given (docs/trust.md: no exception on the demo's test split either way; docs/forking.md: the knee's). It assumes
+       only what canonical orientation gives any anatomy with an up and a down: D runs inferior -> superior.
+    Either check failing is one warning line."""
     mahal = lambda f: float(metrics.mahalanobis(f.float().cpu().numpy(), features["mean"], features["precision"])[0])  # noqa: E731
     dist, flipped, cut = mahal(feat), mahal(model.vision(torch.flip(x, dims=[2]))), float(features["cutoff"])
     print(f"  distance to the training features {dist:.1f} (cut-off {cut:.1f}: {'BEYOND' if dist > cut else 'within'}); "
-          f"flipped head to feet {flipped:.1f} ({'nearer' if flipped < dist else 'further: upright'})")
+          f"flipped top to bottom {flipped:.1f} ({'nearer' if flipped < dist else 'further: upright'})")
     why = [f"unlike the data the model was trained on (feature distance {dist:.1f} > {cut:.1f}, the "
            f"{float(features['percentile']):g}th percentile of validation scans)"] if dist > cut else []
     if flipped < dist and flipped <= cut:  # flipped, it looks like the training scans: a named cause
-        why.append(f"upside down? flipped head to feet it lies nearer the training scans ({flipped:.1f} < {dist:.1f})")
+        why.append(f"upside down? flipped top to bottom it lies nearer the training scans ({flipped:.1f} < {dist:.1f})")
     elif flipped < dist and not why:
-        why.append(f"nearer the training scans flipped head to feet ({flipped:.1f} < {dist:.1f}) than as given")
+        why.append(f"nearer the training scans flipped top to bottom ({flipped:.1f} < {dist:.1f}) than as given")
     if why:
         print(f"warning: {scan}: {'; '.join(why)}: its answers should not be trusted", file=sys.stderr, flush=True)
     return dist, flipped

@@ -247,6 +247,27 @@ def preprocess_volume(scan, preset, meta=None, grid=False):
         stored = np.clip(np.rint(pad_or_crop(vol, p["size"], AIR_HU)), -32768, 32767).astype(np.int16)
     return (stored, affine, vol.shape) if grid else stored
 
+# What an intensity rule implies for the scripts that draw or score a volume (scan.py, maps.py, localise.py), so that
+# none of them holds a number of one modality: CT is in HU with air at -1000; an MRI's scale is its own.
+def fill_value(intensity):
+    """What a stored volume is padded with: air (-1024 HU) for CT, 0 for MRI."""
+    return 0.0 if intensity == "mri" else AIR_HU
+
+def body_mask(vol, intensity):
+    """The voxels of a stored volume (D, H, W) inside the body: CT above -500 HU (air and aerated lung lie below); MRI
+    above a tenth of its 99th percentile (noise and padding lie below, fat-suppressed tissue above)."""
+    return vol > (0.1 * np.percentile(vol, 99) if intensity == "mri" else -500)
+
+def display_window(vol, intensity):
+    """(lo, hi) to show a stored volume in: the first CT window; an MRI's own 1st-99th percentiles."""
+    w = windows(intensity)
+    return tuple(w[0]) if w else tuple(np.percentile(vol, [1, 99]).tolist())
+
+def empty_input(intensity):
+    """Empty space as the network input reads it, (K,) one value per channel: each CT window's value at -1000 HU (air);
+    None for MRI, whose z-scored input has no fixed value for it (a scan's own darkest value stands in)."""
+    return None if windows(intensity) is None else normalize(np.full((1, 1, 1), -1000.0), intensity).reshape(-1)
+
 def model_input(stored, preset, start=None):
     """A stored volume (D, H, W) -> the network's input (K, D, H, W) float32 at the preset's crop size, K its windows:
     cropped at `start` (offsets; None: the center), air-padded so that any volume's input stacks into a batch. CT is

@@ -11,6 +11,9 @@ The inputs, each made from the first --n demo test volumes (or, for the abdomen,
   abdomen       an abdominal phantom (no lungs: liver, spleen, kidneys, spine, bowel gas) under the chest-style preset
   noise         uniform noise in [-1000, 1000] HU in the volume's own geometry
   real CT       the shared real chest CT (../shared/greenrfm-sample-data/ct/), if present
+  <name>        with --other: another data set's first --n test volumes, read under this model's preset (a second
+                modality: knees for a chest model, chest CT for a knee model)
+raw units and abdomen are made in HU, so only for a model whose preset is CT; an MRI model gets the others.
 Prints the share beyond the cut-off, nearer flipped, and flagged (either), with the distances; figures: docs/trust.md.
 """
 import argparse
@@ -54,9 +57,11 @@ def abdomen_phantom(shape, affine, rng):
     return (v + rng.normal(0, 12, shape)).astype(np.int16)
 
 
-def inputs(table, n, folder, seed=0):
-    """{name: [NIfTI paths]} of the inputs the docstring lists, written into folder."""
-    rng, out = np.random.default_rng(seed), {k: [] for k in ("test", "raw units", "head to feet", "abdomen", "noise")}
+def inputs(table, n, folder, seed=0, ct=True):
+    """{name: [NIfTI paths]} of the inputs the docstring lists, written into folder; ct=False (an MRI model): without
+    raw units and the abdomen, which are defined in HU."""
+    kinds = ["test", "raw units", "head to feet", "abdomen", "noise"] if ct else ["test", "head to feet", "noise"]
+    rng, out = np.random.default_rng(seed), {k: [] for k in kinds}
     for i, path in enumerate(table.images[:n]):
         img = nib.load(path)
         hu, a = np.asanyarray(img.dataobj).astype(np.int16), img.affine
@@ -66,6 +71,8 @@ def inputs(table, n, folder, seed=0):
                 "noise": rng.uniform(-1000, 1000, hu.shape).astype(np.int16)}
         out["test"].append(path)
         for k, v in made.items():
+            if k not in out:
+                continue
             f = Path(folder) / f"{k.replace(' ', '_')}_{i:03d}.nii.gz"
             nib.save(nib.Nifti1Image(v, a), str(f))
             out[k].append(str(f))
@@ -93,6 +100,8 @@ def main():
     p.add_argument("--ckpt", default="out/align-lite/best.pt", help="aligned checkpoint with its features.npz (default: %(default)s)")
     p.add_argument("--data", default=D.DEMO_DIR, help="the data set whose test split is used (default: %(default)s)")
     p.add_argument("--n", type=int, default=50, help="test volumes to corrupt (default: %(default)s)")
+    p.add_argument("--other", nargs="+", default=[], metavar="DATA",
+                   help="other data sets (another modality) whose first --n test volumes are read under this model's preset")
     args = p.parse_args()
     model, ckpt = checkpoints.model_from_checkpoint(args.ckpt, stage="align")
     model.eval()
@@ -101,7 +110,8 @@ def main():
     preset, cut = ckpt["extra"]["preset"], float(features["cutoff"])
     test = D.load_table(args.data).subset("test")
     with tempfile.TemporaryDirectory() as tmp:
-        made = inputs(test, args.n, tmp)
+        made = inputs(test, args.n, tmp, ct=D.get_preset(preset)["intensity"] != "mri")
+        made.update({Path(o).name: D.load_table(o).subset("test").images[:args.n] for o in args.other})
         whole, whole_f = distances(model, preset, test.images, features)  # every test volume: the false-alarm rate
         print(f"cut-off {cut:.1f} (the {float(features['percentile']):g}th percentile of validation); all {len(whole)} test "
               f"volumes: {100 * (whole > cut).mean():.1f}% beyond, {100 * (whole_f < whole).mean():.1f}% nearer flipped, "

@@ -81,7 +81,8 @@ def test_files_manifest_and_headers(small):
     assert len({r["id"] for r in rows}) == 20 and all(re.fullmatch(r"demo_(train|valid|test)_\d{4}", r["id"]) for r in rows)
     info = json.loads((small / "dataset.json").read_text())
     assert {k: info[k] for k in ("preset", "text_model", "n", "seed")} == {"preset": "demo", "text_model": "scratch", "n": 20, "seed": 0}
-    assert set(info) <= {"preset", "version", "text_model", "n", "seed", "train"}  # "train": flags the stage scripts may apply
+    assert set(info) <= {"preset", "version", "text_model", "n", "seed", "train", "diffuse"}  # "train": flags the stage scripts may apply
+    assert info["diffuse"] == ["Cardiomegaly", "Emphysema"]  # masks that are whole organs: localise.py averages them apart
     assert isinstance(info["version"], int)  # ensure_demo() rebuilds a set whose version is not demo.py's
     codes, affines = set(), set()
     for r in rows:

@@ -6,7 +6,8 @@ from conftest import ROOT
 
 LAYERS = [("dicom",), ("volumes",), ("data",), ("encoders",), ("model", "demo", "rules", "metrics", "llm"), ("checkpoints", "devices"),
           ("common",),
-          ("maps",), ("distill", "pretrain_vision", "pretrain_text", "align", "evaluate", "ctrate", "pacs", "scan", "localise", "bench")]
+          ("maps",), ("distill", "pretrain_vision", "pretrain_text", "align", "evaluate", "ctrate", "pacs", "scan", "localise", "bench",
+                      "knee_demo")]
 LAYER = {name: i for i, names in enumerate(LAYERS) for name in names}
 
 

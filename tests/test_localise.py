@@ -63,7 +63,7 @@ def hand_cases():
 
 def test_report_against_the_prior_on_hand_counts(tmp_path, capsys):
     args = Namespace(methods=["A", "B"], bootstrap=200, split="test", tolerance_mm=10.0, ckpt="x.pt", out=tmp_path)
-    localise.report(hand_cases(), args, "demo")
+    localise.report(hand_cases(), args, "demo", diffuse=["Cardiomegaly"])  # as a data set's dataset.json says
     out = capsys.readouterr().out
     assert "prior-hard" in out and "A - prior" in out
     res = json.loads((tmp_path / "localise.json").read_text())

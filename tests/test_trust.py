@@ -76,6 +76,15 @@ def test_platt_fits_a_hand_made_shift_per_label_and_keeps_each_order():
     assert fitted[0] and a[0] == pytest.approx(0.5 / 100) and len(np.unique(metrics.platt_probabilities(noise, a, b))) == 200
 
 
+def test_platt_probabilities_of_far_scans_do_not_overflow():
+    """A scan far from the training data gives logits of hundreds: 0 and 1 with no overflow warning (np.exp gave one)."""
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        p = metrics.platt_probabilities(np.array([[-800.0, 0.0, 800.0]]), np.ones(3), np.zeros(3))
+    np.testing.assert_array_equal(p, [[0.0, 0.5, 1.0]])
+
+
 def test_mahalanobis_against_scipy():
     rng = np.random.default_rng(1)
     feats = rng.normal(size=(300, 6)) @ rng.normal(size=(6, 6))
@@ -151,6 +160,24 @@ def test_corrupted_inputs_are_flagged_and_test_volumes_are_not(trained):
     assert sum("upside down?" in ln for ln in r.stderr.splitlines()) >= 1  # the flip named where it is the cause
     r = run("scan.py", *table.subset("test").images, "--ckpt", d / "best.pt", cwd=d)
     assert len(flagged(r.stderr)) <= 1, r.stderr  # 10 demo test volumes: a false alarm at most
+
+
+@TRAINS
+def test_a_knee_mri_is_flagged_by_the_chest_model(trained):
+    """Another modality (issue 31): knee MRI volumes, in MR units with no air at -1000, read under the chest model's
+    preset are flagged as unlike its training data, beside the HU warning."""
+    import nibabel as nib
+    from knee_demo import LABEL_FILE, STORAGE, case
+    d, _ = trained
+    knees, names = [], D.resolve_label_set(str(LABEL_FILE))[0]
+    for i in range(2):
+        _, _, img, _ = case(np.random.default_rng(i), names, STORAGE[i])
+        nib.save(img, d / f"knee_{i}.nii.gz")
+        knees.append(str(d / f"knee_{i}.nii.gz"))
+    r = run("scan.py", *knees, "--ckpt", d / "best.pt", cwd=d)
+    assert flagged(r.stderr) == set(knees), r.stderr
+    assert sum("unlike the data the model was trained on" in ln for ln in r.stderr.splitlines()) == 2, r.stderr
+    assert sum("not CT Hounsfield units" in ln for ln in r.stderr.splitlines()) == 2
 
 
 @TRAINS
