@@ -21,6 +21,7 @@ negations, doubt, and sentences that name no finding.
 """
 import argparse
 import csv
+import io
 import json
 import os
 import shutil
@@ -32,7 +33,8 @@ import numpy as np
 import torch
 from nibabel.orientations import apply_orientation, axcodes2ornt, inv_ornt_aff, ornt_transform
 
-from data import HelpFormatter, cache_file, check_cache, preprocess_dataset, preprocess_one, preset_name, resolve_label_set, run_main
+from data import (HelpFormatter, cache_file, check_cache, preprocess_dataset, preprocess_one, preset_name, resolve_label_set,
+                  run_main, write_atomic)
 
 KNEE_VERSION = 1  # bumped when the generator changes
 LABEL_FILE = Path(__file__).resolve().parent / "examples" / "knee_labels.txt"  # the label set: names in this order
@@ -366,13 +368,14 @@ def make_knee(out_dir, n_train=480, n_valid=60, n_test=120, seed=0, workers=None
             rows = list(pool.imap(job, jobs, chunksize=8))
     else:
         rows = [job(j) for j in jobs]
-    with open(out / "manifest.csv", "w", newline="") as fh:
-        w = csv.writer(fh, lineterminator="\n")
-        w.writerow(["id", "image", "report", "split", "masks"] + names)
-        w.writerows(rows)
+    buf = io.StringIO()  # written whole, then moved into place: a build killed midway leaves no half manifest
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["id", "image", "report", "split", "masks"] + names)
+    w.writerows(rows)
+    write_atomic(out / "manifest.csv", buf.getvalue())
     info = {"name": "knee", "preset": KNEE_PRESET, "version": KNEE_VERSION, "text_model": "scratch", "synthetic": True,
             "labels": "labels.txt", "n": len(rows), "seed": seed, "train": KNEE_TRAIN}
-    (out / "dataset.json").write_text(json.dumps(info, indent=1) + "\n")
+    write_atomic(out / "dataset.json", json.dumps(info, indent=1) + "\n")
     preprocess_dataset(out, workers=1)  # finds every volume cached: checks, writes nothing
     return out
 
