@@ -242,9 +242,9 @@ def preprocess_volume(scan, preset, meta=None, grid=False):
         print(f"warning: {path}: values {vol.min():.0f}..{vol.max():.0f}, none below -500: not CT Hounsfield units "
               "(a 0-255 image export? rescale slope/intercept not applied?); processed as HU anyway", file=sys.stderr, flush=True)
     if p["intensity"] == "mri":
-        stored = pad_or_crop(vol, p["size"], 0).astype(np.float32)
+        stored = pad_or_crop(vol, p["size"], fill_value(p["intensity"])).astype(np.float32)
     else:
-        stored = np.clip(np.rint(pad_or_crop(vol, p["size"], AIR_HU)), -32768, 32767).astype(np.int16)
+        stored = np.clip(np.rint(pad_or_crop(vol, p["size"], fill_value(p["intensity"]))), -32768, 32767).astype(np.int16)
     return (stored, affine, vol.shape) if grid else stored
 
 # What an intensity rule implies for the scripts that draw or score a volume (scan.py, maps.py, localise.py), so that
@@ -275,6 +275,6 @@ def model_input(stored, preset, start=None):
     p = get_preset(preset)
     window, crop = p["intensity"], p["crop"]
     vol = normalize(stored, window) if window == "mri" else stored  # (D, H, W)
-    vol = pad_or_crop(vol, crop, 0.0 if window == "mri" else AIR_HU, start)
+    vol = pad_or_crop(vol, crop, fill_value(window), start)
     x = np.ascontiguousarray(vol) if window == "mri" else normalize(vol, window)  # (D, H, W) or (K, D, H, W)
     return x if x.ndim == 4 else x[None]
